@@ -1,0 +1,223 @@
+"""Advantage estimators: group-relative (GRPO, DAPO), GAE (PPO), and masked whitening.
+
+Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 2-3 GAE, Eq. 4 the GRPO
+group-normalised advantage (Eq. 9 restates it for DAPO). Dr. GRPO is arXiv:2503.20783.
+Every function is pure: tensors (or lists) in, float32 tensors out.
+"""
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `values` over the entries where `mask` is 1.
+
+        masked_mean = sum(v * m) / max(sum(m), 1)
+
+    Entries under mask 0 are never read (they may hold any value, inf and NaN included), and an
+    all-masked slice gives 0, not NaN.
+
+    Args:
+        values: any shape.
+        mask: same shape as `values`, 1 (or True) where the entry counts.
+        dim: reduce over this dimension only; None reduces over all entries.
+
+    Returns:
+        A scalar when dim is None, otherwise `values` with `dim` removed. float32.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    keep = torch.as_tensor(mask, device=values.device).bool()
+    total = torch.where(keep, values, 0.0)
+    if dim is None:
+        return total.sum() / keep.sum().clamp(min=1)
+    return total.sum(dim) / keep.sum(dim).clamp(min=1)
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Whiten `values` with the mean and variance of its masked entries (PPO advantage normalisation).
+
+        mu  = masked_mean(v, m)
+        var = sum(m * (v - mu)^2) / (sum(m) - 1)       unbiased, as verl's masked_var
+        out = (v - mu) / sqrt(var + eps)                if shift_mean
+        out = (v - mu) / sqrt(var + eps) + mu           otherwise (rescale only)
+
+    Statistics pool all masked entries of the batch, not one row at a time. Entries under mask 0
+    are ignored and set to 0 in the output. With fewer than two masked entries the variance is
+    taken as 0 (no NaN). Kept apart from compute_gae so whitening can be switched off on its own.
+
+    Args:
+        values: (B, T), e.g. GAE advantages.
+        mask: (B, T), 1 on response tokens.
+        shift_mean: subtract the mean (True) or only divide by the std (False).
+        eps: added to the variance before the square root.
+
+    Returns:
+        (B, T) float32, 0 where mask is 0.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    keep = torch.as_tensor(mask, device=values.device).bool()
+    count = keep.sum()
+    mean = masked_mean(values, keep)
+    centered = torch.where(keep, values - mean, 0.0)
+    var = (centered**2).sum() / (count - 1).clamp(min=1)
+    whitened = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(keep, whitened, 0.0)
+
+
+def compute_group_relative_advantages(
+    rewards: Tensor, group_index: Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages for groups of any size (GRPO, DAPO Eq. 4 / Eq. 9).
+
+        A_i = (R_i - mean_g(R)) / (std_g(R) + eps)    if scale_by_std
+        A_i =  R_i - mean_g(R)                         otherwise (Dr. GRPO, arXiv:2503.20783)
+
+    where g is the group of row i, given by `group_index[i]`. Groups may differ in size (DAPO's
+    "resample" dynamic sampling adds responses to one prompt at a time), and ids need be neither
+    contiguous nor sorted.
+
+    std is unbiased (N_g - 1), as torch.std. Group sums are accumulated in float64 and the result
+    cast to float32, so the baseline is the correctly rounded group mean and a group of equal
+    rewards gets exactly A = 0 (also with eps = 0). A group of one response has no spread: its std
+    is taken as 0 and its A = 0 (no NaN).
+
+    Example (groups of sizes 3 and 2, rows interleaved):
+        rewards     = [1, 5, 0, 3, 0]
+        group_index = [0, 1, 0, 1, 0]
+        group 0: R = (1, 0, 0), mean 1/3, std = sqrt((4/9 + 1/9 + 1/9) / 2) = 1/sqrt(3)
+        group 1: R = (5, 3),    mean 4,   std = sqrt((1 + 1) / 1) = sqrt(2)
+        baselines  = [1/3, 4, 1/3, 4, 1/3]
+        advantages = [2/sqrt(3), 1/sqrt(2), -1/sqrt(3), -1/sqrt(2), -1/sqrt(3)]   (eps aside)
+
+    Args:
+        rewards: (N,) one scalar reward per response.
+        group_index: (N,) integer group id of each row (e.g. the prompt's index).
+        scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
+        eps: added to the std before dividing.
+
+    Returns:
+        advantages: (N,) float32.
+        baselines: (N,) float32, the group mean broadcast back to every row.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    group_index = torch.as_tensor(group_index, device=rewards.device)
+    if rewards.dim() != 1 or group_index.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group_index must be 1-D of the same length, got {tuple(rewards.shape)} "
+            f"and {tuple(group_index.shape)}"
+        )
+    # inverse maps every row to a dense group number 0..n_groups-1
+    _, inverse = torch.unique(group_index, return_inverse=True)  # (N,)
+    n_groups = int(inverse.max()) + 1 if rewards.numel() else 0
+    r64 = rewards.double()
+    count = torch.zeros(n_groups, dtype=torch.float64, device=rewards.device)
+    count.index_add_(0, inverse, torch.ones_like(r64))  # (n_groups,)
+    total = torch.zeros_like(count).index_add_(0, inverse, r64)  # (n_groups,)
+    mean = (total / count)[inverse]  # (n_groups,) -> (N,)
+    advantages = r64 - mean  # (N,)
+    if scale_by_std:
+        sq = torch.zeros_like(count).index_add_(0, inverse, advantages**2)  # (n_groups,)
+        # a single-response group has sq = 0, so clamping N_g - 1 to 1 gives std 0 and A = 0
+        std = (sq / (count - 1).clamp(min=1)).sqrt()[inverse]  # (N,)
+        # std == 0 only when every deviation is exactly 0; keep A = 0 there even with eps = 0
+        advantages = torch.where(std > 0, advantages / (std + eps), 0.0)
+    return advantages.float(), mean.float()
+
+
+def compute_relative_rewards(
+    rewards: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """Group-relative advantages for contiguous, equal-sized groups (GRPO, DAPO Eq. 4 / Eq. 9).
+
+        A_i = (R_i - mean_g(R)) / (std_g(R) + eps)    if scale_by_std
+        A_i =  R_i - mean_g(R)                         otherwise (Dr. GRPO, arXiv:2503.20783)
+
+    std is torch.std, i.e. unbiased (G - 1), with eps 1e-6 as in verl. A group whose rewards are all
+    equal gets A = 0 exactly; with G = 1 every A is 0. This is compute_group_relative_advantages with
+    group ids [0]*G + [1]*G + ..., so both share one implementation.
+
+    Example (G = 4, two prompts):
+        rewards   = [0.8, 0.6, 0.9, 0.7,   0.85, 0.75, 0.80, 0.90]
+        baselines = [0.75] * 4 + [0.825] * 4
+        group 1 deviations (0.05, -0.15, 0.15, -0.05); unbiased std = sqrt(0.05 / 3) = 0.1291
+        advantages[:4] = (0.387, -1.162, 1.162, -0.387)
+
+    Args:
+        rewards: (N,) with N = n_prompts * group_size, laid out [q1]*G + [q2]*G + ...
+        group_size: G, responses sampled per prompt.
+        scale_by_std: divide by the group std (GRPO) or not (Dr. GRPO).
+        eps: added to the std before dividing.
+
+    Returns:
+        advantages: (N,) float32.
+        baselines: (N,) float32, the group mean broadcast back to every sample.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"number of rewards ({rewards.numel()}) must be a multiple of group_size ({group_size}); "
+            "rows are laid out [q1]*G + [q2]*G + ..."
+        )
+    group_index = torch.arange(rewards.numel(), device=rewards.device) // group_size  # (N,)
+    return compute_group_relative_advantages(rewards, group_index, scale_by_std=scale_by_std, eps=eps)
+
+
+def compute_gae(
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens (PPO, DAPO Eq. 2-3).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t                              (value target)
+
+    Masked positions are skipped as in verl's compute_gae_advantage_return: the recursion runs
+    backwards over t, and at a position with mask 0 neither the "next value" nor the running
+    advantage is updated. So V_{t+1} and A_{t+1} are those of the next *unmasked* token, rewards
+    and values under mask 0 are never read, and a right-padded row gives the same A as its
+    unpadded version. A masked position carries the running advantage of the next unmasked token to
+    its right (0 for right padding); a fully masked row gets A = 0. Past the last token V = 0.
+    No whitening here: masked_whiten is a separate step. Computed without gradient.
+
+    Example (gamma = lam = 1, one row, last token is padding):
+        rewards = [0, 0, 1, 9],  values = [0.5, 0.5, 0.5, 9],  mask = [1, 1, 1, 0]
+        t=2: delta = 1 + 0 - 0.5 = 0.5,  A = 0.5
+        t=1: delta = 0 + 0.5 - 0.5 = 0,  A = 0 + 0.5 = 0.5
+        t=0: A = 0.5;  advantages = [0.5, 0.5, 0.5, 0],  returns = [1, 1, 1, 9]
+
+    Args:
+        rewards: (B, T) per-token rewards (token_rewards: task reward on the last token, KL shaping).
+        values: (B, T) critic values V(s_t).
+        mask: (B, T) response mask, 1 on response tokens.
+        gamma: discount.
+        lam: GAE lambda.
+
+    Returns:
+        advantages: (B, T) float32.
+        returns: (B, T) float32, advantages + values.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    values = torch.as_tensor(values, dtype=torch.float32, device=rewards.device).detach()
+    mask = torch.as_tensor(mask, device=rewards.device).bool()
+    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
+        raise ValueError(
+            f"rewards, values and mask must all be (B, T), got {tuple(rewards.shape)}, "
+            f"{tuple(values.shape)} and {tuple(mask.shape)}"
+        )
+    with torch.no_grad():
+        B, T = rewards.shape
+        next_value = rewards.new_zeros(B)  # (B,) value of the next unmasked token
+        last_gae = rewards.new_zeros(B)  # (B,) advantage of the next unmasked token
+        advantages_reversed = []
+        for t in reversed(range(T)):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            gae = delta + gamma * lam * last_gae
+            # torch.where (not v*m + (1-m)*v) so inf/NaN junk under mask 0 cannot leak in
+            next_value = torch.where(mask[:, t], values[:, t], next_value)
+            last_gae = torch.where(mask[:, t], gae, last_gae)
+            advantages_reversed.append(last_gae)
+        advantages = torch.stack(advantages_reversed[::-1], dim=1)  # T x (B,) -> (B, T)
+        returns = advantages + values
+    return advantages, returns

@@ -1,0 +1,152 @@
+"""Run logging: local JSONL files (always) and Weights & Biases (optional).
+
+Every run writes, into its run directory:
+    metrics.jsonl   one JSON object per step: {"step": s, "reward/mean": ..., ...}
+    samples.jsonl   one JSON object per logged completion (prompt, response, reward terms)
+W&B mirrors both (the samples as a table) when enabled. W&B failing to start or to log never stops
+training: the failure is reported once and the local files carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rl_lab")
+
+SAMPLE_COLUMNS = ["step", "prompt", "response", "answer", "extracted", "correct", "format", "reward"]
+
+
+def wandb_logged_in() -> bool:
+    """True when an API key is available (WANDB_API_KEY or `wandb login`'s ~/.netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        auth = netrc.netrc().authenticators("api.wandb.ai")
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return auth is not None
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """auto -> online when logged in, else offline; online / offline / disabled pass through."""
+    if mode not in {"auto", "online", "offline", "disabled"}:
+        raise ValueError(f"logger.mode={mode!r}; expected auto, online, offline or disabled")
+    if mode == "auto":
+        return "online" if wandb_logged_in() else "offline"
+    return mode
+
+
+def _jsonable(value: Any) -> Any:
+    """Python floats for tensors / numpy scalars; NaN and inf become strings so the line stays valid JSON."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    """One `log(step, metrics)` per step, `log_samples(step, rows)` for completions, `finish()` at the end."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        backend: str = "none",
+        mode: str = "disabled",
+        project: str = "rl-lab",
+        entity: str | None = None,
+        group: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        job_type: str | None = None,
+        config: dict | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.wandb_run = None
+        if backend == "wandb":
+            self._start_wandb(
+                mode=resolve_wandb_mode(mode),
+                project=project,
+                entity=entity,
+                group=group,
+                name=name,
+                tags=tags,
+                job_type=job_type,
+                config=config,
+                run_id=run_id,
+            )
+        elif backend != "none":
+            raise ValueError(f"logger.backend={backend!r}; expected wandb or none")
+
+    def _start_wandb(self, *, mode: str, **kwargs: Any) -> None:
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            run_id = kwargs.pop("run_id")
+            self.wandb_run = wandb.init(
+                dir=str(self.run_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+                settings=wandb.Settings(silent=True),
+                **kwargs,
+            )
+            log.info("W&B run %s (%s mode) in %s", self.wandb_run.id, mode, self.run_dir / "wandb")
+        except Exception as err:  # W&B must never stop training
+            log.warning("W&B could not start (%s: %s); logging to local files only", type(err).__name__, err)
+            self.wandb_run = None
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def _wandb_call(self, fn, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:
+            log.warning(
+                "W&B logging failed (%s: %s); continuing with local files only", type(err).__name__, err
+            )
+            self.wandb_run = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.wandb_run is not None:
+            self._wandb_call(self.wandb_run.log, {**metrics, "train/step": step}, step=step)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """rows: dicts with the keys of SAMPLE_COLUMNS (step is added here)."""
+        for row in rows:
+            self._samples.write(
+                json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) + "\n"
+            )
+        self._samples.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=SAMPLE_COLUMNS)
+            for row in rows:
+                table.add_data(step, *[_jsonable(row.get(c)) for c in SAMPLE_COLUMNS[1:]])
+            self._wandb_call(self.wandb_run.log, {"samples/completions": table}, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        self._metrics.close()
+        self._samples.close()
+        if self.wandb_run is not None:
+            self._wandb_call(self.wandb_run.finish, exit_code=exit_code)
+            self.wandb_run = None

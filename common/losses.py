@@ -1,0 +1,234 @@
+"""Loss functions: the clipped policy surrogate, the clipped value loss, and loss aggregation.
+
+Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 1 PPO clipped objective, Eq. 5
+GRPO objective (sample-level mean), Eq. 10 Clip-Higher, Eq. 12 token-level loss. Dual-clip PPO
+is arXiv:1912.09729. Every function is pure and returns float32; stats come back as a dict of
+Python floats.
+"""
+
+import torch
+from torch import Tensor
+
+from common.advantage import masked_mean
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str, denominator: float | None = None) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar (DAPO Eq. 12 / GRPO Eq. 5).
+
+        token-mean           sum(L * m) / sum(m)                     DAPO token-level loss, Eq. 12
+        seq-mean-token-mean  mean_i( sum_t(L * m) / sum_t(m) )        original GRPO, Eq. 5
+        seq-mean-token-sum   mean_i( sum_t(L * m) )                   sum over tokens, mean over rows
+
+    Entries under mask 0 are never read. A row with no masked-in token adds 0 and, in the seq-mean
+    modes, still counts as a row; nothing divides by zero.
+
+    Gradient accumulation: pass `denominator` to replace the normaliser (sum(m) for token-mean, the
+    number of rows B for the seq-mean modes) by the one of the whole update batch. The losses of
+    the micro-batches then add up exactly to the loss of the full batch.
+
+    Example (x = masked):
+        L = [[1, 1, x],
+             [2, x, x]]
+        token-mean           (1 + 1 + 2) / 3       = 4/3
+        seq-mean-token-mean  (2/2 + 2/1) / 2       = 1.5
+        seq-mean-token-sum   (2 + 2) / 2           = 2.0
+
+    Args:
+        loss_mat: (B, T) per-token loss.
+        mask: (B, T) response mask, 1 on response tokens.
+        mode: one of "token-mean", "seq-mean-token-mean", "seq-mean-token-sum".
+        denominator: optional normaliser of the full batch (token count or row count, by mode).
+
+    Returns:
+        Scalar float32 loss.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+    if denominator is not None and denominator <= 0:
+        raise ValueError(f"denominator must be positive, got {denominator}")
+    loss_mat = torch.as_tensor(loss_mat, dtype=torch.float32)
+    keep = torch.as_tensor(mask, device=loss_mat.device).bool()
+    if loss_mat.shape != keep.shape or loss_mat.dim() != 2:
+        raise ValueError(
+            f"loss_mat and mask must both be (B, T), got {tuple(loss_mat.shape)} and {tuple(keep.shape)}"
+        )
+    masked = torch.where(keep, loss_mat, 0.0)  # (B, T)
+    if mode == "token-mean":
+        norm = denominator if denominator is not None else keep.sum().clamp(min=1)
+        return masked.sum() / norm
+    row_sum = masked.sum(dim=1)  # (B,)
+    row_loss = row_sum  # (B,), seq-mean-token-sum
+    if mode == "seq-mean-token-mean":
+        row_loss = row_sum / keep.sum(dim=1).clamp(min=1)  # (B,), an empty row gives 0 / 1
+    norm = denominator if denominator is not None else loss_mat.shape[0]
+    return row_loss.sum() / norm
+
+
+def aggregation_denominator(mask: Tensor, mode: str) -> float:
+    """The normaliser `aggregate_loss` uses for a whole update batch: its masked token count for
+    token-mean, its row count for the seq-mean modes. Passing it as `denominator` to every
+    micro-batch makes the accumulated gradient equal the full batch's (DAPO Eq. 12 across micro-batches).
+
+    Example: mask [[1, 1, 0], [1, 0, 0]] gives 3.0 for token-mean and 2.0 for the seq-mean modes.
+    """
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+    if mode == "token-mean":
+        return max(float(torch.as_tensor(mask).bool().sum()), 1.0)
+    return float(max(mask.shape[0], 1))
+
+
+def policy_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token-mean",
+    dual_clip: float | None = None,
+    denominator: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped surrogate policy loss (PPO, DAPO Eq. 1; decoupled Clip-Higher, Eq. 10).
+
+        ratio = exp(logprob - old_logprob)
+        L     = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+        L     = min(L, -c * A)   for A < 0, if dual_clip = c         (dual-clip PPO, arXiv:1912.09729)
+        loss  = aggregate_loss(L, mask, agg, denominator)
+
+    clip_low = clip_high gives the symmetric PPO clip; DAPO raises clip_high (0.28) so that
+    low-probability tokens can grow. Without dual clip the loss of a token with A < 0 grows without
+    bound in ratio; dual clip caps it at -c * A (c > 1).
+
+    Masked positions never reach the loss or the stats: their log-ratio is set to 0 before exp, so
+    any finite or infinite junk there has no effect on values or gradients.
+
+    Stats (Python floats, means over masked-in tokens):
+        clipfrac       the clipped term is the active one (clipfrac_low + clipfrac_high)
+        clipfrac_low   ratio < 1 - clip_low and A < 0
+        clipfrac_high  ratio > 1 + clip_high and A > 0
+        dual_clipfrac  the dual-clip cap is active (0 without dual_clip)
+        approx_kl      mean(old_logprob - logprob), verl's ppo_kl
+        ratio_mean, ratio_max
+
+    Args:
+        logprob: (B, T) log-probs of the response tokens under the current policy.
+        old_logprob: (B, T) the same under the policy that sampled them.
+        advantages: (B,) one per response, broadcast over T, or (B, T) per token.
+        mask: (B, T) response mask.
+        clip_low: epsilon_low.
+        clip_high: epsilon_high.
+        agg: aggregation mode, see aggregate_loss.
+        dual_clip: c > 1, or None for no dual clip.
+        denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
+
+    Returns:
+        loss: scalar float32.
+        stats: dict of Python floats, keys above.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    logprob = torch.as_tensor(logprob, dtype=torch.float32)
+    old_logprob = torch.as_tensor(old_logprob, dtype=torch.float32, device=logprob.device)
+    advantages = torch.as_tensor(advantages, dtype=torch.float32, device=logprob.device)
+    keep = torch.as_tensor(mask, device=logprob.device).bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # (B,) -> (B, 1), broadcasts over T
+    advantages = advantages.expand_as(logprob)  # (B, T)
+
+    log_ratio = torch.where(keep, logprob - old_logprob, 0.0)  # junk under mask 0 -> ratio 1
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * clipped_ratio
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)  # -min(ratio*A, clip(ratio)*A)
+    if dual_clip is not None:
+        loss_dual = -advantages * dual_clip
+        capped = torch.minimum(loss_mat, loss_dual)
+        dual_active = (advantages < 0) & (loss_mat > loss_dual)
+        loss_mat = torch.where(advantages < 0, capped, loss_mat)
+    loss = aggregate_loss(loss_mat, keep, agg, denominator)
+
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), keep),
+            "clipfrac_low": masked_mean(((ratio < 1.0 - clip_low) & (advantages < 0)).float(), keep),
+            "clipfrac_high": masked_mean(((ratio > 1.0 + clip_high) & (advantages > 0)).float(), keep),
+            "dual_clipfrac": masked_mean(dual_active.float(), keep) if dual_clip is not None else 0.0,
+            "approx_kl": masked_mean(-log_ratio, keep),
+            "ratio_mean": masked_mean(ratio, keep),
+            # ratio > 0, so 0 under mask 0 never wins the max; an empty mask gives 0
+            "ratio_max": torch.where(keep, ratio, 0.0).max() if ratio.numel() else 0.0,
+        }
+    return loss, {k: float(v) for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float | None = 0.2,
+    agg: str = "token-mean",
+    denominator: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped value loss of the PPO critic (as in verl / OpenAI baselines).
+
+        v_clipped = old_values + clamp(values - old_values, -c, c)
+        L         = 0.5 * max((values - R)^2, (v_clipped - R)^2)
+        loss      = aggregate_loss(L, mask, agg, denominator)
+
+    The clip keeps the new value prediction within c of the one used to compute the advantages;
+    cliprange_value=None gives the plain squared error 0.5 * (values - R)^2.
+
+    Args:
+        values: (B, T) current critic predictions.
+        old_values: (B, T) predictions at rollout time.
+        returns: (B, T) value targets R (GAE returns).
+        mask: (B, T) response mask.
+        cliprange_value: c, or None for no clipping.
+        agg: aggregation mode, see aggregate_loss.
+        denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
+
+    Returns:
+        loss: scalar float32.
+        stats: {"vf_clipfrac": share of masked-in tokens where the clipped term is larger,
+                "vpred_mean": masked mean of values}.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    old_values = torch.as_tensor(old_values, dtype=torch.float32, device=values.device)
+    returns = torch.as_tensor(returns, dtype=torch.float32, device=values.device)
+    keep = torch.as_tensor(mask, device=values.device).bool()
+    loss_unclipped = (values - returns) ** 2
+    if cliprange_value is None:
+        loss_mat = 0.5 * loss_unclipped
+        clipfrac = 0.0
+    else:
+        v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+        loss_clipped = (v_clipped - returns) ** 2
+        loss_mat = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
+        clipfrac = float(masked_mean((loss_clipped > loss_unclipped).float(), keep))
+    loss = aggregate_loss(loss_mat, keep, agg, denominator)
+    stats = {"vf_clipfrac": clipfrac, "vpred_mean": float(masked_mean(values.detach(), keep))}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dimension.
+
+        H = logsumexp(z) - sum_v softmax(z)_v * z_v      (= -sum_v p_v log p_v)
+
+    The logsumexp form never takes log of a probability, so it stays finite for large logits.
+    Logits must be finite (a -inf logit gives 0 * -inf = NaN).
+
+    Args:
+        logits: (..., V).
+
+    Returns:
+        (...) float32 entropy in nats.
+    """
+    logits = torch.as_tensor(logits).float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)

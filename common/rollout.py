@@ -1,0 +1,356 @@
+"""Batched rollouts: G sampled responses per prompt, their token ids, masks and log-probs.
+
+Layout of a batch of N = n_prompts * G rows, grouped contiguously ([q1]*G + [q2]*G + ...):
+
+    input_ids        pad pad p p p p | r r r EOS pad pad      (N, P + T)
+    attention_mask    0   0  1 1 1 1 | 1 1 1  1   0   0       (N, P + T)
+    response_mask                    | 1 1 1  1   0   0       (N, T)
+                     <-- prompt P -->|<------ T ------>
+
+Prompts are left-padded so every response starts at column P; responses are right-padded after
+their first EOS (inclusive). A response with no EOS within max_new_tokens is `truncated`.
+
+The log-prob of response token t comes from the logits at column P - 1 + t (next-token
+prediction), divided by the sampling temperature, so that `old_logprob` is the log-prob of the
+distribution the tokens were drawn from (top-k / top-p truncation aside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """One rollout: N rows of prompt + response, grouped contiguously by prompt.
+
+    Example (2 prompts, G = 2, max_new_tokens = 3, EOS = 2, pad = 2):
+
+        input_ids       [[2, 5, 6, 7, 8, 2],     q1: prompt (5, 6), response (7, 8, EOS)
+                         [2, 5, 6, 9, 2, 2],     q1: response (9, EOS), then padding
+                         [3, 4, 6, 7, 7, 7],     q2: prompt (3, 4, 6), response truncated
+                         [3, 4, 6, 2, 2, 2]]     q2: response (EOS)
+        prompt_len      3
+        response_mask   [[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]]
+        lengths         [3, 2, 3, 1]
+        truncated       [False, False, True, False]
+        group_index     [0, 0, 1, 1]
+    """
+
+    input_ids: Tensor  # (N, P+T) long: left-padded prompt + right-padded response
+    attention_mask: Tensor  # (N, P+T) long: 1 on real prompt tokens and on response tokens through EOS
+    response_mask: Tensor  # (N, T) float: 1 on response tokens through the first EOS
+    prompt_len: int  # P: responses start at column P in every row
+    prompts_expanded: list[str]  # (N,) the user prompts, [q1]*G + [q2]*G + ...
+    responses: list[str]  # (N,) decoded responses, special tokens skipped
+    lengths: Tensor  # (N,) long: response length in tokens, EOS included
+    truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
+    group_index: Tensor  # (N,) long: group id per row; rows with the same id share a prompt
+    pad_token_id: int = 0  # fills padding when `concat` widens the prompt or response block
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_ids(self) -> Tensor:
+        """(N, T) response token ids (padding after EOS)."""
+        return self.input_ids[:, self.prompt_len :]
+
+    def select(self, index: Tensor | Sequence[int] | Sequence[bool]) -> RolloutBatch:
+        """Rows by integer index or boolean mask; group ids are kept as they are."""
+        index = torch.as_tensor(index, device=self.input_ids.device)
+        if index.dtype == torch.bool:
+            assert index.numel() == len(self), f"bool mask of {index.numel()} rows for a batch of {len(self)}"
+            index = index.nonzero().flatten()
+        rows = index.tolist()
+        return RolloutBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            response_mask=self.response_mask[index],
+            prompt_len=self.prompt_len,
+            prompts_expanded=[self.prompts_expanded[i] for i in rows],
+            responses=[self.responses[i] for i in rows],
+            lengths=self.lengths[index],
+            truncated=self.truncated[index],
+            group_index=self.group_index[index],
+            pad_token_id=self.pad_token_id,
+        )
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Stack batches row-wise, re-padding to a common prompt width P and response width T.
+
+        Prompts get more left padding, responses more right padding, so responses still start
+        at the common column P. Group ids of each batch are shifted past those of the batches
+        before it, so groups from different rollouts stay distinct even if their ids overlapped.
+        """
+        assert batches, "concat needs at least one batch"
+        P = max(b.prompt_len for b in batches)
+        T = max(b.response_mask.shape[1] for b in batches)
+        pad = batches[0].pad_token_id
+        input_ids, attention_mask, response_mask, group_index = [], [], [], []
+        offset = 0
+        for b in batches:
+            dp, dt = P - b.prompt_len, T - b.response_mask.shape[1]
+            # F.pad takes (left, right) for the last dim: prompt padding on the left, response on the right
+            input_ids.append(torch.nn.functional.pad(b.input_ids, (dp, dt), value=pad))
+            attention_mask.append(torch.nn.functional.pad(b.attention_mask, (dp, dt), value=0))
+            response_mask.append(torch.nn.functional.pad(b.response_mask, (0, dt), value=0.0))
+            group_index.append(b.group_index + offset)
+            if len(b):
+                offset += int(b.group_index.max()) + 1
+        return RolloutBatch(
+            input_ids=torch.cat(input_ids),
+            attention_mask=torch.cat(attention_mask),
+            response_mask=torch.cat(response_mask),
+            prompt_len=P,
+            prompts_expanded=[p for b in batches for p in b.prompts_expanded],
+            responses=[r for b in batches for r in b.responses],
+            lengths=torch.cat([b.lengths for b in batches]),
+            truncated=torch.cat([b.truncated for b in batches]),
+            group_index=torch.cat(group_index),
+            pad_token_id=pad,
+        )
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask of each response through its first EOS (inclusive).
+
+        response_ids [[7, 8, EOS, EOS],  ->  mask [[1, 1, 1, 0],  lengths [3, 4]  truncated [False, True]
+                      [7, 7, 7,   7  ]]          [1, 1, 1, 1]]
+
+    Positions after the first EOS are padding whatever their id (pad may equal EOS).
+
+    Returns:
+        response_mask: (N, T) float; lengths: (N,) long; truncated: (N,) bool.
+    """
+    is_eos = response_ids == eos_token_id  # (N, T)
+    eos_before = is_eos.long().cumsum(dim=1) - is_eos.long()  # EOS tokens strictly before t
+    response_mask = (eos_before == 0).float()  # (N, T)
+    return response_mask, response_mask.sum(dim=1).long(), ~is_eos.any(dim=1)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put `model` in eval mode for the block, then restore its previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Per-token log-probs (and entropies) of the response block under `model`, in ONE forward pass.
+
+        logits_t   = model(input_ids)[:, P - 1 + t] / temperature       t = 0 .. T-1
+        logprob_t  = logits_t[y_t] - logsumexp(logits_t)
+        entropy_t  = logsumexp(logits_t) - sum_v softmax(logits_t)_v * logits_t[v]
+
+    Only the T response positions go through the LM head (`logits_to_keep`), and no full
+    log_softmax is materialised: with a 49k vocabulary the prompt positions would dominate memory.
+    Position ids follow the attention mask (as `generate` does), so left padding does not change a
+    row's values. Positions after EOS are computed like any other; the caller masks them with
+    response_mask. Works with grad enabled (policy loss) and under no_grad (old / reference).
+
+    Args:
+        input_ids, attention_mask: (N, P+T), as in RolloutBatch.
+        prompt_len: P.
+
+    Returns:
+        logprob: (N, T) float32; entropy: (N, T) float32, or None unless return_entropy.
+    """
+    T = input_ids.shape[1] - prompt_len
+    assert prompt_len >= 1 and T >= 1, f"{prompt_len=} and response width {T=} must both be >= 1"
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = T + 1  # logits of the last T+1 columns: P-1 .. P+T-1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    ).logits
+    logits = logits[:, -(T + 1) : -1].float() / temperature  # (N, T, V): column P-1+t predicts token P+t
+    targets = input_ids[:, prompt_len:]  # (N, T)
+    log_z = torch.logsumexp(logits, dim=-1)  # (N, T)
+    logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (N, T)
+    entropy = None
+    if return_entropy:
+        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)  # (N, T)
+    return logprob, entropy
+
+
+class HFRollout:
+    """Samples G responses per prompt from a Hugging Face causal LM in one batched `generate` call.
+
+    Args:
+        model, tokenizer: from `common.models.load_policy` (left padding, pad token set).
+        group_size: G, responses per prompt.
+        max_new_tokens: response budget in tokens, EOS included.
+        temperature, top_p, top_k: sampling; top_p = 1.0 and top_k = 0 switch those filters off.
+        system_prompt: system message; None keeps the chat template's default.
+        max_prompt_len: longest prompt in tokens after the chat template; None = context - max_new_tokens.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        system_prompt: str | None = None,
+        max_prompt_len: int | None = None,
+    ):
+        if group_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use do_sample=False")
+        if tokenizer.padding_side != "left":
+            raise ValueError("the tokenizer must pad on the left (load it with common.models.load_policy)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.group_size = group_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.system_prompt = system_prompt
+        self.max_prompt_len = max_prompt_len
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        )
+        self.last_batch: RolloutBatch | None = None
+
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        """Chat-template each user prompt, ending with the assistant header (add_generation_prompt)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:  # base model: plain text
+            return [f"{self.system_prompt}\n\n{p}" if self.system_prompt else p for p in prompts]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [
+            self.tokenizer.apply_chat_template(
+                system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+
+    def _check_prompt_lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        limits = []
+        if self.max_prompt_len is not None:
+            limits.append((self.max_prompt_len, f"max_prompt_len {self.max_prompt_len}"))
+        if context is not None:
+            limits.append((context - max_new_tokens, f"context {context} - max_new_tokens {max_new_tokens}"))
+        for i, length in enumerate(prompt_lengths):
+            for limit, what in limits:
+                if length > limit:
+                    raise ValueError(
+                        f"prompt {i} is {length} tokens long, over the limit of {limit} ({what})"
+                    )
+
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int | None = None,
+        *,
+        do_sample: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> RolloutBatch:
+        """G responses for each prompt, all n_prompts * G in ONE `model.generate` call.
+
+        do_sample=False decodes greedily (evaluation); then the G rows of a group are identical.
+        The model is put in eval mode for generation and restored to its previous mode after.
+        """
+        G = group_size or self.group_size
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        n_prompts = len(prompts)
+        assert n_prompts > 0, "sample needs at least one prompt"
+        device = next(self.model.parameters()).device
+
+        # Tokenise each prompt once; the chat template already holds the special tokens.
+        enc = self.tokenizer(
+            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        self._check_prompt_lengths(enc["attention_mask"].sum(dim=1).tolist(), max_new_tokens)
+        input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (n_prompts, P) -> (N, P)
+        attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
+        P = input_ids.shape[1]
+
+        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        with eval_mode(self.model), torch.inference_mode():
+            sequences = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=do_sample,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                use_cache=True,
+                **(sampling if do_sample else {}),
+            )  # (N, P + T), T <= max_new_tokens: generation stops once every row has hit EOS
+        # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
+        sequences = sequences.clone()
+
+        response_ids = sequences[:, P:]  # (N, T)
+        response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        sequences = torch.cat([input_ids, response_ids], dim=1)  # (N, P + T)
+        texts = self.tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=sequences,
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            response_mask=response_mask,
+            prompt_len=P,
+            prompts_expanded=[p for p in prompts for _ in range(G)],
+            responses=texts,
+            lengths=lengths,
+            truncated=truncated,
+            group_index=torch.arange(n_prompts, device=device).repeat_interleave(G),
+            pad_token_id=self.pad_token_id,
+        )
+
+    def generate_responses(self, prompts: list[str]) -> tuple[list[str], Tensor, list[str]]:
+        """Sample G responses per prompt and score them (the seed's contract).
+
+        Returns:
+            responses: (N,) decoded texts, N = len(prompts) * G.
+            log_probs: (N, T) float32 log-probs at the sampling temperature, 0 where response_mask is 0.
+            prompts_expanded: (N,) [q1]*G + [q2]*G + ...; reward response i against prompts_expanded[i].
+        The full batch (ids, masks, lengths) is kept in `self.last_batch`.
+        """
+        batch = self.sample(prompts)
+        with eval_mode(self.model), torch.no_grad():
+            logprob, _ = sequence_logprobs(
+                self.model,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.prompt_len,
+                temperature=self.temperature,
+            )
+        self.last_batch = batch
+        return batch.responses, logprob * batch.response_mask, batch.prompts_expanded

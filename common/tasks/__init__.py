@@ -1,0 +1,66 @@
+"""Prompt sets and their verifiers, built by name: `build_task("addition", min_operand=0, ...)`.
+
+addition    seeded integer addition, the default task (common/tasks/addition.py)
+jsonl       any {"prompt", "answer"} JSON Lines file (common/tasks/jsonl.py)
+gsm8k       grade-school math, graded with math-verify (common/tasks/gsm8k.py)
+char_share  toy reward for tests and smoke runs with a random model (common/tasks/char_share.py)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from common.tasks.addition import AdditionTask
+from common.tasks.base import Example, Task, TaskError, answer_tag_content
+from common.tasks.char_share import CharShareTask
+from common.tasks.gsm8k import GSM8KTask
+from common.tasks.jsonl import JsonlTask
+
+TASKS: dict[str, type[Task]] = {
+    "addition": AdditionTask,
+    "jsonl": JsonlTask,
+    "gsm8k": GSM8KTask,
+    "char_share": CharShareTask,
+}
+
+__all__ = [
+    "TASKS",
+    "AdditionTask",
+    "CharShareTask",
+    "Example",
+    "GSM8KTask",
+    "JsonlTask",
+    "Task",
+    "TaskError",
+    "answer_tag_content",
+    "build_task",
+]
+
+
+def build_task(name: str, **kwargs) -> Task:
+    """Build the task registered as `name` with its keyword arguments (the task config minus its name).
+
+    Raises:
+        TaskError: an unknown task name (the message lists the options), an unknown or missing
+            argument (the message names it), invalid values, or an empty train or test split.
+    """
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
+    cls = TASKS[name]
+    params = {
+        p.name: p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    for key in kwargs:
+        if key not in params:
+            raise TaskError(f"task {name!r}: unknown option {key!r}; expected one of: {', '.join(params)}")
+    for key, p in params.items():
+        if p.default is p.empty and key not in kwargs:
+            raise TaskError(f"task {name!r}: missing option {key!r}")
+    task = cls(**kwargs)
+    if not task.train or not task.test:
+        raise TaskError(
+            f"task {name!r}: empty dataset ({len(task.train)} train, {len(task.test)} test examples)"
+        )
+    return task

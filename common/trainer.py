@@ -1,0 +1,678 @@
+"""The one training loop: rollout -> reward -> advantage -> update -> log -> checkpoint.
+
+Every algorithm (grpo/, dapo/, ppo/) runs through `train`. Differences enter only through the
+algorithm object (`shape_rewards`, `loss_mask`, `advantages`, `loss`, `needs_reference`,
+`needs_critic`, `epochs`) and the optional `group_filter` (DAPO dynamic sampling, Eq. 11), so the
+rollout and reward code is identical under all three and differences in results are the algorithm's.
+
+Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G + ...):
+    input_ids, attention_mask (N, P+T)   prompt (left-padded) + response (right-padded)
+    response_mask (N, T)                 1 on response tokens through EOS
+    loss_mask (N, T)                     tokens that enter the loss (DAPO overlong filtering zeroes rows)
+    rewards (N,)                         task reward + shaping terms: what the advantages see
+    group_index (N,)                     group id per row (ragged groups allowed)
+    advantages (N,) or (N, T)
+    old_logprob, ref_logprob, values (N, T)   only when needed
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from common.logging import RunLogger
+from common.losses import aggregation_denominator
+from common.models import save_hf
+from common.reward_fn import score_responses
+from common.rollout import HFRollout, RolloutBatch, sequence_logprobs
+from common.tasks import Example, Task
+
+log = logging.getLogger("rl_lab")
+
+GroupFilter = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling in scripts/."""
+
+    max_steps: int
+    batch_size: int
+    mini_batch_size: int
+    micro_batch_size: int
+    max_grad_norm: float
+    format_weight: float
+    eval_every: int
+    eval_num_prompts: int
+    log_samples_every: int
+    num_samples_logged: int
+    save_every: int
+    fail_on_reward_error: bool
+    max_num_gen_batches: int = 1
+    seed: int = 0
+
+
+@dataclass
+class Critic:
+    """PPO's value model with its own optimizer. For the first `warmup_steps` steps only the critic
+    learns (the policy's optimizer does not step), so advantages start from sensible values."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float
+    warmup_steps: int = 0
+
+
+class PromptStream:
+    """Endless pass over the training examples, reshuffled each epoch with a seeded generator."""
+
+    def __init__(self, examples: list[Example], seed: int) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()
+
+
+@dataclass
+class Samples:
+    """A scored rollout: the token batch, each row's example, and each reward term (N,)."""
+
+    rollout: RolloutBatch
+    examples: list[Example]
+    terms: dict[str, torch.Tensor]
+    extracted: list[str | None]
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+
+    def select(self, index: torch.Tensor) -> Samples:
+        rows = index.nonzero().flatten() if index.dtype == torch.bool else index
+        return Samples(
+            rollout=self.rollout.select(rows),
+            examples=[self.examples[i] for i in rows.tolist()],
+            terms={k: v[rows] for k, v in self.terms.items()},
+            extracted=[self.extracted[i] for i in rows.tolist()],
+            errors=self.errors,
+            error_messages=self.error_messages,
+        )
+
+    @staticmethod
+    def concat(parts: list[Samples]) -> Samples:
+        return Samples(
+            rollout=RolloutBatch.concat([p.rollout for p in parts]),
+            examples=[e for p in parts for e in p.examples],
+            terms={k: torch.cat([p.terms[k] for p in parts]) for k in parts[0].terms},
+            extracted=[x for p in parts for x in p.extracted],
+            errors=sum(p.errors for p in parts),
+            error_messages=[m for p in parts for m in p.error_messages],
+        )
+
+
+def generate_and_score(
+    engine: HFRollout, task: Task, examples: list[Example], algo: Any, settings: TrainSettings
+) -> Samples:
+    """Sample G responses per example in one batched call and score each against its own prompt."""
+    rollout = engine.sample([e.prompt for e in examples])
+    expanded = [e for e in examples for _ in range(engine.group_size)]  # prompts_expanded order
+    result = score_responses(
+        task,
+        rollout.responses,
+        expanded,
+        format_weight=settings.format_weight,
+        fail_fast=settings.fail_on_reward_error,
+    )
+    terms = {"correct": result.correct, "format": result.format}
+    terms.update(algo.shape_rewards(rollout.lengths, rollout.truncated))
+    # what the advantages see: the task's total (correct + weighted format) plus the shaping terms
+    terms["total"] = result.total + sum(v for k, v in terms.items() if k not in ("correct", "format"))
+    return Samples(rollout, expanded, terms, result.extracted, result.errors, result.error_messages)
+
+
+def collect(
+    engine: HFRollout,
+    task: Task,
+    stream: PromptStream,
+    algo: Any,
+    settings: TrainSettings,
+    group_filter: GroupFilter | None,
+) -> tuple[Samples | None, dict[str, float]]:
+    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept.
+
+    Dynamic sampling (DAPO Algorithm 1, lines 3-8): groups whose *task correctness* is all equal
+    carry no signal (zero advantage) and are dropped. The filter reads the correctness term, not
+    the shaped total: the paper filters "prompts with accuracy equal to 1 and 0" (verl makes it a
+    setting). After max_num_gen_batches the step trains on what was kept (possibly fewer groups)
+    instead of failing; with nothing kept it returns None and the step skips its update.
+    """
+    G = engine.group_size
+    if group_filter is None:
+        samples = generate_and_score(engine, task, stream.take(settings.batch_size), algo, settings)
+        n = samples.rollout.input_ids.shape[0]
+        tokens = int(samples.rollout.lengths.sum())
+        return samples, {"sampling/gen_batches": 1, "sampling/samples": n, "sampling/tokens": tokens}
+    kept: list[Samples] = []
+    n_kept = n_seen = n_generated = n_tokens = 0
+    gen_batch = 0
+    while gen_batch < settings.max_num_gen_batches:
+        gen_batch += 1
+        samples = generate_and_score(engine, task, stream.take(settings.batch_size), algo, settings)
+        keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
+        n_seen += keep.numel()
+        n_generated += samples.rollout.input_ids.shape[0]
+        n_tokens += int(samples.rollout.lengths.sum())
+        take = keep.nonzero().flatten()[: settings.batch_size - n_kept]
+        if take.numel():
+            rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
+            kept.append(samples.select(rows))
+            n_kept += take.numel()
+        if n_kept >= settings.batch_size:
+            break
+    stats = {
+        "sampling/gen_batches": gen_batch,
+        "sampling/samples": n_generated,
+        "sampling/tokens": n_tokens,
+        "sampling/groups_kept": n_kept,
+        "sampling/groups_dropped": n_seen - n_kept,
+        "sampling/kept_group_frac": n_kept / max(n_seen, 1),
+    }
+    if n_kept < settings.batch_size:
+        log.warning(
+            "dynamic sampling: %d of %d groups kept after %d generation batches (max_num_gen_batches); %s",
+            n_kept,
+            settings.batch_size,
+            gen_batch,
+            "training on the kept groups" if n_kept else "no group has mixed rewards, skipping this update",
+        )
+    return (Samples.concat(kept) if kept else None), stats
+
+
+@torch.no_grad()
+def batched_forward(
+    forward: Callable[[dict[str, Any]], torch.Tensor], batch: dict[str, Any], micro_batch_size: int
+) -> torch.Tensor:
+    """Run `forward(micro_batch) -> (B, t)` over the batch in micro-batches; returns (N, T), zero-padded."""
+    out = []
+    for rows in torch.arange(batch["input_ids"].shape[0]).split(micro_batch_size):
+        out.append(_pad_right(forward(micro_batch(batch, rows)), batch["response_mask"].shape[1]))
+    return torch.cat(out)
+
+
+def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) log-probs of the taken tokens under `model`."""
+
+    def forward(mb: dict[str, Any]) -> torch.Tensor:
+        logprob, _ = sequence_logprobs(
+            model, mb["input_ids"], mb["attention_mask"], mb["prompt_len"], temperature=temperature
+        )
+        return logprob
+
+    return forward
+
+
+def value_fn(critic: torch.nn.Module) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) critic values V(s_t) at the response positions."""
+    return lambda mb: critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"])
+
+
+def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def micro_batch(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """Rows of the batch, trimmed to the columns they use: leading all-padding prompt columns and
+    trailing response columns past the longest response go, so short micro-batches cost less."""
+    P = batch["prompt_len"]
+    attention = batch["attention_mask"][rows]
+    first = int(attention[:, :P].any(0).nonzero().min()) if attention[:, :P].any() else P
+    T = int(batch["response_mask"][rows].sum(1).max().clamp(min=1))
+    mb = {"prompt_len": P - first}
+    for key, value in batch.items():
+        if key == "prompt_len":
+            continue
+        if key in ("input_ids", "attention_mask"):
+            mb[key] = value[rows, first : P + T]
+        elif value.dim() == 2:
+            mb[key] = value[rows, :T]
+        else:
+            mb[key] = value[rows]
+    return mb
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    algo: Any,
+    batch: dict[str, Any],
+    rows: torch.Tensor,
+    micro_batch_size: int,
+    temperature: float,
+    critic: torch.nn.Module | None = None,
+) -> tuple[float, dict[str, float], float]:
+    """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
+
+    Each micro-batch loss is normalised by the *mini-batch's* denominator (token count for
+    token-mean, sequence count for the seq-mean modes), so the accumulated gradient equals the
+    gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
+    across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
+    fills both models' gradients.
+
+    Returns:
+        (mini-batch loss, token-weighted means of the algorithm's stats, loss tokens)
+    """
+    denominator = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg)
+    total, sums, n_total = 0.0, defaultdict(float), 0.0
+    # longest rows first: the first micro-batch fails fast if memory is short
+    rows = rows[batch["response_mask"][rows].sum(1).argsort(descending=True)]
+    for micro in rows.split(micro_batch_size):
+        mb = micro_batch(batch, micro)
+        logprob, entropy = sequence_logprobs(
+            model,
+            mb["input_ids"],
+            mb["attention_mask"],
+            mb["prompt_len"],
+            temperature=temperature,
+            return_entropy=True,
+        )  # (B, T), (B, T)
+        values = (
+            critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]) if critic is not None else None
+        )
+        loss, stats = algo.loss(mb, logprob, denominator=denominator, entropy=entropy, values=values)
+        loss.backward()
+        total += loss.item()
+        n_tokens = float(mb["loss_mask"].sum())
+        mask = mb["response_mask"]
+        stats["policy/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+        for key, value in stats.items():
+            sums[key] += value * n_tokens
+        n_total += n_tokens
+    return total, {k: v / max(n_total, 1.0) for k, v in sums.items()}, n_total
+
+
+def update_policy(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    algo: Any,
+    batch: dict[str, Any],
+    settings: TrainSettings,
+    temperature: float,
+    generator: torch.Generator,
+    critic: Critic | None = None,
+    update_actor: bool = True,
+) -> dict[str, float]:
+    """`algo.epochs` passes over the batch, each split into mini-batches of one optimizer step.
+
+    With a critic, its optimizer steps beside the policy's; `update_actor=False` (critic warm-up)
+    steps the critic alone.
+    """
+    N = batch["input_ids"].shape[0]
+    n_minibatches = max(1, settings.batch_size // settings.mini_batch_size)
+    sums: dict[str, float] = defaultdict(float)
+    n_total = 0.0
+    losses, grad_norms, skipped = [], [], 0
+    model.train()
+    critic_model = critic.model.train() if critic is not None else None
+    for _ in range(algo.epochs):
+        reshuffle = algo.epochs > 1 or n_minibatches > 1
+        order = torch.randperm(N, generator=generator) if reshuffle else torch.arange(N)
+        for rows in order.tensor_split(n_minibatches):
+            optimizer.zero_grad(set_to_none=True)
+            if critic is not None:
+                critic.optimizer.zero_grad(set_to_none=True)
+            total, stats, n_tokens = accumulate_gradients(
+                model, algo, batch, rows, settings.micro_batch_size, temperature, critic_model
+            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+            if critic is not None:
+                critic_norm = torch.nn.utils.clip_grad_norm_(critic.model.parameters(), critic.max_grad_norm)
+                stats["critic/grad_norm"] = critic_norm.item()
+                finite = finite and bool(torch.isfinite(critic_norm))
+            if not finite:
+                log.warning("non-finite loss (%s) or gradient norm: update skipped", total)
+                skipped += 1
+                continue
+            if critic is not None:
+                critic.optimizer.step()
+            if update_actor:
+                optimizer.step()
+                scheduler.step()
+            losses.append(total)
+            grad_norms.append(grad_norm.item())
+            for key, value in stats.items():
+                sums[key] += value * n_tokens
+            n_total += n_tokens
+    metrics = {k: v / n_total for k, v in sums.items()} if n_total else {}
+    metrics.update(
+        {
+            "policy/loss": float(np.mean(losses)) if losses else float("nan"),
+            "policy/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+            "policy/lr": scheduler.get_last_lr()[0],
+            "policy/skipped_updates": skipped,
+            "policy/updated": float(update_actor),
+        }
+    )
+    return metrics
+
+
+def evaluate(
+    engine: HFRollout, task: Task, examples: list[Example], format_weight: float, chunk: int = 32
+) -> dict[str, float]:
+    """Greedy pass@1 on held-out prompts: accuracy (mean correctness), mean reward, format rate, length."""
+    correct, total, fmt, lengths = [], [], [], []
+    for start in range(0, len(examples), chunk):
+        part = examples[start : start + chunk]
+        rollout = engine.sample([e.prompt for e in part], group_size=1, do_sample=False)
+        result = score_responses(task, rollout.responses, part, format_weight=format_weight)
+        correct.append(result.correct)
+        total.append(result.total)
+        fmt.append(result.format)
+        lengths.append(rollout.lengths.float())
+    return {
+        "eval/accuracy": torch.cat(correct).mean().item(),
+        "eval/reward": torch.cat(total).mean().item(),
+        "eval/format": torch.cat(fmt).mean().item(),
+        "eval/response_length": torch.cat(lengths).mean().item(),
+    }
+
+
+def rollout_metrics(samples: Samples, group_size_hint: int) -> dict[str, float]:
+    """reward/<term> means, group signal and response statistics of one step's training batch."""
+    r = samples.rollout
+    metrics = {f"reward/{k}": v.float().mean().item() for k, v in samples.terms.items()}
+    metrics["reward/errors"] = samples.errors
+    # share of groups whose rewards differ: only those carry a learning signal
+    totals, groups = samples.terms["total"], r.group_index
+    n_groups = int(groups.unique().numel())
+    empty = torch.zeros(int(groups.max()) + 1)
+    spread = empty.scatter_reduce(0, groups, totals, "amax", include_self=False)
+    spread -= empty.scatter_reduce(0, groups, totals, "amin", include_self=False)
+    metrics["reward/mixed_group_frac"] = float((spread > 1e-6).sum()) / max(n_groups, 1)
+    lengths = r.lengths.float()
+    metrics.update(
+        {
+            "rollout/response_length": lengths.mean().item(),
+            "rollout/response_length_max": lengths.max().item(),
+            "rollout/truncated_frac": r.truncated.float().mean().item(),
+            "rollout/num_sequences": float(len(r.responses)),
+            "rollout/group_size": float(group_size_hint),
+        }
+    )
+    return metrics
+
+
+def sample_rows(samples: Samples, n: int) -> list[dict[str, Any]]:
+    """The first n completions of the step (whole groups first), for samples.jsonl and the W&B table."""
+    rows = []
+    for i in range(min(n, len(samples.examples))):
+        rows.append(
+            {
+                "prompt": samples.examples[i].prompt,
+                "response": samples.rollout.responses[i],
+                "answer": samples.examples[i].answer,
+                "extracted": samples.extracted[i],
+                "correct": samples.terms["correct"][i].item(),
+                "format": samples.terms["format"][i].item(),
+                "reward": samples.terms["total"][i].item(),
+            }
+        )
+    return rows
+
+
+def build_batch(samples: Samples, algo: Any, device: torch.device) -> dict[str, Any]:
+    """Tensors of the training batch (see the module docstring), on `device`."""
+    r = samples.rollout
+    batch = {
+        "input_ids": r.input_ids.to(device),
+        "attention_mask": r.attention_mask.to(device),
+        "response_mask": r.response_mask.to(device),
+        "loss_mask": algo.loss_mask(r.response_mask, r.truncated).to(device),
+        "rewards": samples.terms["total"].to(device),
+        "group_index": r.group_index.to(device),
+        "lengths": r.lengths.to(device),
+        "prompt_len": r.prompt_len,
+    }
+    return batch
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def save_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    stream: PromptStream,
+    algo: Any,
+    critic: Critic | None,
+    run_id: str | None,
+) -> None:
+    """HF folder of the policy plus trainer_state.pt: optimizer, scheduler, step, RNG states, data
+    position, the algorithm's mutable state (PPO's KL controller), the critic and the W&B run id."""
+    save_hf(model, tokenizer, path)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "data": stream.state_dict(),
+        "algorithm": algo.state_dict(),
+        "wandb_run_id": run_id,
+    }
+    if critic is not None:
+        state["critic"] = critic.model.state_dict()
+        state["critic_optimizer"] = critic.optimizer.state_dict()
+    tmp = path / "trainer_state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(path / "trainer_state.pt")
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (cluster pre-emption, `kill`) is handled like Ctrl-C: checkpoint, then exit cleanly."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    reference: torch.nn.Module | None,
+    engine: HFRollout,
+    algo: Any,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    logger: RunLogger,
+    settings: TrainSettings,
+    run_dir: Path,
+    device: torch.device,
+    group_filter: GroupFilter | None = None,
+    critic: Critic | None = None,
+) -> dict[str, float]:
+    """Run settings.max_steps steps; returns the last step's metrics (with the last evaluation)."""
+    stream = PromptStream(task.train, settings.seed)
+    eval_examples = task.test[: settings.eval_num_prompts]
+    generator = torch.Generator().manual_seed(settings.seed)
+    samples_total = tokens_total = 0
+    last: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def checkpoint(name: str, at_step: int) -> Path:
+        path = run_dir / "checkpoints" / name
+        save_checkpoint(
+            path,
+            model=model,
+            tokenizer=tokenizer,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            step=at_step,
+            stream=stream,
+            algo=algo,
+            critic=critic,
+            run_id=logger.wandb_run_id,
+        )
+        return path
+
+    def maybe_eval(step: int) -> dict[str, float]:
+        if settings.eval_every <= 0 or not eval_examples:
+            return {}
+        if step % settings.eval_every and step != settings.max_steps:
+            return {}
+        t = time.perf_counter()
+        metrics = evaluate(engine, task, eval_examples, settings.format_weight)
+        metrics["perf/eval_s"] = time.perf_counter() - t
+        return metrics
+
+    step = 0
+    progress = tqdm(total=settings.max_steps, desc=f"{algo.name}", unit="step", dynamic_ncols=True)
+    try:
+        with sigterm_as_interrupt():
+            initial = maybe_eval(0)
+            if initial:
+                logger.log(0, initial)
+                tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
+            for step in range(1, settings.max_steps + 1):
+                t0 = time.perf_counter()
+                # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
+                samples, metrics = collect(engine, task, stream, algo, settings, group_filter)
+                t_rollout = time.perf_counter()
+                # the compute axis counts every generated sample and token, kept or dropped
+                samples_total += metrics["sampling/samples"]
+                tokens_total += metrics["sampling/tokens"]
+                if samples is None:  # dynamic sampling kept nothing: no update this step
+                    metrics.update(
+                        {"sampling/samples_total": samples_total, "sampling/tokens_total": tokens_total}
+                    )
+                    logger.log(step, metrics)
+                    progress.update(1)
+                    continue
+                batch = build_batch(samples, algo, device)
+                # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL)
+                micro = settings.micro_batch_size
+                if algo.needs_old_logprob:
+                    batch["old_logprob"] = batched_forward(
+                        logprob_fn(model, engine.temperature), batch, micro
+                    )
+                if reference is not None:
+                    batch["ref_logprob"] = batched_forward(
+                        logprob_fn(reference, engine.temperature), batch, micro
+                    )
+                if critic is not None:
+                    batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro)
+                t_logprob = time.perf_counter()
+                # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
+                metrics.update(algo.compute_advantages(batch))
+                # 4. policy (and critic) update; during critic warm-up only the critic steps
+                update_actor = critic is None or step > critic.warmup_steps
+                metrics.update(
+                    update_policy(
+                        model,
+                        optimizer,
+                        scheduler,
+                        algo,
+                        batch,
+                        settings,
+                        engine.temperature,
+                        generator,
+                        critic=critic,
+                        update_actor=update_actor,
+                    )
+                )
+                t_update = time.perf_counter()
+                # 5. log, evaluate, checkpoint
+                metrics.update(rollout_metrics(samples, algo.group_size))
+                metrics.update(
+                    {
+                        "sampling/samples_total": samples_total,
+                        "sampling/tokens_total": tokens_total,
+                        "perf/rollout_s": t_rollout - t0,
+                        "perf/logprob_s": t_logprob - t_rollout,
+                        "perf/update_s": t_update - t_logprob,
+                        "perf/step_s": t_update - t0,
+                        "perf/rollout_tokens_per_s": int(samples.rollout.lengths.sum())
+                        / max(t_rollout - t0, 1e-9),
+                        "perf/wall_s": time.perf_counter() - t_start,
+                    }
+                )
+                if samples.errors:
+                    log.warning(
+                        "step %d: %d reward errors, e.g. %s", step, samples.errors, samples.error_messages[0]
+                    )
+                metrics.update(maybe_eval(step))
+                logger.log(step, metrics)
+                if settings.log_samples_every > 0 and step % settings.log_samples_every == 0:
+                    logger.log_samples(step, sample_rows(samples, settings.num_samples_logged))
+                if settings.save_every > 0 and step % settings.save_every == 0 and step != settings.max_steps:
+                    checkpoint(f"step_{step}", step)
+                last = metrics
+                progress.update(1)
+                summary = (
+                    f"Step {step}/{settings.max_steps} | reward {metrics['reward/total']:.3f} "
+                    f"| correct {metrics['reward/correct']:.3f} "
+                    f"| len {metrics['rollout/response_length']:.1f} "
+                    f"| {metrics['perf/step_s']:.1f}s"
+                )
+                if "eval/accuracy" in metrics:
+                    summary += f" | eval accuracy {metrics['eval/accuracy']:.3f}"
+                tqdm.write(summary)
+    except KeyboardInterrupt:
+        progress.close()
+        path = checkpoint(f"step_{step}", step)
+        log.warning("interrupted at step %d; checkpoint saved to %s", step, path)
+        raise
+    progress.close()
+    path = checkpoint("final", settings.max_steps)
+    log.info("final policy saved to %s", path)
+    return last

@@ -1,0 +1,123 @@
+"""GRPO: group-relative advantages, the clipped surrogate, and a KL penalty to the reference in the loss.
+
+Equation numbers follow the DAPO paper (arXiv:2503.14476), which restates GRPO: advantage Eq. 4,
+objective Eq. 5. Relative to PPO (ppo/): 1) no critic, the group mean is the baseline;
+2) the KL to the reference is a loss term (k3, DeepSeekMath), not a per-token reward;
+3) one scalar advantage per response, broadcast over its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from common.advantage import compute_group_relative_advantages
+from common.kl import kl_penalty
+from common.losses import aggregate_loss, policy_loss
+
+
+@dataclass(frozen=True)
+class GRPO:
+    """Field values come from configs/algorithm/grpo.yaml; there are deliberately no defaults here.
+
+    The trainer uses the algorithm through `shape_rewards`, `loss_mask`, `compute_advantages` and
+    `loss`, plus `needs_critic`, `needs_reference`, `needs_old_logprob` and `epochs`.
+    """
+
+    name: str
+    group_size: int
+    scale_by_std: bool
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    loss_agg: str
+    kl_coef: float
+    kl_kind: str
+    num_iterations: int
+
+    needs_critic: ClassVar[bool] = False
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference model is loaded only when the KL term is on."""
+        return self.kl_coef > 0
+
+    @property
+    def epochs(self) -> int:
+        """Passes over each rollout batch (mu)."""
+        return self.num_iterations
+
+    @property
+    def needs_old_logprob(self) -> bool:
+        """Behaviour-policy log-probs are needed only when the batch is reused (mu > 1); with mu = 1
+        they equal the current policy's, detached."""
+        return self.num_iterations > 1
+
+    def state_dict(self) -> dict:
+        """Mutable state for checkpoints: GRPO has none (PPO saves its KL controller here)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore for GRPO."""
+
+    def shape_rewards(self, lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra reward terms added to the task reward, by name; GRPO adds none."""
+        return {}
+
+    def loss_mask(self, response_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        """Tokens that enter the loss: (N, T). GRPO trains on every response token."""
+        return response_mask
+
+    def compute_advantages(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """batch["advantages"] = (r_i - mean_g) / (std_g + eps) per group (DAPO Eq. 4): (N,).
+
+        Groups are read from batch["group_index"], so ragged groups (dynamic resampling) work too.
+        Returns stats to log (none for GRPO: the reward terms are logged by the trainer).
+        """
+        batch["advantages"], _ = compute_group_relative_advantages(
+            batch["rewards"], batch["group_index"], scale_by_std=self.scale_by_std
+        )
+        return {}
+
+    def loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        logprob: torch.Tensor,
+        *,
+        denominator: float,
+        entropy: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Clipped surrogate (PPO Eq. 1 with GRPO's advantages) + kl_coef * KL(pi || pi_ref) (GRPO Eq. 5).
+
+        Args:
+            batch: rows of one micro-batch: "advantages" (B,), "loss_mask" (B, T), optionally
+                "old_logprob" (B, T) (only when epochs > 1) and "ref_logprob" (B, T) (when kl_coef > 0).
+            logprob: (B, T) log-probs of the taken tokens under the current policy, with grad.
+            denominator: the normaliser of the whole mini-batch (tokens or sequences, see
+                common.losses.aggregation_denominator), so micro-batch losses add up to the mini-batch loss.
+            entropy, values: (B, T) token entropies and critic values; unused by GRPO (PPO's loss takes them).
+        """
+        mask = batch["loss_mask"]
+        # mu = 1: the behaviour policy is the current one; ratio = 1, but its gradient is not 0
+        old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
+        loss, stats = policy_loss(
+            logprob,
+            old_logprob,
+            batch["advantages"],
+            mask,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            agg=self.loss_agg,
+            dual_clip=self.dual_clip,
+            denominator=denominator,
+        )
+        # stats are means over this micro-batch's tokens; the trainer averages them weighted by tokens
+        metrics = {f"policy/{k}": v for k, v in stats.items()}
+        if self.kl_coef > 0:
+            kl = kl_penalty(logprob, batch["ref_logprob"], self.kl_kind)  # (B, T)
+            loss = loss + self.kl_coef * aggregate_loss(kl, mask, self.loss_agg, denominator=denominator)
+            metrics["kl/value"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
+        return loss, metrics

@@ -1,0 +1,213 @@
+"""Config -> objects. The one place that reads `cfg`; everything below it takes keyword arguments.
+
+Every check here fails at start-up with a ConfigError that names the key, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from common.trainer import Critic, TrainSettings
+from dapo import DAPO, filter_groups
+from grpo import GRPO
+from ppo import PPO, build_critic
+
+ALGORITHMS = {"ppo": PPO, "grpo": GRPO, "dapo": DAPO}
+GROUP_ALGORITHMS = {"grpo", "dapo"}
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_KINDS = ("k1", "k2", "k3")
+KL_CONTROLLERS = ("fixed", "adaptive")
+DYNAMIC_SAMPLING_MODES = ("disabled", "filter")
+
+
+class ConfigError(ValueError):
+    """A bad or contradictory setting; the message names the key and the allowed values."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject settings that would fail (or silently mislead) later, naming the key."""
+    algo = cfg.algorithm
+    _require(
+        algo.name in ALGORITHMS,
+        "algorithm",
+        f"unknown algorithm {algo.name!r}; options: {', '.join(ALGORITHMS)}",
+    )
+    G = cfg.rollout.group_size
+    if algo.name in GROUP_ALGORITHMS:
+        _require(
+            G >= 2,
+            "rollout.group_size",
+            f"{algo.name} compares responses within a group and needs group_size >= 2 (got {G})",
+        )
+    _require(
+        cfg.rollout.max_new_tokens >= 1,
+        "rollout.max_new_tokens",
+        f"must be >= 1 (got {cfg.rollout.max_new_tokens})",
+    )
+    _require(
+        cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
+    )
+    _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
+    t = cfg.trainer
+    _require(t.max_steps >= 0, "trainer.max_steps", f"must be >= 0 (got {t.max_steps})")
+    _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1 (got {t.batch_size})")
+    mini = t.mini_batch_size or t.batch_size
+    _require(
+        1 <= mini <= t.batch_size and t.batch_size % mini == 0,
+        "trainer.mini_batch_size",
+        f"must divide trainer.batch_size={t.batch_size} (got {mini})",
+    )
+    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", f"must be >= 1 (got {t.micro_batch_size})")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
+    _require(
+        cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {cfg.optim.warmup_steps})"
+    )
+    _require(
+        cfg.optim.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0 (got {cfg.optim.max_grad_norm})"
+    )
+    for key in ("clip_low", "clip_high"):
+        value = algo[key]
+        _require(0 < value < 1, f"algorithm.{key}", f"must be in (0, 1) (got {value})")
+    _require(
+        algo.dual_clip is None or algo.dual_clip > 1,
+        "algorithm.dual_clip",
+        f"must be > 1 or null (got {algo.dual_clip})",
+    )
+    _require(
+        algo.loss_agg in LOSS_AGG_MODES,
+        "algorithm.loss_agg",
+        f"{algo.loss_agg!r}; options: {', '.join(LOSS_AGG_MODES)}",
+    )
+    _require(
+        algo.kl_kind in KL_KINDS, "algorithm.kl_kind", f"{algo.kl_kind!r}; options: {', '.join(KL_KINDS)}"
+    )
+    _require(algo.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0 (got {algo.kl_coef})")
+    if algo.name in GROUP_ALGORITHMS:
+        _require(
+            algo.num_iterations >= 1, "algorithm.num_iterations", f"must be >= 1 (got {algo.num_iterations})"
+        )
+    else:
+        validate_ppo(algo)
+    ds = cfg.dynamic_sampling
+    _require(
+        ds.mode in DYNAMIC_SAMPLING_MODES,
+        "dynamic_sampling.mode",
+        f"{ds.mode!r}; options: {', '.join(DYNAMIC_SAMPLING_MODES)}",
+    )
+    if ds.mode == "filter":
+        _require(
+            algo.name in GROUP_ALGORITHMS,
+            "dynamic_sampling",
+            f"filter needs a group algorithm, not {algo.name}",
+        )
+        _require(ds.max_num_gen_batches >= 1, "dynamic_sampling.max_num_gen_batches", "must be >= 1")
+    if algo.name == "dapo" and algo.overlong_shaping and algo.overlong_buffer_len is not None:
+        _require(
+            0 < algo.overlong_buffer_len <= algo.max_len,
+            "algorithm.overlong_buffer_len",
+            f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
+        )
+
+
+def validate_ppo(algo: DictConfig) -> None:
+    _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1 (got {algo.ppo_epochs})")
+    _require(algo.kl_ctl in KL_CONTROLLERS, "algorithm.kl_ctl", f"{algo.kl_ctl!r}; options: fixed, adaptive")
+    for key in ("gamma", "lam"):
+        _require(0 <= algo[key] <= 1, f"algorithm.{key}", f"must be in [0, 1] (got {algo[key]})")
+    _require(
+        algo.cliprange_value is None or algo.cliprange_value > 0,
+        "algorithm.cliprange_value",
+        f"must be > 0 or null (got {algo.cliprange_value})",
+    )
+    _require(algo.vf_coef >= 0, "algorithm.vf_coef", f"must be >= 0 (got {algo.vf_coef})")
+    _require(algo.critic_lr > 0, "algorithm.critic_lr", f"must be > 0 (got {algo.critic_lr})")
+    if algo.kl_ctl == "adaptive":
+        _require(algo.kl_target > 0, "algorithm.kl_target", f"must be > 0 (got {algo.kl_target})")
+        _require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be > 0 (got {algo.kl_horizon})")
+
+
+def build_algorithm(cfg: DictConfig) -> Any:
+    """The algorithm dataclass from cfg.algorithm; a missing or unknown key fails here, named."""
+    fields = OmegaConf.to_container(cfg, resolve=True)
+    cls = ALGORITHMS[fields["name"]]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    missing = sorted(names - set(fields))
+    _require(not unknown, "algorithm", f"unknown key(s) for {fields['name']}: {', '.join(unknown)}")
+    _require(not missing, "algorithm", f"missing key(s) for {fields['name']}: {', '.join(missing)}")
+    return cls(**fields)
+
+
+def build_group_filter(cfg: DictConfig) -> Any:
+    """DAPO's group filter (Eq. 11) when dynamic_sampling.mode is filter, else None."""
+    return filter_groups if cfg.dynamic_sampling.mode == "filter" else None
+
+
+def build_settings(cfg: DictConfig) -> TrainSettings:
+    t = cfg.trainer
+    filtering = cfg.dynamic_sampling.mode == "filter"
+    return TrainSettings(
+        max_steps=t.max_steps,
+        batch_size=t.batch_size,
+        mini_batch_size=t.mini_batch_size or t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        format_weight=cfg.reward.format_weight,
+        eval_every=t.eval_every,
+        eval_num_prompts=t.eval_num_prompts,
+        log_samples_every=t.log_samples_every,
+        num_samples_logged=t.num_samples_logged,
+        save_every=t.save_every,
+        fail_on_reward_error=t.fail_on_reward_error,
+        max_num_gen_batches=cfg.dynamic_sampling.max_num_gen_batches if filtering else 1,
+        seed=cfg.seed,
+    )
+
+
+def build_optimizer(
+    model: torch.nn.Module, cfg: DictConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with linear warm-up over optim.warmup_steps optimizer steps, then a constant rate."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        weight_decay=o.weight_decay,
+    )
+    warmup = o.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+    )
+    return optimizer, scheduler
+
+
+def build_critic_for(algo: object, model: torch.nn.Module, cfg: DictConfig) -> Critic | None:
+    """PPO's value model (a copy of the policy's backbone unless critic_name_or_path is set) and its AdamW."""
+    if not algo.needs_critic:
+        return None
+    try:
+        value_model = build_critic(model, algo.critic_name_or_path)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.critic_name_or_path: {err}") from err
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.betas))
+    return Critic(
+        value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=algo.critic_warmup_steps
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device: {name!r} requested but CUDA is not available")
+    return torch.device(name)

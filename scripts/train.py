@@ -1,0 +1,153 @@
+"""Train a policy with PPO, GRPO or DAPO.
+
+    python -m scripts.train                                  # GRPO on addition with SmolLM2-135M-Instruct
+    python -m scripts.train algorithm=dapo group_size=g16 seed=3
+    python -m scripts.train -m algorithm=grpo,dapo seed=0,1,2
+    python -m scripts.train debug=smoke                      # seconds, tiny model, no W&B
+
+The only module that reads the Hydra config: it validates it, builds the objects and calls
+common.trainer.train with keyword arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from common.logging import RunLogger
+from common.models import ModelLoadError, load_policy, make_reference
+from common.rollout import HFRollout
+from common.tasks import TaskError, build_task
+from common.trainer import train
+from scripts.build import (
+    ConfigError,
+    build_algorithm,
+    build_critic_for,
+    build_group_filter,
+    build_optimizer,
+    build_settings,
+    resolve_device,
+    validate,
+)
+
+log = logging.getLogger("rl_lab")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Validate cfg, build every object, train; returns the last step's metrics."""
+    validate(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    algo = build_algorithm(cfg.algorithm)
+    settings = build_settings(cfg)
+    task_kwargs = OmegaConf.to_container(cfg.task, resolve=True)
+    task = build_task(task_kwargs.pop("name"), **task_kwargs)
+    log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
+
+    model, tokenizer = load_policy(
+        cfg.model.source,
+        name_or_path=cfg.model.name_or_path,
+        cache_dir=cfg.paths.cache_dir,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+    )
+    model.to(device)
+    reference = make_reference(model) if algo.needs_reference else None
+    critic = build_critic_for(algo, model, cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "policy %s: %.1fM parameters on %s; reference model: %s",
+        cfg.model.name,
+        n_params / 1e6,
+        device,
+        "yes" if reference is not None else "no (kl_coef = 0)",
+    )
+    engine = HFRollout(
+        model,
+        tokenizer,
+        group_size=cfg.rollout.group_size,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        system_prompt=cfg.rollout.system_prompt,
+        max_prompt_len=cfg.rollout.max_prompt_len,
+    )
+    optimizer, scheduler = build_optimizer(model, cfg)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
+    logger = RunLogger(
+        run_dir,
+        backend=cfg.logger.backend,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=cfg.experiment_name,
+        name=name,
+        job_type=cfg.algorithm.name,
+        tags=[
+            cfg.algorithm.name,
+            cfg.task.name,
+            cfg.model.name,
+            f"G{cfg.rollout.group_size}",
+            f"seed{cfg.seed}",
+        ],
+        config=config,
+    )
+    log.info("run %s in %s\n%s", name, run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    exit_code = 1
+    try:
+        metrics = train(
+            model=model,
+            tokenizer=tokenizer,
+            reference=reference,
+            engine=engine,
+            algo=algo,
+            task=task,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            logger=logger,
+            settings=settings,
+            run_dir=run_dir,
+            device=device,
+            group_filter=build_group_filter(cfg),
+            critic=critic,
+        )
+        exit_code = 0
+    finally:
+        logger.finish(exit_code)
+    return metrics
+
+
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, ModelLoadError, TaskError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoint is in the run directory's checkpoints/", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

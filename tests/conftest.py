@@ -1,0 +1,30 @@
+"""Shared fixtures: Hydra composition, the tiny model, and a tmp cache for the tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# GSM8K files beside the checkout (never copied into it)
+SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    """Compose configs/train.yaml with overrides, as `python -m scripts.train` would."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=False)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The user's cache when it already holds the converted files (fast), else a fresh tmp cache."""
+    user_cache = Path(os.environ.get("RL_LAB_CACHE", Path.home() / ".cache" / "rl-lab"))
+    if (user_cache / "smollm2-135m-instruct-tokenizer").is_dir():
+        return str(user_cache)
+    return str(tmp_path_factory.mktemp("rl-lab-cache"))

@@ -1,0 +1,123 @@
+"""Every option of every config group composes, and the presets mean what they say."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from scripts.build import ConfigError, build_algorithm, build_settings, validate
+from tests.conftest import CONFIGS, compose_train
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_default_is_grpo_on_addition_with_smollm2():
+    cfg = compose_train()
+    assert (cfg.algorithm.name, cfg.task.name, cfg.model.source) == ("grpo", "addition", "smollm2-gguf")
+    assert cfg.rollout.group_size == 8 and cfg.algorithm.group_size == 8
+    assert cfg.dynamic_sampling.mode == "disabled"
+    assert cfg.algorithm.kl_coef == 0.04 and cfg.algorithm.kl_kind == "k3"
+    assert cfg.algorithm.loss_agg == "seq-mean-token-mean"
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "group",
+    ["algorithm", "model", "task", "group_size", "dynamic_sampling", "logger", "experiment", "debug"],
+)
+def test_every_option_composes(group):
+    names = options(group)
+    if group != "experiment":
+        assert names, f"configs/{group}/ is empty"
+    for name in names:
+        overrides = [f"{group}={name}"]
+        if name == "hub":
+            overrides.append("model.name_or_path=some/model")
+        if name == "jsonl":
+            overrides.append("task.path=data.jsonl")
+        cfg = compose_train(*overrides)
+        # every value resolves (no missing interpolation)
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("g", [1, 2, 4, 8, 16, 32])
+def test_group_size_group_sets_rollout_and_algorithm(g):
+    cfg = compose_train(f"group_size=g{g}")
+    assert cfg.rollout.group_size == g and cfg.algorithm.group_size == g
+
+
+def test_plain_key_override_of_group_size():
+    cfg = compose_train("rollout.group_size=12")
+    assert cfg.algorithm.group_size == 12
+
+
+def test_dapo_preset():
+    cfg = compose_train("algorithm=dapo")
+    a = cfg.algorithm
+    assert (a.name, a.clip_low, a.clip_high, a.loss_agg, a.kl_coef) == ("dapo", 0.2, 0.28, "token-mean", 0.0)
+    assert a.overlong_shaping and a.max_len == cfg.rollout.max_new_tokens
+    assert cfg.dynamic_sampling.mode == "filter"
+    algo = build_algorithm(a)
+    assert not algo.needs_reference
+
+
+def test_dapo_switches_are_independent():
+    cfg = compose_train("algorithm=dapo", "dynamic_sampling=disabled", "algorithm.clip_high=0.2")
+    assert cfg.dynamic_sampling.mode == "disabled" and cfg.algorithm.clip_high == 0.2
+    cfg = compose_train("algorithm=grpo", "dynamic_sampling=filter")
+    assert cfg.algorithm.name == "grpo" and cfg.dynamic_sampling.mode == "filter"
+    validate(cfg)
+
+
+def test_smoke_preset_is_tiny_and_short_and_group_size_still_overridable():
+    cfg = compose_train("debug=smoke")
+    assert cfg.model.source == "tiny" and cfg.logger.backend == "none" and cfg.trainer.max_steps == 2
+    assert compose_train("debug=smoke", "group_size=g16").rollout.group_size == 16
+
+
+def test_typo_in_key_is_rejected_by_hydra():
+    with pytest.raises(Exception, match="clip_hihg"):
+        compose_train("algorithm.clip_hihg=0.3")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("rollout.group_size=1", "rollout.group_size"),
+        ("algorithm.clip_low=1.5", "algorithm.clip_low"),
+        ("algorithm.clip_high=0", "algorithm.clip_high"),
+        ("optim.lr=-1e-5", "optim.lr"),
+        ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("trainer.mini_batch_size=3", "trainer.mini_batch_size"),
+        ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
+        ("algorithm.kl_kind=k4", "algorithm.kl_kind"),
+        ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
+        ("algorithm.name=reinforce", "algorithm"),
+        ("dynamic_sampling.mode=sometimes", "dynamic_sampling.mode"),
+    ],
+)
+def test_bad_settings_fail_naming_the_key(override, key):
+    cfg = compose_train(override)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(key)
+    assert "\n" not in str(err.value)
+
+
+def test_algorithm_fields_come_from_yaml_only():
+    cfg = compose_train("algorithm=dapo")
+    algo = build_algorithm(cfg.algorithm)
+    assert algo.clip_high == 0.28 and algo.overlong_buffer_len == cfg.algorithm.overlong_buffer_len
+    settings = build_settings(cfg)
+    assert settings.mini_batch_size == cfg.trainer.batch_size
+    assert settings.max_num_gen_batches == cfg.dynamic_sampling.max_num_gen_batches
+
+
+def test_unknown_algorithm_key_is_named():
+    cfg = compose_train()
+    container = OmegaConf.to_container(cfg.algorithm, resolve=True)
+    container["clip_hihg"] = 0.3
+    with pytest.raises(ConfigError, match="clip_hihg"):
+        build_algorithm(OmegaConf.create(container))

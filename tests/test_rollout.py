@@ -1,0 +1,258 @@
+"""common.rollout: one batched generate per sample(), masks through the first EOS, log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.models import load_policy
+from common.rollout import HFRollout, RolloutBatch, response_mask_from_ids, sequence_logprobs
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    return load_policy("tiny", cache_dir=cache_dir, tiny=TINY, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # sampling is random; a fixed seed keeps the random model from drawing EOS
+
+
+@pytest.fixture
+def rollout(tiny):
+    model, tokenizer = tiny
+    return HFRollout(model, tokenizer, group_size=4, max_new_tokens=6)
+
+
+class GenerateSpy:
+    """Wraps model.generate: counts calls, records the batch size, and can cut responses short by
+    writing EOS at a given response column per row (the random tiny model never says EOS itself)."""
+
+    def __init__(self, model, eos_at=None):
+        self.generate = model.generate
+        self.eos_at = eos_at
+        self.calls = []
+
+    def __call__(self, input_ids, **kwargs):
+        self.calls.append(input_ids.shape[0])
+        out = self.generate(input_ids=input_ids, **kwargs)
+        if self.eos_at is not None:
+            out = out.clone()
+            P = input_ids.shape[1]
+            for row, col in enumerate(self.eos_at):
+                if col is not None and P + col < out.shape[1]:
+                    out[row, P + col] = EOS
+                    out[row, P + col + 1 :] = kwargs["pad_token_id"]
+        return out
+
+
+def test_seed_contract_two_prompts_group_of_four(rollout, monkeypatch):
+    spy = GenerateSpy(rollout.model, eos_at=[1, None, 3, 0, None, 2, None, 4])
+    monkeypatch.setattr(rollout.model, "generate", spy)
+    responses, log_probs, prompts_expanded = rollout.generate_responses(["q1", "q2"])
+    assert len(responses) == 8
+    assert prompts_expanded[:4] == ["q1"] * 4 and prompts_expanded[4:] == ["q2"] * 4
+    batch = rollout.last_batch
+    assert log_probs.shape == (8, batch.response_mask.shape[1]) and log_probs.dtype == torch.float32
+    assert (log_probs <= 0).all()
+    assert (log_probs[batch.response_mask == 0] == 0).all()
+    assert (log_probs[batch.response_mask == 1] < 0).all()  # a random model is never certain
+    assert spy.calls == [8]
+
+
+def test_one_generate_call_with_all_rows_grouped_by_prompt(rollout, monkeypatch):
+    spy = GenerateSpy(rollout.model)
+    monkeypatch.setattr(rollout.model, "generate", spy)
+    batch = rollout.sample(["q1", "a longer second question", "q3"], group_size=3)
+    assert spy.calls == [9]
+    assert batch.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    prompts = batch.input_ids[:, : batch.prompt_len]
+    for g in range(3):
+        assert (prompts[3 * g : 3 * g + 3] == prompts[3 * g]).all()
+    assert not torch.equal(prompts[0], prompts[3])
+    # left padding: the shorter prompt starts later, every prompt ends at column P - 1
+    assert batch.attention_mask[0, 0] == 0 and batch.attention_mask[3, 0] == 1
+    assert (batch.attention_mask[:, batch.prompt_len - 1] == 1).all()
+
+
+def test_response_mask_from_ids_hand_example():
+    ids = torch.tensor([[7, 8, EOS, EOS], [7, 7, 7, 7], [EOS, 9, EOS, 9]])
+    mask, lengths, truncated = response_mask_from_ids(ids, EOS)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert lengths.tolist() == [3, 4, 1] and truncated.tolist() == [False, True, False]
+
+
+def test_sample_masks_lengths_and_truncation(rollout, monkeypatch):
+    eos_at = [0, 2, None, 5]  # max_new_tokens = 6: EOS at the last column is not truncated
+    monkeypatch.setattr(rollout.model, "generate", GenerateSpy(rollout.model, eos_at=eos_at))
+    batch = rollout.sample(["q1"])
+    assert batch.response_mask.shape == (4, 6)
+    assert batch.response_mask.tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1],
+    ]
+    assert batch.lengths.tolist() == [1, 3, 6, 6]
+    assert torch.equal(batch.lengths, batch.response_mask.sum(1).long())
+    assert batch.truncated.tolist() == [False, False, True, False]
+    assert torch.equal(batch.attention_mask[:, batch.prompt_len :], batch.response_mask.long())
+    assert batch.response_ids[0].tolist() == [EOS] * 6  # EOS, then pad (= EOS for SmolLM2)
+    assert batch.responses[0] == ""  # special tokens skipped
+    expected = rollout.tokenizer.decode(batch.response_ids[2].tolist(), skip_special_tokens=True)
+    assert batch.responses[2] == expected
+
+
+def test_short_max_new_tokens_truncates_everything(rollout):
+    batch = rollout.sample(["q1", "q2"], max_new_tokens=2)
+    assert batch.response_mask.shape == (8, 2)
+    assert batch.truncated.all() and (batch.lengths == 2).all()
+
+
+def test_greedy_gives_identical_rows_within_a_group(rollout):
+    batch = rollout.sample(["q1", "q2"], group_size=3, do_sample=False)
+    ids = batch.response_ids
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+
+
+def test_model_mode_is_restored(rollout):
+    rollout.model.train()
+    rollout.generate_responses(["q1"])
+    assert rollout.model.training
+    rollout.model.eval()
+    try:
+        rollout.sample(["q1"])
+        assert not rollout.model.training
+    finally:
+        rollout.model.train()
+
+
+def test_sampled_ids_can_be_used_for_the_loss_with_grad(rollout):
+    batch = rollout.sample(["q1", "q2"])
+    logprob, entropy = sequence_logprobs(
+        rollout.model, batch.input_ids, batch.attention_mask, batch.prompt_len, return_entropy=True
+    )
+    (logprob * batch.response_mask).sum().backward()
+    grads = [p.grad for p in rollout.model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert entropy.shape == logprob.shape and (entropy > 0).all()
+    rollout.model.zero_grad(set_to_none=True)
+
+
+def test_sequence_logprobs_equals_full_log_softmax(rollout):
+    batch = rollout.sample(["q1", "a longer second question"], group_size=2)
+    model, P, temperature = rollout.model, batch.prompt_len, 0.7
+    with torch.no_grad():
+        logprob, entropy = sequence_logprobs(
+            model, batch.input_ids, batch.attention_mask, P, temperature=temperature, return_entropy=True
+        )
+        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        )
+        log_p = torch.log_softmax(logits.logits / temperature, dim=-1)  # (N, P+T, V)
+        expected = log_p[:, P - 1 : -1].gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+        expected_entropy = -(log_p.exp() * log_p).sum(-1)[:, P - 1 : -1]
+    torch.testing.assert_close(logprob, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-4, rtol=0)
+
+
+def test_left_padding_does_not_change_a_row(rollout):
+    batched = rollout.sample(["q1", "a much longer question with many more tokens"], group_size=1)
+    alone = batched.select([0])
+    # strip the left padding the longer prompt forced on row 0
+    pad = batched.prompt_len - int(batched.attention_mask[0, : batched.prompt_len].sum())
+    assert pad > 0
+    ids, mask = alone.input_ids[:, pad:], alone.attention_mask[:, pad:]
+    with torch.no_grad():
+        lp_batched, _ = sequence_logprobs(
+            rollout.model, batched.input_ids, batched.attention_mask, batched.prompt_len
+        )
+        lp_alone, _ = sequence_logprobs(rollout.model, ids, mask, batched.prompt_len - pad)
+    torch.testing.assert_close(lp_batched[0], lp_alone[0], atol=1e-4, rtol=0)
+
+
+def test_too_long_prompts_fail_with_index_and_lengths(tiny):
+    model, tokenizer = tiny
+    short = HFRollout(model, tokenizer, group_size=2, max_new_tokens=4, max_prompt_len=40)
+    with pytest.raises(ValueError, match=r"prompt 1 is \d+ tokens long, over the limit of 40"):
+        short.sample(["hi", "word " * 50])
+    # context 256 - max_new_tokens 200 leaves 56 prompt tokens
+    long_answers = HFRollout(model, tokenizer, group_size=2, max_new_tokens=200)
+    with pytest.raises(ValueError, match=r"prompt 0 .* limit of 56"):
+        long_answers.sample(["word " * 60])
+
+
+def test_format_prompts_uses_the_chat_template_and_system_prompt(tiny):
+    model, tokenizer = tiny
+    rollout = HFRollout(model, tokenizer, group_size=1, max_new_tokens=4, system_prompt="Answer briefly.")
+    (text,) = rollout.format_prompts(["2+2?"])
+    assert text == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def _toy_batch(prompt_len, width, groups, tag):
+    """A hand-made batch: row i has prompt token 10+i and response tokens 100+i, no padding."""
+    N = len(groups)
+    rows = torch.arange(N)
+    input_ids = torch.cat(
+        [(10 + rows)[:, None].expand(N, prompt_len), (100 + rows)[:, None].expand(N, width)], 1
+    )
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=torch.ones(N, prompt_len + width, dtype=torch.long),
+        response_mask=torch.ones(N, width),
+        prompt_len=prompt_len,
+        prompts_expanded=[f"{tag}-q{g}" for g in groups],
+        responses=[f"{tag}-r{i}" for i in range(N)],
+        lengths=torch.full((N,), width),
+        truncated=torch.zeros(N, dtype=torch.bool),
+        group_index=torch.tensor(groups),
+        pad_token_id=EOS,
+    )
+
+
+def test_concat_repads_and_keeps_rows_aligned():
+    a = _toy_batch(prompt_len=2, width=3, groups=[0, 0, 1, 1], tag="a")
+    b = _toy_batch(prompt_len=4, width=1, groups=[0, 0], tag="b")
+    c = RolloutBatch.concat([a, b])
+    assert c.prompt_len == 4 and c.input_ids.shape == (6, 7) and c.response_mask.shape == (6, 3)
+    # a's prompts get 2 more columns of left padding, b's responses 2 more of right padding
+    assert c.input_ids[0].tolist() == [EOS, EOS, 10, 10, 100, 100, 100]
+    assert c.attention_mask[0].tolist() == [0, 0, 1, 1, 1, 1, 1]
+    assert c.input_ids[4].tolist() == [10, 10, 10, 10, 100, EOS, EOS]
+    assert c.attention_mask[4].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert c.response_mask[4].tolist() == [1, 0, 0]
+    assert torch.equal(c.response_ids[:4], a.response_ids)
+    assert c.responses == a.responses + b.responses
+    assert c.prompts_expanded == a.prompts_expanded + b.prompts_expanded
+    assert c.group_index.tolist() == [0, 0, 1, 1, 2, 2]  # b's group 0 is a new group
+    assert c.lengths.tolist() == [3, 3, 3, 3, 1, 1]
+
+
+def test_select_then_concat_keeps_groups_distinct():
+    a = _toy_batch(prompt_len=2, width=2, groups=[0, 0, 1, 1], tag="a")
+    kept = a.select(torch.tensor([False, False, True, True]))
+    assert kept.responses == ["a-r2", "a-r3"] and kept.group_index.tolist() == [1, 1]
+    assert kept.input_ids[:, 0].tolist() == [12, 13]
+    b = _toy_batch(prompt_len=2, width=2, groups=[0, 0, 1, 1], tag="b").select([2, 3, 0])
+    assert b.responses == ["b-r2", "b-r3", "b-r0"] and b.prompts_expanded == ["b-q1", "b-q1", "b-q0"]
+    c = RolloutBatch.concat([kept, b])
+    assert c.group_index.tolist() == [1, 1, 3, 3, 2]
+    assert len(set(c.group_index[:2].tolist()) & set(c.group_index[2:].tolist())) == 0
+    assert c.input_ids[:, 0].tolist() == [12, 13, 12, 13, 10]
+    assert c.responses == ["a-r2", "a-r3", "b-r2", "b-r3", "b-r0"]
