@@ -60,6 +60,7 @@ TINY_DEFAULTS = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
+    "initializer_range": 0.02,
 }
 
 

@@ -601,7 +601,8 @@ def train(
                 batch = build_batch(samples, algo, device)
                 # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL)
                 micro = settings.micro_batch_size
-                if algo.needs_old_logprob:
+                # several mini-batches make all but the first off-policy: their ratio needs pi_old
+                if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
                     batch["old_logprob"] = batched_forward(
                         logprob_fn(model, engine.temperature), batch, micro
                     )

@@ -1,0 +1,129 @@
+"""The Hydra entry point as a user runs it: `python -m scripts.train ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def train_cli(*args: str, cache_dir: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RL_LAB_CACHE": cache_dir, "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)  # never reach a W&B server from the tests
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "ppo"])
+def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
+    # char_share: the tiny model earns reward, so DAPO's filter keeps groups and every algorithm updates
+    result = train_cli(
+        "debug=smoke", f"algorithm={algorithm}", "task=char_share", f"hydra.run.dir={tmp_path}", cache_dir=cache_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["policy/skipped_updates"] == 0 for r in rows[1:])
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "train.log").is_file()
+    if algorithm == "ppo":
+        assert {"critic/value_loss", "critic/explained_variance", "kl/coef"} <= rows[-1].keys()
+    if algorithm == "dapo":
+        assert {"sampling/gen_batches", "sampling/groups_kept", "reward/overlong"} <= rows[-1].keys()
+
+
+def test_issue_command_line_writes_metrics(tmp_path, cache_dir):
+    result = train_cli(
+        "model=tiny", "logger=none", "trainer.max_steps=2", "trainer.batch_size=2", "rollout.group_size=4",
+        "rollout.max_new_tokens=8", "trainer.eval_num_prompts=4", f"hydra.run.dir={tmp_path}",
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_multirun_launches_one_job_per_value(tmp_path, cache_dir):
+    result = train_cli(
+        "-m", "debug=smoke", "rollout.group_size=2,4", "trainer.max_steps=1", f"hydra.sweep.dir={tmp_path}",
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in tmp_path.rglob("metrics.jsonl"))
+    assert len(runs) == 2
+    sizes = sorted(metrics(run)[-1]["rollout/group_size"] for run in runs)
+    assert sizes == [2.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("rollout.group_size=1", "rollout.group_size"),
+        ("optim.lr=-1", "optim.lr"),
+        ("model=hub", "model path"),
+    ],
+)
+def test_bad_input_gives_one_line(tmp_path, cache_dir, override, expected):
+    extra = ["model.name_or_path=/nonexistent/model"] if override == "model=hub" else []
+    result = train_cli("debug=smoke", override, *extra, f"hydra.run.dir={tmp_path}", cache_dir=cache_dir)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def wandb_records(run_file: Path):
+    """Records of an offline W&B run file (LevelDB-style log blocks of protobuf Records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, buf, block = run_file.read_bytes(), 7, b"", 32768
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        buf = data if kind in (1, 2) else buf + data
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            yield record
+
+
+def test_wandb_offline_run_has_group_tags_config_metrics_and_table(tmp_path, cache_dir):
+    result = train_cli(
+        "debug=smoke", "logger=wandb", "logger.mode=offline", f"hydra.run.dir={tmp_path}", cache_dir=cache_dir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = list(wandb_records(run_file))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.run_group == "smoke" and run.display_name == "grpo-addition-s0"
+    assert {"grpo", "addition", "tiny-llama", "G4", "seed0"} <= set(run.tags)
+    assert {"algorithm", "rollout", "trainer", "model", "task"} <= {item.key for item in run.config.update}
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    keys = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
+    assert len(history) == 3 and {"reward/total", "eval/accuracy", "policy/loss"} <= keys
+    tables = list(run_file.parent.glob("files/media/table/samples/completions_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:3] == ["step", "prompt", "response"] and len(table["data"]) == 2
