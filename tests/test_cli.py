@@ -35,7 +35,11 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
     # char_share: the tiny model earns reward, so DAPO's filter keeps groups and every algorithm updates
     result = train_cli(
-        "debug=smoke", f"algorithm={algorithm}", "task=char_share", f"hydra.run.dir={tmp_path}", cache_dir=cache_dir
+        "debug=smoke",
+        f"algorithm={algorithm}",
+        "task=char_share",
+        f"hydra.run.dir={tmp_path}",
+        cache_dir=cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = metrics(tmp_path)
@@ -51,8 +55,14 @@ def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
 
 def test_issue_command_line_writes_metrics(tmp_path, cache_dir):
     result = train_cli(
-        "model=tiny", "logger=none", "trainer.max_steps=2", "trainer.batch_size=2", "rollout.group_size=4",
-        "rollout.max_new_tokens=8", "trainer.eval_num_prompts=4", f"hydra.run.dir={tmp_path}",
+        "model=tiny",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.batch_size=2",
+        "rollout.group_size=4",
+        "rollout.max_new_tokens=8",
+        "trainer.eval_num_prompts=4",
+        f"hydra.run.dir={tmp_path}",
         cache_dir=cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,7 +71,11 @@ def test_issue_command_line_writes_metrics(tmp_path, cache_dir):
 
 def test_multirun_launches_one_job_per_value(tmp_path, cache_dir):
     result = train_cli(
-        "-m", "debug=smoke", "rollout.group_size=2,4", "trainer.max_steps=1", f"hydra.sweep.dir={tmp_path}",
+        "-m",
+        "debug=smoke",
+        "rollout.group_size=2,4",
+        "trainer.max_steps=1",
+        f"hydra.sweep.dir={tmp_path}",
         cache_dir=cache_dir,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -110,7 +110,9 @@ def tiny_setup(cache_dir):
 def test_gradient_is_the_same_with_one_and_four_micro_batches(tiny_setup, loss_agg):
     """DAPO Eq. 12 across micro-batches: the normaliser is the whole update batch's."""
     cfg, model, engine, task = tiny_setup
-    cfg = compose_train(*TINY_CHAR_SHARE, "group_size=g4", f"algorithm.loss_agg={loss_agg}", "algorithm.kl_coef=0")
+    cfg = compose_train(
+        *TINY_CHAR_SHARE, "group_size=g4", f"algorithm.loss_agg={loss_agg}", "algorithm.kl_coef=0"
+    )
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
     torch.manual_seed(0)
@@ -163,7 +165,10 @@ def test_dynamic_sampling_fills_the_batch(tiny_setup):
 def test_dynamic_sampling_at_the_bound_trains_on_what_was_kept(tiny_setup, caplog):
     cfg, _, engine, task = tiny_setup
     cfg = compose_train(
-        *TINY_CHAR_SHARE, "group_size=g4", "algorithm=dapo", "trainer.batch_size=2",
+        *TINY_CHAR_SHARE,
+        "group_size=g4",
+        "algorithm=dapo",
+        "trainer.batch_size=2",
         "dynamic_sampling.max_num_gen_batches=2",
     )
     algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
