@@ -83,12 +83,13 @@ class RolloutBatch:
         )
 
     @staticmethod
-    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+    def concat(batches: list[RolloutBatch], offset_groups: bool = True) -> RolloutBatch:
         """Stack batches row-wise, re-padding to a common prompt width P and response width T.
 
         Prompts get more left padding, responses more right padding, so responses still start
-        at the common column P. Group ids of each batch are shifted past those of the batches
-        before it, so groups from different rollouts stay distinct even if their ids overlapped.
+        at the common column P. With `offset_groups` (the default) the group ids of each batch are
+        shifted past those of the batches before it, so groups from different rollouts stay
+        distinct; without it the ids are kept, so extra responses can join existing groups.
         """
         assert batches, "concat needs at least one batch"
         P = max(b.prompt_len for b in batches)
@@ -103,7 +104,7 @@ class RolloutBatch:
             attention_mask.append(torch.nn.functional.pad(b.attention_mask, (dp, dt), value=0))
             response_mask.append(torch.nn.functional.pad(b.response_mask, (0, dt), value=0.0))
             group_index.append(b.group_index + offset)
-            if len(b):
+            if offset_groups and len(b):
                 offset += int(b.group_index.max()) + 1
         return RolloutBatch(
             input_ids=torch.cat(input_ids),

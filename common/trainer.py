@@ -42,7 +42,10 @@ from common.tasks import Example, Task
 
 log = logging.getLogger("rl_lab")
 
+# (rewards (N,), G) -> keep (n_groups,) bool: DAPO's filter_groups
 GroupFilter = Callable[[torch.Tensor, int], torch.Tensor]
+# (rewards (N,), group_index (N,)) -> ids of groups whose rewards are all equal: dapo.groups_to_resample
+FlatGroups = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class TrainSettings:
     save_every: int
     fail_on_reward_error: bool
     max_num_gen_batches: int = 1
+    max_samples: int = 0
     seed: int = 0
 
 
@@ -132,9 +136,9 @@ class Samples:
         )
 
     @staticmethod
-    def concat(parts: list[Samples]) -> Samples:
+    def concat(parts: list[Samples], offset_groups: bool = True) -> Samples:
         return Samples(
-            rollout=RolloutBatch.concat([p.rollout for p in parts]),
+            rollout=RolloutBatch.concat([p.rollout for p in parts], offset_groups=offset_groups),
             examples=[e for p in parts for e in p.examples],
             terms={k: torch.cat([p.terms[k] for p in parts]) for k in parts[0].terms},
             extracted=[x for p in parts for x in p.extracted],
@@ -144,11 +148,17 @@ class Samples:
 
 
 def generate_and_score(
-    engine: HFRollout, task: Task, examples: list[Example], algo: Any, settings: TrainSettings
+    engine: HFRollout,
+    task: Task,
+    examples: list[Example],
+    algo: Any,
+    settings: TrainSettings,
+    group_size: int | None = None,
 ) -> Samples:
     """Sample G responses per example in one batched call and score each against its own prompt."""
-    rollout = engine.sample([e.prompt for e in examples])
-    expanded = [e for e in examples for _ in range(engine.group_size)]  # prompts_expanded order
+    G = group_size or engine.group_size
+    rollout = engine.sample([e.prompt for e in examples], group_size=G)
+    expanded = [e for e in examples for _ in range(G)]  # prompts_expanded order
     result = score_responses(
         task,
         rollout.responses,
@@ -170,8 +180,10 @@ def collect(
     algo: Any,
     settings: TrainSettings,
     group_filter: GroupFilter | None,
+    flat_groups: FlatGroups | None = None,
 ) -> tuple[Samples | None, dict[str, float]]:
-    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept.
+    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept;
+    with `flat_groups`, grow all-equal groups instead (see `resample_flat_groups`).
 
     Dynamic sampling (DAPO Algorithm 1, lines 3-8): groups whose *task correctness* is all equal
     carry no signal (zero advantage) and are dropped. The filter reads the correctness term, not
@@ -182,9 +194,13 @@ def collect(
     G = engine.group_size
     if group_filter is None:
         samples = generate_and_score(engine, task, stream.take(settings.batch_size), algo, settings)
-        n = samples.rollout.input_ids.shape[0]
-        tokens = int(samples.rollout.lengths.sum())
-        return samples, {"sampling/gen_batches": 1, "sampling/samples": n, "sampling/tokens": tokens}
+        stats: dict[str, float] = {"sampling/gen_batches": 1}
+        if flat_groups is not None:
+            samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
+            stats.update(resample_stats)
+        stats["sampling/samples"] = len(samples.rollout)
+        stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
+        return samples, stats
     kept: list[Samples] = []
     n_kept = n_seen = n_generated = n_tokens = 0
     gen_batch = 0
@@ -219,6 +235,47 @@ def collect(
             "training on the kept groups" if n_kept else "no group has mixed rewards, skipping this update",
         )
     return (Samples.concat(kept) if kept else None), stats
+
+
+def resample_flat_groups(
+    engine: HFRollout,
+    task: Task,
+    samples: Samples,
+    algo: Any,
+    settings: TrainSettings,
+    flat_groups: FlatGroups,
+) -> tuple[Samples, dict[str, float]]:
+    """Grow every group whose correctness rewards are all equal (std < 1e-6) by one response at a
+    time, batched across such groups, until its rewards differ or it holds settings.max_samples.
+
+    The design notes' dynamic sampling, an alternative to DAPO's filter: no prompt is dropped,
+    but groups end up with unequal sizes. The new rows carry their group's id, so the advantages
+    (common.advantage.compute_group_relative_advantages) see ragged groups. Like the filter, it
+    reads the correctness term, not the shaped total.
+
+    Example (G = 2, max_samples = 4): correctness [1, 1 | 0, 1] -> group 0 is flat, one more
+    response for q1; if it scores 0 the groups are [1, 1, 0 | 0, 1] and sampling stops.
+    """
+    extra = rounds = 0
+    while True:
+        group_index = samples.rollout.group_index  # (N,)
+        flat = flat_groups(samples.terms["correct"], group_index)  # group ids
+        flat = flat[torch.bincount(group_index)[flat] < settings.max_samples]
+        if flat.numel() == 0:
+            break
+        first_row = {g: i for i, g in reversed(list(enumerate(group_index.tolist())))}
+        examples = [samples.examples[first_row[g]] for g in flat.tolist()]
+        new = generate_and_score(engine, task, examples, algo, settings, group_size=1)
+        new.rollout.group_index = flat.clone()  # the new responses join their groups
+        samples = Samples.concat([samples, new], offset_groups=False)
+        extra += len(examples)
+        rounds += 1
+    still_flat = flat_groups(samples.terms["correct"], samples.rollout.group_index).numel()
+    return samples, {
+        "sampling/extra_samples": extra,
+        "sampling/resample_rounds": rounds,
+        "sampling/flat_groups_left": still_flat,
+    }
 
 
 @torch.no_grad()
@@ -539,6 +596,7 @@ def train(
     run_dir: Path,
     device: torch.device,
     group_filter: GroupFilter | None = None,
+    flat_groups: FlatGroups | None = None,
     critic: Critic | None = None,
 ) -> dict[str, float]:
     """Run settings.max_steps steps; returns the last step's metrics (with the last evaluation)."""
@@ -586,7 +644,7 @@ def train(
             for step in range(1, settings.max_steps + 1):
                 t0 = time.perf_counter()
                 # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
-                samples, metrics = collect(engine, task, stream, algo, settings, group_filter)
+                samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups)
                 t_rollout = time.perf_counter()
                 # the compute axis counts every generated sample and token, kept or dropped
                 samples_total += metrics["sampling/samples"]

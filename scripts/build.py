@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.trainer import Critic, TrainSettings
-from dapo import DAPO, filter_groups
+from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
 from ppo import PPO, build_critic
 
@@ -21,7 +21,7 @@ GROUP_ALGORITHMS = {"grpo", "dapo"}
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
-DYNAMIC_SAMPLING_MODES = ("disabled", "filter")
+DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
 
 
 class ConfigError(ValueError):
@@ -103,13 +103,20 @@ def validate(cfg: DictConfig) -> None:
         "dynamic_sampling.mode",
         f"{ds.mode!r}; options: {', '.join(DYNAMIC_SAMPLING_MODES)}",
     )
-    if ds.mode == "filter":
+    if ds.mode != "disabled":
         _require(
             algo.name in GROUP_ALGORITHMS,
             "dynamic_sampling",
-            f"filter needs a group algorithm, not {algo.name}",
+            f"{ds.mode} needs a group algorithm, not {algo.name}",
         )
+    if ds.mode == "filter":
         _require(ds.max_num_gen_batches >= 1, "dynamic_sampling.max_num_gen_batches", "must be >= 1")
+    if ds.mode == "resample":
+        _require(
+            ds.max_samples > G,
+            "dynamic_sampling.max_samples",
+            f"must exceed rollout.group_size={G} (got {ds.max_samples})",
+        )
     if algo.name == "dapo" and algo.overlong_shaping and algo.overlong_buffer_len is not None:
         _require(
             0 < algo.overlong_buffer_len <= algo.max_len,
@@ -152,9 +159,14 @@ def build_group_filter(cfg: DictConfig) -> Any:
     return filter_groups if cfg.dynamic_sampling.mode == "filter" else None
 
 
+def build_flat_groups(cfg: DictConfig) -> Any:
+    """The all-equal-group finder of the resample mode, else None."""
+    return groups_to_resample if cfg.dynamic_sampling.mode == "resample" else None
+
+
 def build_settings(cfg: DictConfig) -> TrainSettings:
     t = cfg.trainer
-    filtering = cfg.dynamic_sampling.mode == "filter"
+    ds = cfg.dynamic_sampling
     return TrainSettings(
         max_steps=t.max_steps,
         batch_size=t.batch_size,
@@ -168,7 +180,8 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         num_samples_logged=t.num_samples_logged,
         save_every=t.save_every,
         fail_on_reward_error=t.fail_on_reward_error,
-        max_num_gen_batches=cfg.dynamic_sampling.max_num_gen_batches if filtering else 1,
+        max_num_gen_batches=ds.max_num_gen_batches if ds.mode == "filter" else 1,
+        max_samples=ds.max_samples if ds.mode == "resample" else 0,
         seed=cfg.seed,
     )
 

@@ -31,6 +31,7 @@ from scripts.build import (
     ConfigError,
     build_algorithm,
     build_critic_for,
+    build_flat_groups,
     build_group_filter,
     build_optimizer,
     build_settings,
@@ -129,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             run_dir=run_dir,
             device=device,
             group_filter=build_group_filter(cfg),
+            flat_groups=build_flat_groups(cfg),
             critic=critic,
         )
         exit_code = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.tasks import build_task
+from common.tasks import Example, Task, build_task
 from common.trainer import PromptStream, accumulate_gradients, build_batch, collect, generate_and_score
 from scripts.build import build_algorithm, build_settings
 from scripts.train import run
@@ -175,3 +175,96 @@ def test_dynamic_sampling_at_the_bound_trains_on_what_was_kept(tiny_setup, caplo
     samples, stats = collect(engine, task, PromptStream(task.train, 0), algo, settings, _always(False))
     assert samples is None and stats["sampling/gen_batches"] == 2 and stats["sampling/groups_kept"] == 0
     assert "skipping this update" in caplog.text
+
+
+class ScriptedTask(Task):
+    """Rewards come from a script in call order, so sampling paths can be driven exactly."""
+
+    name = "scripted"
+
+    def __init__(self, rewards: list[float], default: float = 1.0) -> None:
+        self._set_splits([Example(f"q{i}", "x") for i in range(4)], [Example("t", "x")])
+        self.rewards, self.default = list(rewards), default
+
+    def correctness(self, response: str, example: Example) -> float:
+        return self.rewards.pop(0) if self.rewards else self.default
+
+
+def test_resample_grows_flat_groups_until_they_differ(tiny_setup):
+    from dapo import groups_to_resample
+
+    _, _, engine, _ = tiny_setup
+    cfg = compose_train(
+        *TINY_CHAR_SHARE,
+        "group_size=g2",
+        "trainer.batch_size=2",
+        "algorithm.kl_coef=0",
+        "dynamic_sampling=resample",
+        "dynamic_sampling.max_samples=4",
+    )
+    algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+    engine.group_size = 2
+    # q_a: [1, 1] is flat -> one more response scores 0 -> [1, 1, 0]; q_b: [0, 1] differs already
+    task = ScriptedTask([1, 1, 0, 1, 0])
+    try:
+        samples, stats = collect(
+            engine, task, PromptStream(task.train, 0), algo, settings, None, groups_to_resample
+        )
+    finally:
+        engine.group_size = 4
+    assert stats["sampling/extra_samples"] == 1 and stats["sampling/resample_rounds"] == 1
+    assert stats["sampling/flat_groups_left"] == 0 and stats["sampling/samples"] == 5
+    assert samples.rollout.group_index.tolist() == [0, 0, 1, 1, 0]
+    assert samples.examples[4] == samples.examples[0]  # the extra response answers its group's prompt
+    batch = build_batch(samples, algo, torch.device("cpu"))
+    algo.compute_advantages(batch)
+    # group 0 = [1, 1, 0]: mean 2/3, unbiased std sqrt(1/3) = 0.5774 -> (0.5774, 0.5774, -1.1547)
+    # group 1 = [0, 1]: mean 0.5, std 0.7071 -> (-0.7071, 0.7071)
+    expected = torch.tensor([0.5774, 0.5774, -0.7071, 0.7071, -1.1547])
+    torch.testing.assert_close(batch["advantages"], expected, atol=1e-4, rtol=0)
+
+
+def test_resample_stops_at_max_samples(tiny_setup):
+    from dapo import groups_to_resample
+
+    _, _, engine, _ = tiny_setup
+    cfg = compose_train(
+        *TINY_CHAR_SHARE,
+        "group_size=g4",
+        "trainer.batch_size=2",
+        "algorithm.kl_coef=0",
+        "dynamic_sampling=resample",
+        "dynamic_sampling.max_samples=6",
+    )
+    algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+    task = ScriptedTask([], default=1.0)  # every response correct: no group ever differs
+    samples, stats = collect(
+        engine, task, PromptStream(task.train, 0), algo, settings, None, groups_to_resample
+    )
+    assert samples.rollout.group_index.bincount().tolist() == [6, 6]
+    assert stats["sampling/extra_samples"] == 4 and stats["sampling/flat_groups_left"] == 2
+    batch = build_batch(samples, algo, torch.device("cpu"))
+    algo.compute_advantages(batch)
+    assert torch.equal(batch["advantages"], torch.zeros(12))  # flat groups: zero advantage, no NaN
+
+
+def test_dynamic_sampling_at_the_bound_keeps_partial_batch(tiny_setup, caplog):
+    cfg, _, engine, task = tiny_setup
+    cfg = compose_train(
+        *TINY_CHAR_SHARE,
+        "group_size=g4",
+        "algorithm=dapo",
+        "trainer.batch_size=3",
+        "dynamic_sampling.max_num_gen_batches=2",
+    )
+    algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+
+    def first_group_only(rewards, group_size):
+        keep = torch.zeros(rewards.numel() // group_size, dtype=torch.bool)
+        keep[0] = True
+        return keep
+
+    samples, stats = collect(engine, task, PromptStream(task.train, 0), algo, settings, first_group_only)
+    assert stats["sampling/groups_kept"] == 2 and stats["sampling/gen_batches"] == 2
+    assert len(samples.rollout) == 8
+    assert "2 of 3 groups kept" in caplog.text
