@@ -51,6 +51,15 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 class RunLogger:
     """One `log(step, metrics)` per step, `log_samples(step, rows)` for completions, `finish()` at the end."""
 
@@ -68,9 +77,13 @@ class RunLogger:
         job_type: str | None = None,
         config: dict | None = None,
         run_id: str | None = None,
+        resume_step: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                drop_rows_after(self.run_dir / name, resume_step)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.wandb_run = None

@@ -87,7 +87,7 @@ def packaged_gguf() -> tuple[Path, str]:
     return directory, GGUF_FILE
 
 
-def _write_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Run `write(tmp_dir)` and rename tmp_dir to `target`, replacing any previous `target`.
 
     The rename is atomic on one file system, so readers see either the old folder or the complete
@@ -131,7 +131,7 @@ def smollm2_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if not (folder / "tokenizer_config.json").is_file():
         gguf_dir, gguf_file = packaged_gguf()
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        _write_atomically(folder, tokenizer.save_pretrained)
+        write_atomically(folder, tokenizer.save_pretrained)
     return folder
 
 
@@ -158,7 +158,7 @@ def smollm2_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder with the converted SmolLM2-135M-Instruct; converts the GGUF once (about 15 s)."""
     folder = Path(cache_dir or default_cache_dir()) / SMOLLM2_DIR
     if not (folder / "config.json").is_file():
-        _write_atomically(folder, convert_smollm2_gguf)
+        write_atomically(folder, convert_smollm2_gguf)
     return folder
 
 
@@ -285,5 +285,5 @@ def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: st
         tokenizer.save_pretrained(folder)
 
     path = Path(path)
-    _write_atomically(path, write)
+    write_atomically(path, write)
     return path

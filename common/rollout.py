@@ -257,6 +257,11 @@ class HFRollout:
             for p in prompts
         ]
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError naming the first prompt that would not fit (checked once at start-up)."""
+        enc = self.tokenizer(self.format_prompts(prompts), add_special_tokens=False)
+        self._check_prompt_lengths([len(ids) for ids in enc["input_ids"]], self.max_new_tokens)
+
     def _check_prompt_lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
         context = getattr(self.model.config, "max_position_embeddings", None)
         limits = []

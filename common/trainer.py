@@ -17,14 +17,14 @@ Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.checkpoint import prune_checkpoints, save_checkpoint
 from common.logging import RunLogger
 from common.losses import aggregation_denominator
-from common.models import save_hf
 from common.reward_fn import score_responses
 from common.rollout import HFRollout, RolloutBatch, sequence_logprobs
 from common.tasks import Example, Task
@@ -66,6 +66,8 @@ class TrainSettings:
     fail_on_reward_error: bool
     max_num_gen_batches: int = 1
     max_samples: int = 0
+    keep_last_checkpoints: int = 2
+    max_bad_steps: int = 3
     seed: int = 0
 
 
@@ -526,31 +528,81 @@ def build_batch(samples: Samples, algo: Any, device: torch.device) -> dict[str, 
     return batch
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+class RunInterruptedError(Exception):
+    """Ctrl-C or SIGTERM: the current step was finished and checkpointed at `path`."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
 
 
-def save_checkpoint(
-    path: Path,
+class RunAbortedError(RuntimeError):
+    """The run cannot go on (e.g. non-finite losses step after step); the last good state is saved."""
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the current step, checkpoint, stop. A second one stops at once.
+
+    A step is never cut in half, so the checkpoint is exactly the state after a completed step and
+    a resumed run continues as if nothing had happened.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step (again to stop now)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+@dataclass
+class LoopState:
+    """Counters that a resumed run continues from."""
+
+    step: int = 0
+    samples_total: int = 0
+    tokens_total: int = 0
+    wall_s: float = 0.0
+    bad_steps: int = 0
+
+
+def training_state(
+    loop: LoopState,
     *,
-    model: torch.nn.Module,
-    tokenizer: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    step: int,
     stream: PromptStream,
     algo: Any,
     critic: Critic | None,
+    generator: torch.Generator,
     run_id: str | None,
-) -> None:
-    """HF folder of the policy plus trainer_state.pt: optimizer, scheduler, step, RNG states, data
-    position, the algorithm's mutable state (PPO's KL controller), the critic and the W&B run id."""
-    save_hf(model, tokenizer, path)
+) -> dict[str, Any]:
+    """Everything but the policy weights that an exact resume needs."""
     state = {
-        "step": step,
+        "step": loop.step,
+        "loop": vars(loop).copy(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "update": generator.get_state(),
+        },
         "data": stream.state_dict(),
         "algorithm": algo.state_dict(),
         "wandb_run_id": run_id,
@@ -558,27 +610,118 @@ def save_checkpoint(
     if critic is not None:
         state["critic"] = critic.model.state_dict()
         state["critic_optimizer"] = critic.optimizer.state_dict()
-    tmp = path / "trainer_state.pt.tmp"
-    torch.save(state, tmp)
-    tmp.replace(path / "trainer_state.pt")
+    return state
 
 
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (cluster pre-emption, `kill`) is handled like Ctrl-C: checkpoint, then exit cleanly."""
+def restore_training_state(
+    state: dict[str, Any],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    stream: PromptStream,
+    algo: Any,
+    critic: Critic | None,
+    generator: torch.Generator,
+) -> LoopState:
+    """The inverse of `training_state` (the policy weights are loaded by common.checkpoint)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stream.load_state_dict(state["data"])
+    algo.load_state_dict(state["algorithm"])
+    if critic is not None:
+        critic.model.load_state_dict(state["critic"])
+        critic.optimizer.load_state_dict(state["critic_optimizer"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["update"])
+    return LoopState(**state["loop"])
 
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def train_step(
+    *,
+    step: int,
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    engine: HFRollout,
+    algo: Any,
+    task: Task,
+    stream: PromptStream,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    settings: TrainSettings,
+    device: torch.device,
+    generator: torch.Generator,
+    group_filter: GroupFilter | None,
+    flat_groups: FlatGroups | None,
+    critic: Critic | None,
+) -> tuple[Samples | None, dict[str, float]]:
+    """One step: rollout -> reward -> log-probs -> advantages -> update. Returns the step's batch
+    (None when dynamic sampling kept nothing and the update was skipped) and its metrics."""
+    t0 = time.perf_counter()
+    # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
+    samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups)
+    t_rollout = time.perf_counter()
+    metrics["perf/rollout_s"] = t_rollout - t0
+    if samples is None:
+        return None, metrics
+    batch = build_batch(samples, algo, device)
+    # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
+    micro = settings.micro_batch_size
+    # several mini-batches make all but the first off-policy: their ratio needs pi_old
+    if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+        batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
+    if reference is not None:
+        batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
+    if critic is not None:
+        batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro)
+    t_logprob = time.perf_counter()
+    # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
+    metrics.update(algo.compute_advantages(batch))
+    # 4. policy (and critic) update; during critic warm-up only the critic steps
+    update_actor = critic is None or step > critic.warmup_steps
+    metrics.update(
+        update_policy(
+            model,
+            optimizer,
+            scheduler,
+            algo,
+            batch,
+            settings,
+            engine.temperature,
+            generator,
+            critic=critic,
+            update_actor=update_actor,
+        )
+    )
+    t_update = time.perf_counter()
+    metrics.update(rollout_metrics(samples, algo.group_size))
+    metrics.update(
+        {
+            "perf/logprob_s": t_logprob - t_rollout,
+            "perf/update_s": t_update - t_logprob,
+            "perf/step_s": t_update - t0,
+            "perf/rollout_tokens_per_s": int(samples.rollout.lengths.sum()) / max(t_rollout - t0, 1e-9),
+        }
+    )
+    return samples, metrics
+
+
+def step_summary(step: int, max_steps: int, metrics: dict[str, float]) -> str:
+    """The one-line console summary of a step."""
+    if "reward/total" not in metrics:
+        return f"Step {step}/{max_steps} | no group kept by dynamic sampling: update skipped"
+    line = (
+        f"Step {step}/{max_steps} | reward {metrics['reward/total']:.3f} "
+        f"| correct {metrics['reward/correct']:.3f} | len {metrics['rollout/response_length']:.1f} "
+        f"| {metrics['perf/step_s']:.1f}s"
+    )
+    if "eval/accuracy" in metrics:
+        line += f" | eval accuracy {metrics['eval/accuracy']:.3f}"
+    return line
 
 
 def train(
@@ -598,140 +741,131 @@ def train(
     group_filter: GroupFilter | None = None,
     flat_groups: FlatGroups | None = None,
     critic: Critic | None = None,
+    resume_state: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    """Run settings.max_steps steps; returns the last step's metrics (with the last evaluation)."""
+    """Run up to settings.max_steps steps; returns the last step's metrics (with the last evaluation).
+
+    `resume_state` is a checkpoint's trainer state (its weights already loaded into `model`): the
+    run continues after the checkpoint's step with the same RNG streams, data order and optimizer.
+    Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and is
+    checkpointed) and RunAbortedError after settings.max_bad_steps steps in a row without a finite
+    update (the last good state is checkpointed).
+    """
     stream = PromptStream(task.train, settings.seed)
     eval_examples = task.test[: settings.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
-    samples_total = tokens_total = 0
-    last: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    def checkpoint(name: str, at_step: int) -> Path:
-        path = run_dir / "checkpoints" / name
-        save_checkpoint(
-            path,
-            model=model,
-            tokenizer=tokenizer,
+    loop = LoopState()
+    if resume_state is not None:
+        loop = restore_training_state(
+            resume_state,
             optimizer=optimizer,
             scheduler=scheduler,
-            step=at_step,
             stream=stream,
             algo=algo,
             critic=critic,
+            generator=generator,
+        )
+        log.info("resumed after step %d", loop.step)
+    last: dict[str, float] = {}
+    t_start = time.perf_counter() - loop.wall_s
+
+    def checkpoint(name: str) -> Path:
+        loop.wall_s = time.perf_counter() - t_start
+        state = training_state(
+            loop,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            stream=stream,
+            algo=algo,
+            critic=critic,
+            generator=generator,
             run_id=logger.wandb_run_id,
         )
+        path = save_checkpoint(run_dir / "checkpoints" / name, model=model, tokenizer=tokenizer, state=state)
+        prune_checkpoints(run_dir, settings.keep_last_checkpoints)
         return path
 
     def maybe_eval(step: int) -> dict[str, float]:
-        if settings.eval_every <= 0 or not eval_examples:
-            return {}
-        if step % settings.eval_every and step != settings.max_steps:
+        due = (
+            step % settings.eval_every == 0 or step == settings.max_steps
+            if settings.eval_every > 0
+            else False
+        )
+        if not (due and eval_examples):
             return {}
         t = time.perf_counter()
         metrics = evaluate(engine, task, eval_examples, settings.format_weight)
         metrics["perf/eval_s"] = time.perf_counter() - t
         return metrics
 
-    step = 0
-    progress = tqdm(total=settings.max_steps, desc=f"{algo.name}", unit="step", dynamic_ncols=True)
-    try:
-        with sigterm_as_interrupt():
-            initial = maybe_eval(0)
-            if initial:
-                logger.log(0, initial)
-                tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
-            for step in range(1, settings.max_steps + 1):
-                t0 = time.perf_counter()
-                # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
-                samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups)
-                t_rollout = time.perf_counter()
-                # the compute axis counts every generated sample and token, kept or dropped
-                samples_total += metrics["sampling/samples"]
-                tokens_total += metrics["sampling/tokens"]
-                if samples is None:  # dynamic sampling kept nothing: no update this step
-                    metrics.update(
-                        {"sampling/samples_total": samples_total, "sampling/tokens_total": tokens_total}
-                    )
-                    logger.log(step, metrics)
-                    progress.update(1)
-                    continue
-                batch = build_batch(samples, algo, device)
-                # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL)
-                micro = settings.micro_batch_size
-                # several mini-batches make all but the first off-policy: their ratio needs pi_old
-                if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-                    batch["old_logprob"] = batched_forward(
-                        logprob_fn(model, engine.temperature), batch, micro
-                    )
-                if reference is not None:
-                    batch["ref_logprob"] = batched_forward(
-                        logprob_fn(reference, engine.temperature), batch, micro
-                    )
-                if critic is not None:
-                    batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro)
-                t_logprob = time.perf_counter()
-                # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
-                metrics.update(algo.compute_advantages(batch))
-                # 4. policy (and critic) update; during critic warm-up only the critic steps
-                update_actor = critic is None or step > critic.warmup_steps
-                metrics.update(
-                    update_policy(
-                        model,
-                        optimizer,
-                        scheduler,
-                        algo,
-                        batch,
-                        settings,
-                        engine.temperature,
-                        generator,
-                        critic=critic,
-                        update_actor=update_actor,
-                    )
+    progress = tqdm(
+        total=settings.max_steps, initial=loop.step, desc=algo.name, unit="step", dynamic_ncols=True
+    )
+    with StopRequest() as stop, progress:
+        if loop.step == 0 and (initial := maybe_eval(0)):
+            logger.log(0, initial)
+            tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
+        while loop.step < settings.max_steps:
+            step = loop.step + 1
+            samples, metrics = train_step(
+                step=step,
+                model=model,
+                reference=reference,
+                engine=engine,
+                algo=algo,
+                task=task,
+                stream=stream,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                settings=settings,
+                device=device,
+                generator=generator,
+                group_filter=group_filter,
+                flat_groups=flat_groups,
+                critic=critic,
+            )
+            # the compute axis counts every generated sample and token, kept or dropped
+            loop.step = step
+            loop.samples_total += metrics["sampling/samples"]
+            loop.tokens_total += metrics["sampling/tokens"]
+            metrics["sampling/samples_total"] = loop.samples_total
+            metrics["sampling/tokens_total"] = loop.tokens_total
+            metrics["perf/wall_s"] = time.perf_counter() - t_start
+            if samples is not None and samples.errors:
+                log.warning(
+                    "step %d: %d reward errors, e.g. %s", step, samples.errors, samples.error_messages[0]
                 )
-                t_update = time.perf_counter()
-                # 5. log, evaluate, checkpoint
-                metrics.update(rollout_metrics(samples, algo.group_size))
-                metrics.update(
-                    {
-                        "sampling/samples_total": samples_total,
-                        "sampling/tokens_total": tokens_total,
-                        "perf/rollout_s": t_rollout - t0,
-                        "perf/logprob_s": t_logprob - t_rollout,
-                        "perf/update_s": t_update - t_logprob,
-                        "perf/step_s": t_update - t0,
-                        "perf/rollout_tokens_per_s": int(samples.rollout.lengths.sum())
-                        / max(t_rollout - t0, 1e-9),
-                        "perf/wall_s": time.perf_counter() - t_start,
-                    }
+            metrics.update(maybe_eval(step))
+            logger.log(step, metrics)
+            if (
+                samples is not None
+                and settings.log_samples_every > 0
+                and step % settings.log_samples_every == 0
+            ):
+                logger.log_samples(step, sample_rows(samples, settings.num_samples_logged))
+            progress.update(1)
+            tqdm.write(step_summary(step, settings.max_steps, metrics))
+            last = metrics
+            # 5. faults: a step whose every update was non-finite changed nothing; K in a row end the run
+            failed = (
+                samples is not None
+                and metrics["policy/skipped_updates"] > 0
+                and math.isnan(metrics["policy/loss"])
+            )
+            loop.bad_steps = loop.bad_steps + 1 if failed else 0
+            if loop.bad_steps >= settings.max_bad_steps:
+                path = checkpoint(f"step_{step}")
+                raise RunAbortedError(
+                    f"non-finite loss or gradient in {loop.bad_steps} steps in a row "
+                    f"(trainer.max_bad_steps); the last good state is saved in {path}"
                 )
-                if samples.errors:
-                    log.warning(
-                        "step %d: %d reward errors, e.g. %s", step, samples.errors, samples.error_messages[0]
-                    )
-                metrics.update(maybe_eval(step))
-                logger.log(step, metrics)
-                if settings.log_samples_every > 0 and step % settings.log_samples_every == 0:
-                    logger.log_samples(step, sample_rows(samples, settings.num_samples_logged))
-                if settings.save_every > 0 and step % settings.save_every == 0 and step != settings.max_steps:
-                    checkpoint(f"step_{step}", step)
-                last = metrics
-                progress.update(1)
-                summary = (
-                    f"Step {step}/{settings.max_steps} | reward {metrics['reward/total']:.3f} "
-                    f"| correct {metrics['reward/correct']:.3f} "
-                    f"| len {metrics['rollout/response_length']:.1f} "
-                    f"| {metrics['perf/step_s']:.1f}s"
-                )
-                if "eval/accuracy" in metrics:
-                    summary += f" | eval accuracy {metrics['eval/accuracy']:.3f}"
-                tqdm.write(summary)
-    except KeyboardInterrupt:
-        progress.close()
-        path = checkpoint(f"step_{step}", step)
-        log.warning("interrupted at step %d; checkpoint saved to %s", step, path)
-        raise
-    progress.close()
-    path = checkpoint("final", settings.max_steps)
+            if stop.requested and step < settings.max_steps:
+                raise RunInterruptedError(step, checkpoint(f"step_{step}"))
+            if settings.save_every > 0 and step % settings.save_every == 0 and step < settings.max_steps:
+                try:
+                    checkpoint(f"step_{step}")
+                except OSError as err:  # disk full, quota: the previous checkpoint is intact
+                    log.error("checkpoint at step %d failed (%s); training goes on", step, err)
+    path = checkpoint("final")
     log.info("final policy saved to %s", path)
     return last

@@ -66,7 +66,14 @@ def validate(cfg: DictConfig) -> None:
         "trainer.mini_batch_size",
         f"must divide trainer.batch_size={t.batch_size} (got {mini})",
     )
-    _require(t.micro_batch_size >= 1, "trainer.micro_batch_size", f"must be >= 1 (got {t.micro_batch_size})")
+    rows = mini * G
+    _require(
+        t.micro_batch_size >= 1 and (rows % t.micro_batch_size == 0 or t.micro_batch_size >= rows),
+        "trainer.micro_batch_size",
+        f"must divide the {rows} sequences of a mini-batch (trainer.mini_batch_size x rollout.group_size)"
+        f" (got {t.micro_batch_size})",
+    )
+    _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
     _require(
         cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {cfg.optim.warmup_steps})"
@@ -179,6 +186,8 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         log_samples_every=t.log_samples_every,
         num_samples_logged=t.num_samples_logged,
         save_every=t.save_every,
+        keep_last_checkpoints=t.keep_last_checkpoints,
+        max_bad_steps=t.max_bad_steps,
         fail_on_reward_error=t.fail_on_reward_error,
         max_num_gen_batches=ds.max_num_gen_batches if ds.mode == "filter" else 1,
         max_samples=ds.max_samples if ds.mode == "resample" else 0,

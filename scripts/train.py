@@ -22,11 +22,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from common.checkpoint import CheckpointError, find_latest, load_checkpoint
 from common.logging import RunLogger
 from common.models import ModelLoadError, load_policy, make_reference
 from common.rollout import HFRollout
 from common.tasks import TaskError, build_task
-from common.trainer import train
+from common.trainer import RunAbortedError, RunInterruptedError, train
 from scripts.build import (
     ConfigError,
     build_algorithm,
@@ -46,6 +47,27 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load_resume_state(resume: str | None, run_dir: Path, model: torch.nn.Module) -> dict | None:
+    """resume=auto: the latest checkpoint in run_dir (none: start fresh); resume=PATH: that one."""
+    if not resume:
+        return None
+    path = find_latest(run_dir) if resume == "auto" else Path(resume)
+    if path is None:
+        log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
+        return None
+    state = load_checkpoint(path, model)
+    log.info("resuming from %s (step %d)", path, state["step"])
+    return state
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run."""
+    overrides = [
+        o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "resume="))
+    ]
+    return " ".join(["python -m scripts.train", *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
@@ -91,7 +113,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         system_prompt=cfg.rollout.system_prompt,
         max_prompt_len=cfg.rollout.max_prompt_len,
     )
+    try:
+        engine.check_prompts([e.prompt for e in task.train + task.test])
+    except ValueError as err:
+        raise ConfigError(
+            f"task {cfg.task.name}: {err} (rollout.max_prompt_len, rollout.max_new_tokens)"
+        ) from err
     optimizer, scheduler = build_optimizer(model, cfg)
+    # after the reference copy: the KL anchor stays the initial policy when a run resumes
+    resume_state = load_resume_state(cfg.resume, run_dir, model)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
@@ -112,6 +142,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             f"seed{cfg.seed}",
         ],
         config=config,
+        run_id=resume_state["wandb_run_id"] if resume_state else None,
+        resume_step=resume_state["step"] if resume_state else None,
     )
     log.info("run %s in %s\n%s", name, run_dir, OmegaConf.to_yaml(cfg, resolve=True))
     exit_code = 1
@@ -132,6 +164,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             group_filter=build_group_filter(cfg),
             flat_groups=build_flat_groups(cfg),
             critic=critic,
+            resume_state=resume_state,
         )
         exit_code = 0
     finally:
@@ -141,13 +174,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, ModelLoadError, TaskError) as err:
+        run(cfg, run_dir)
+    except (ConfigError, ModelLoadError, TaskError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunAbortedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except RunInterruptedError as err:
+        print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is in the run directory's checkpoints/", file=sys.stderr)
+        print(f"stopped; the last checkpoint, if any, is in {run_dir / 'checkpoints'}", file=sys.stderr)
         sys.exit(130)
 
 

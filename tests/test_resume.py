@@ -1,0 +1,101 @@
+"""Exact resume: a run stopped after step 2 and resumed matches an uninterrupted run, for every
+algorithm; Ctrl-C finishes the step, checkpoints and says how to resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scripts.train import run
+from tests.conftest import ROOT, compose_train
+
+TINY = (
+    "model=tiny",
+    "task=char_share",
+    "logger=none",
+    "trainer.eval_every=0",
+    "trainer.batch_size=2",
+    "group_size=g4",
+    "rollout.max_new_tokens=8",
+    "optim.lr=1e-2",
+)
+ALGORITHMS = {
+    "grpo": ("algorithm=grpo",),
+    # dynamic sampling draws a data-dependent number of batches: the data position must be restored
+    "dapo": ("algorithm=dapo", "dynamic_sampling.max_num_gen_batches=3"),
+    # the critic, its optimizer and the KL controller are part of the state
+    "ppo": ("algorithm=ppo", "algorithm.kl_ctl=adaptive", "algorithm.kl_target=0.01"),
+}
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def comparable(row: dict) -> dict:
+    """Everything but wall-clock timings."""
+    return {k: v for k, v in row.items() if not k.startswith("perf/")}
+
+
+def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
+    ma, mb = read_metrics(a), read_metrics(b)
+    for step in steps:
+        ra, rb = comparable(ma[step]), comparable(mb[step])
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (step, key)
+    wa = load_file(a / "checkpoints" / "final" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "final" / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_resumed_run_matches_uninterrupted(tmp_path, cache_dir, algorithm):
+    common = (*TINY, *ALGORITHMS[algorithm], f"paths.cache_dir={cache_dir}")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(compose_train(*common, "trainer.max_steps=4"), straight)
+    run(compose_train(*common, "trainer.max_steps=2"), resumed)
+    run(compose_train(*common, "trainer.max_steps=4", "resume=auto"), resumed)
+    assert sorted(read_metrics(resumed)) == [1, 2, 3, 4]  # steps 3-4 written once
+    assert_same_run(straight, resumed, [1, 2, 3, 4])
+
+
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache_dir):
+    run_dir = tmp_path / "interrupted"
+    args = [*TINY, "trainer.save_every=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scripts.train", *args, "trainer.max_steps=200", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        env={**os.environ, "RL_LAB_CACHE": cache_dir},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "resume with: python -m scripts.train" in stderr and "resume=auto" in stderr
+    done = max(read_metrics(run_dir))
+    assert 1 <= done < 200
+    assert (run_dir / "checkpoints" / f"step_{done}" / "trainer_state.pt").is_file()
+    # resume for two more steps and compare with a run that was never stopped
+    common = (*args, f"paths.cache_dir={cache_dir}")
+    run(compose_train(*common, f"trainer.max_steps={done + 2}", "resume=auto"), run_dir)
+    straight = tmp_path / "straight"
+    run(compose_train(*common, f"trainer.max_steps={done + 2}"), straight)
+    assert_same_run(straight, run_dir, list(range(1, done + 3)))
