@@ -28,17 +28,30 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grpo_learns_on_tiny_model(tmp_path, cache_dir):
-    """char_share pays the share of vowels; the random tiny policy earns ~0.35 and GRPO raises it.
+LEARNING_RUNS = {
+    "grpo": ("algorithm=grpo", "trainer.max_steps=24", "trainer.batch_size=4", "group_size=g8"),
+    "dapo": ("algorithm=dapo", "trainer.max_steps=24", "trainer.batch_size=4", "group_size=g8"),
+    # one response per prompt and a critic that starts from scratch: more steps, a smaller margin
+    "ppo": (
+        "algorithm=ppo",
+        "trainer.max_steps=40",
+        "trainer.batch_size=32",
+        "algorithm.critic_lr=3e-2",
+        "algorithm.critic_warmup_steps=2",
+    ),
+}
 
-    Fixed seed; the mean reward of the last 5 steps must clearly beat the first 5 steps' (each is a
-    mean over 5 x 32 responses; a policy that does not learn stays within ~0.02).
+
+@pytest.mark.parametrize("algorithm, margin", [("grpo", 0.06), ("dapo", 0.06), ("ppo", 0.04)])
+def test_learns_on_tiny_model(tmp_path, cache_dir, algorithm, margin):
+    """char_share pays the share of vowels; the random tiny policy earns ~0.35 and training raises it.
+
+    Fixed seed; the mean task reward of the last 5 steps must clearly beat the first 5 steps'
+    (each a mean over 5 x 32 responses; a policy that does not learn stays within ~0.02).
     """
     cfg = compose_train(
         *TINY_CHAR_SHARE,
-        "trainer.max_steps=24",
-        "trainer.batch_size=4",
-        "group_size=g8",
+        *LEARNING_RUNS[algorithm],
         "trainer.eval_every=0",
         "optim.lr=3e-2",
         "optim.warmup_steps=0",
@@ -47,9 +60,9 @@ def test_grpo_learns_on_tiny_model(tmp_path, cache_dir):
     )
     run(cfg, tmp_path)
     rewards = [m["reward/correct"] for m in read_metrics(tmp_path) if "reward/correct" in m]
-    assert len(rewards) == 24
+    assert len(rewards) == cfg.trainer.max_steps
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.06, f"no learning: first 5 steps {first:.3f}, last 5 steps {last:.3f}"
+    assert last > first + margin, f"no learning: first 5 steps {first:.3f}, last 5 steps {last:.3f}"
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
