@@ -1,0 +1,366 @@
+"""scripts/compare.py on synthetic run directories: loading, aggregation, the table and the figure.
+
+The sweep built here (threshold 0.6, evaluations at steps 0, 5, 10 and the last step):
+
+    run      steps  finished  eval/accuracy at 0 / 5 / 10 (/ 12)  tokens/step  s/step  kl/value
+    ppo  s0  10     yes       0.2 / 0.4 / 0.5                      100          30      0.001 * step
+    ppo  s1  10     yes       0.4 / 0.6 / 0.7                      100          50      0.001 * step
+    grpo s0  10     yes       0.3 / 0.6 / 0.8                      200          40      0.002 * step
+    grpo s1  7      no        0.3 / 0.5        (step 8 truncated)   200          40      0.002 * step
+    dapo s0  12     yes       0.3 / 0.7 / 0.9 / 0.9                150          20      -
+    dapo s1  10     yes       0.3 / 0.5 / 0.8                      150          20      -
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from scripts import compare
+from scripts.compare import Run, aggregate, find_runs, load_run, plot, summary_table
+from tests.conftest import ROOT
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(
+    root: Path,
+    algorithm: str,
+    seed: int,
+    *,
+    steps: int,
+    accuracy: dict[int, float],
+    tokens_per_step: int,
+    step_s: float,
+    kl_per_step: float | None,
+    group_size: int = 8,
+    finished: bool = True,
+    truncated_step: int | None = None,
+    nan_reward_step: int | None = None,
+) -> Path:
+    """A run directory as scripts.train writes it; reward/total = 0.1 + 0.01 * seed + 0.05 * step."""
+    run_dir = root / "multirun" / "2026-01-01_00-00-00" / f"{algorithm}-addition-s{seed}-G{group_size}"
+    (run_dir / ".hydra").mkdir(parents=True)
+    config = {
+        "experiment_name": "compare_test",
+        "seed": seed,
+        # an interpolation, as in configs/algorithm/grpo.yaml: load_run must resolve it
+        "algorithm": {"name": algorithm, "group_size": "${rollout.group_size}"},
+        "rollout": {"group_size": group_size},
+        "task": {"name": "addition"},
+        "model": {"name": "tiny"},
+        "trainer": {"max_steps": steps, "eval_every": 5},
+    }
+    OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
+    rows = [{"step": 0, "eval/accuracy": accuracy[0], "eval/reward": accuracy[0], "perf/eval_s": 1.0}]
+    for step in range(1, steps + 1):
+        row = {
+            "step": step,
+            "reward/total": "nan" if step == nan_reward_step else 0.1 + 0.01 * seed + 0.05 * step,
+            "reward/correct": 0.1,
+            "policy/loss": "nan" if step == 1 else 0.01,
+            "sampling/samples_total": 16 * step,
+            "sampling/tokens_total": tokens_per_step * step,
+            "perf/step_s": step_s,
+            "perf/wall_s": step_s * step,
+        }
+        if kl_per_step is not None:
+            row["kl/value"] = kl_per_step * step
+        if step in accuracy:
+            row.update({"eval/accuracy": accuracy[step], "eval/reward": accuracy[step], "perf/eval_s": 1.0})
+        rows.append(row)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if truncated_step is not None:
+        text += json.dumps({"step": truncated_step, "reward/total": 0.5})[:25]  # killed mid-write
+    (run_dir / "metrics.jsonl").write_text(text)
+    if finished:
+        (run_dir / "checkpoints" / "final").mkdir(parents=True)
+    return run_dir
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """The six runs of the module docstring under tmp_path/sweep."""
+    root = tmp_path / "sweep"
+    common = {"steps": 10}
+    write_run(root, "ppo", 0, **common, accuracy={0: 0.2, 5: 0.4, 10: 0.5}, tokens_per_step=100,
+              step_s=30, kl_per_step=0.001, nan_reward_step=3)  # fmt: skip
+    write_run(root, "ppo", 1, **common, accuracy={0: 0.4, 5: 0.6, 10: 0.7}, tokens_per_step=100,
+              step_s=50, kl_per_step=0.001)  # fmt: skip
+    write_run(root, "grpo", 0, **common, accuracy={0: 0.3, 5: 0.6, 10: 0.8}, tokens_per_step=200,
+              step_s=40, kl_per_step=0.002)  # fmt: skip
+    write_run(root, "grpo", 1, steps=7, accuracy={0: 0.3, 5: 0.5}, tokens_per_step=200, step_s=40,
+              kl_per_step=0.002, finished=False, truncated_step=8)  # fmt: skip
+    write_run(root, "dapo", 0, steps=12, accuracy={0: 0.3, 5: 0.7, 10: 0.9, 12: 0.9}, tokens_per_step=150,
+              step_s=20, kl_per_step=None)  # fmt: skip
+    write_run(root, "dapo", 1, **common, accuracy={0: 0.3, 5: 0.5, 10: 0.8}, tokens_per_step=150,
+              step_s=20, kl_per_step=None)  # fmt: skip
+    return root
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first cell (the label)."""
+    rows = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+
+
+def by_algorithm(runs: list[Run], algorithm: str) -> list[Run]:
+    return sorted((run for run in runs if run.algorithm == algorithm), key=lambda run: run.seed)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_load_run_reads_config_rows_and_nonfinite_strings(sweep):
+    run = by_algorithm(find_runs([sweep]), "ppo")[0]
+    assert (run.algorithm, run.label, run.seed, run.finished, run.warnings) == ("ppo", "ppo", 0, True, [])
+    assert run.config["algorithm"]["group_size"] == 8  # the interpolation was resolved
+    assert [row["step"] for row in run.rows] == list(range(11))
+    assert np.isnan(run.rows[1]["policy/loss"]) and np.isnan(run.rows[3]["reward/total"])
+
+
+def test_truncated_last_line_is_skipped_with_a_warning(sweep):
+    crashed = next(p for p in sweep.rglob("grpo-addition-s1-*") if p.is_dir())
+    run = load_run(crashed)
+    assert not run.finished
+    assert run.rows[-1]["step"] == 7
+    assert len(run.warnings) == 1 and "last line" in run.warnings[0] and "truncated" in run.warnings[0]
+
+
+def test_find_runs_recurses_and_labels_by_algorithm(sweep, tmp_path):
+    runs = find_runs([sweep, sweep / "multirun"])  # overlapping paths: each run once
+    assert len(runs) == 6
+    assert sorted(run.label for run in runs) == ["dapo", "dapo", "grpo", "grpo", "ppo", "ppo"]
+    # a run directory itself is a valid PATH
+    assert len(find_runs([next(sweep.rglob("ppo-addition-s0-*"))])) == 1
+
+
+def test_group_sizes_that_differ_within_an_algorithm_split_the_label(tmp_path):
+    for group_size in (4, 16):
+        write_run(tmp_path, "grpo", 0, steps=2, accuracy={0: 0.1}, tokens_per_step=10, step_s=1,
+                  kl_per_step=None, group_size=group_size)  # fmt: skip
+    write_run(tmp_path, "dapo", 0, steps=2, accuracy={0: 0.1}, tokens_per_step=10, step_s=1, kl_per_step=None)
+    labels = sorted(run.label for run in find_runs([tmp_path]))
+    assert labels == ["dapo", "grpo-G16", "grpo-G4"]
+    assert list(compare.group_runs(find_runs([tmp_path]))) == ["grpo-G4", "grpo-G16", "dapo"]
+
+
+def test_missing_path_and_empty_folder_exit_with_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"compare: .*nope does not exist"):
+        find_runs([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"compare: no runs under .*empty"):
+        find_runs([tmp_path / "empty"])
+
+
+# --- aggregation -----------------------------------------------------------------------------------
+
+
+def make_run(rows: list[dict], seed: int = 0) -> Run:
+    return Run(
+        path=f"run{seed}", algorithm="grpo", label="grpo", seed=seed, config={}, rows=rows, finished=True
+    )
+
+
+def test_aggregate_by_step_uses_the_union_of_steps(sweep):
+    grpo = by_algorithm(find_runs([sweep]), "grpo")
+    x, mean, std, n = aggregate(grpo, "eval/accuracy", "step")
+    # step 0: (0.3, 0.3); step 5: (0.6, 0.5) -> 0.55, sample std 0.1 / sqrt(2) = 0.0707; step 10: s0 only
+    np.testing.assert_allclose(x, [0, 5, 10])
+    np.testing.assert_allclose(mean, [0.3, 0.55, 0.8])
+    np.testing.assert_allclose(std, [0.0, 0.1 / np.sqrt(2), 0.0], atol=1e-12)
+    np.testing.assert_array_equal(n, [2, 2, 1])
+    x, mean, _, n = aggregate(grpo, "reward/total", "step")
+    np.testing.assert_allclose(x, np.arange(1, 11))
+    np.testing.assert_array_equal(n, [2] * 7 + [1] * 3)  # the crashed seed stops at step 7
+    # step 1: (0.15, 0.16) -> 0.155
+    assert mean[0] == pytest.approx(0.155)
+
+
+def test_aggregate_skips_nonfinite_values(sweep):
+    ppo = by_algorithm(find_runs([sweep]), "ppo")
+    x, mean, _, n = aggregate(ppo, "reward/total", "step")
+    assert n[list(x).index(3)] == 1  # seed 0 logged "nan" at step 3
+    assert mean[list(x).index(3)] == pytest.approx(0.1 + 0.01 + 0.15)
+
+
+def test_aggregate_interpolates_within_each_run_only():
+    # seed 0 at tokens (0, 100, 200, 300): 0.1, 0.3, 0.5, 0.9; seed 1 at tokens (0, 200): 0.1, 0.7.
+    # Step 0 has no tokens_total: it counts as 0 tokens.
+    seed0 = make_run(
+        [{"step": 0, "eval/accuracy": 0.1}]
+        + [
+            {"step": s, "sampling/tokens_total": 100 * s, "eval/accuracy": a}
+            for s, a in [(1, 0.3), (2, 0.5), (3, 0.9)]
+        ]
+    )
+    seed1 = make_run(
+        [{"step": 0, "eval/accuracy": 0.1}, {"step": 1, "sampling/tokens_total": 200, "eval/accuracy": 0.7}],
+        1,
+    )
+    x, mean, std, n = aggregate([seed0, seed1], "eval/accuracy", "sampling/tokens_total")
+    # seed 1 at 100 tokens = 0.4 (interpolated); at 300 tokens it has no value (no extrapolation)
+    np.testing.assert_allclose(x, [0, 100, 200, 300])
+    np.testing.assert_allclose(mean, [0.1, 0.35, 0.6, 0.9])
+    np.testing.assert_allclose(std, [0.0, 0.05 * np.sqrt(2), 0.1 * np.sqrt(2), 0.0], atol=1e-12)
+    np.testing.assert_array_equal(n, [2, 2, 2, 1])
+
+
+def test_aggregate_of_a_missing_key_is_empty(sweep):
+    x, mean, std, n = aggregate(by_algorithm(find_runs([sweep]), "dapo"), "kl/value", "step")
+    assert len(x) == len(mean) == len(std) == len(n) == 0
+
+
+# --- table -----------------------------------------------------------------------------------------
+
+
+def test_summary_table_hand_computed(sweep):
+    markdown = summary_table(find_runs([sweep]), threshold=0.6)
+    rows = table_rows(markdown)
+    assert list(rows) == ["ppo", "grpo", "dapo"]
+    assert "sample std (ddof=1)" in markdown
+    # runs, final acc, best acc, start acc, steps to 0.6, tokens to 0.6, s/step, final KL, tokens
+    # ppo: final (0.5, 0.7) -> 0.600 ± 0.2 / sqrt(2) = 0.141; start (0.2, 0.4) -> 0.300 ± 0.141;
+    # only seed 1 reaches 0.6, at step 5 = 500 tokens; s/step (30, 50) -> 40.0 ± 14.1; KL 0.01 each
+    assert rows["ppo"] == [
+        "2/2",
+        "0.600 ± 0.141",
+        "0.600 ± 0.141",
+        "0.300 ± 0.141",
+        "5.0 (1/2)",
+        "500 (1/2)",
+        "40.0 ± 14.1",
+        "0.0100 ± 0.0000",
+        "1.0k ± 0",
+    ]
+    # grpo: the crashed seed's last evaluation (0.5) is its final: (0.8, 0.5) -> 0.650 ± 0.212;
+    # tokens (2000, 1400) -> 1.7k ± 424
+    assert rows["grpo"] == [
+        "1/2",
+        "0.650 ± 0.212",
+        "0.650 ± 0.212",
+        "0.300 ± 0.000",
+        "5.0 (1/2)",
+        "1.0k (1/2)",
+        "40.0 ± 0.0",
+        "0.0170 ± 0.0042",
+        "1.7k ± 424",
+    ]
+    # dapo: final (0.9, 0.8); best (0.9, 0.8); reaches 0.6 at steps (5, 10) -> 7.5 ± 3.5 = tokens
+    # (750, 1500) -> 1.1k ± 530; no KL term
+    assert rows["dapo"] == [
+        "2/2",
+        "0.850 ± 0.071",
+        "0.850 ± 0.071",
+        "0.300 ± 0.000",
+        "7.5 ± 3.5 (2/2)",
+        "1.1k ± 530 (2/2)",
+        "20.0 ± 0.0",
+        "—",
+        "1.6k ± 212",
+    ]
+    crashed = [line for line in markdown.splitlines() if "no final checkpoint" in line]
+    assert len(crashed) == 1 and "grpo-addition-s1" in crashed[0] and crashed[0].endswith("used steps 1..7")
+    assert "truncated" in markdown
+
+
+def test_threshold_never_reached_is_na(sweep):
+    rows = table_rows(summary_table(find_runs([sweep]), threshold=0.95))
+    assert rows["dapo"][4:6] == ["n/a (0/2)", "n/a (0/2)"]
+
+
+# --- figure and command line -----------------------------------------------------------------------
+
+
+def test_plot_writes_a_png(sweep, tmp_path):
+    path = plot(find_runs([sweep]), tmp_path / "figs" / "comparison.png", threshold=0.6)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    height, width, channels = matplotlib.image.imread(path).shape
+    assert width > height > 500 and channels in (3, 4)
+
+
+def test_main_writes_both_files_and_prints_the_table(sweep, capsys):
+    compare.main([str(sweep), "--threshold", "0.6"])
+    out = capsys.readouterr()
+    png, md = sweep / "comparison.png", sweep / "comparison.md"
+    assert png.read_bytes()[:8] == PNG_MAGIC and matplotlib.image.imread(png).ndim == 3
+    assert "| ppo |" in md.read_text() and "| ppo |" in out.out
+    assert f"wrote {png}" in out.out and f"wrote {md}" in out.out
+    assert "truncated" in out.err
+
+
+def test_cli_missing_path_is_one_line_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.compare", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"compare: {tmp_path / 'nope'} does not exist"
+
+
+# --- W&B (a fake wandb module: never the network) ------------------------------------------------
+
+
+class FakeWandbRun:
+    def __init__(self, algorithm: str, seed: int, state: str = "finished") -> None:
+        self.config = {"algorithm": {"name": algorithm}, "seed": seed, "rollout": {"group_size": 8}}
+        self.state = state
+        self.path = ["me", "rl-lab", f"{algorithm}{seed}"]
+
+    def scan_history(self):
+        yield {"_step": 0, "_runtime": 3.0, "eval/accuracy": 0.2 + 0.1 * self.config["seed"]}
+        yield {
+            "_step": 1,
+            "reward/total": 0.3,
+            "sampling/tokens_total": 50,
+            "perf/wall_s": 10.0,
+            "kl/value": None,
+        }
+        yield {"_step": 2, "reward/total": "NaN", "sampling/tokens_total": 100, "perf/wall_s": 20.0}
+        yield {"_step": 2, "eval/accuracy": 0.7}
+
+
+def fake_wandb(runs=None, error: Exception | None = None) -> types.SimpleNamespace:
+    class Api:
+        default_entity = "me"
+
+        def runs(self, path, filters):
+            if error is not None:
+                raise error
+            assert path == "me/rl-lab" and filters == {"group": "sweep"}
+            return runs
+
+    return types.SimpleNamespace(Api=Api)
+
+
+def test_wandb_group_is_converted_into_runs(monkeypatch, tmp_path, capsys):
+    runs = [FakeWandbRun("grpo", 0), FakeWandbRun("grpo", 1, state="crashed"), FakeWandbRun("dapo", 0)]
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(runs))
+    monkeypatch.setattr("common.logging.wandb_logged_in", lambda: True)
+    compare.main(["--wandb-group", "sweep", "--out", str(tmp_path)])
+    rows = table_rows((tmp_path / "comparison.md").read_text())
+    assert rows["grpo"][:3] == ["1/2", "0.700 ± 0.000", "0.700 ± 0.000"]
+    assert "wandb:me/rl-lab/grpo1: no final checkpoint; used steps 1..2" in capsys.readouterr().out
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_wandb_not_logged_in_or_offline_exits_with_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb([]))
+    monkeypatch.setattr("common.logging.wandb_logged_in", lambda: False)
+    with pytest.raises(SystemExit, match="W&B is not logged in"):
+        compare.main(["--wandb-group", "sweep"])
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb(error=ConnectionError("no network")))
+    monkeypatch.setattr("common.logging.wandb_logged_in", lambda: True)
+    with pytest.raises(SystemExit, match=r"could not read W&B group 'sweep' \(offline\? ConnectionError"):
+        compare.main(["--wandb-group", "sweep"])
