@@ -117,6 +117,13 @@ class RunLogger:
                 settings=wandb.Settings(silent=True),
                 **kwargs,
             )
+            # every metric plots against the step by default; the compute axes (generated samples and
+            # tokens, wall time) are logged on every row, so any of them can be chosen as x-axis
+            self.wandb_run.define_metric("train/step")
+            self.wandb_run.define_metric("*", step_metric="train/step")
+            for axis in ("sampling/samples_total", "sampling/tokens_total", "perf/wall_s"):
+                self.wandb_run.define_metric(axis, step_metric="train/step", summary="max")
+            self.wandb_run.define_metric("eval/accuracy", step_metric="train/step", summary="max,last")
             log.info("W&B run %s (%s mode) in %s", self.wandb_run.id, mode, self.run_dir / "wandb")
         except Exception as err:  # W&B must never stop training
             log.warning("W&B could not start (%s: %s); logging to local files only", type(err).__name__, err)

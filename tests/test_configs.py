@@ -121,3 +121,32 @@ def test_unknown_algorithm_key_is_named():
     container["clip_hihg"] = 0.3
     with pytest.raises(ConfigError, match="clip_hihg"):
         build_algorithm(OmegaConf.create(container))
+
+
+@pytest.mark.parametrize(
+    "launcher, target",
+    [("slurm", "submitit_launcher.SlurmLauncher"), ("local", "joblib_launcher.JoblibLauncher")],
+)
+def test_launcher_configs_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_compare_presets_match_budgets_across_algorithms():
+    for preset in ("compare", "compare_tiny"):
+        budgets = set()
+        for algorithm in ("ppo", "grpo", "dapo"):
+            cfg = compose_train(f"algorithm={algorithm}", f"experiment={preset}")
+            assert cfg.algorithm.name == algorithm
+            budgets.add(
+                (
+                    cfg.trainer.batch_size,
+                    cfg.rollout.group_size,
+                    cfg.rollout.max_new_tokens,
+                    cfg.trainer.max_steps,
+                )
+            )
+        assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"

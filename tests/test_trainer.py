@@ -281,3 +281,24 @@ def test_dynamic_sampling_at_the_bound_keeps_partial_batch(tiny_setup, caplog):
     assert stats["sampling/groups_kept"] == 2 and stats["sampling/gen_batches"] == 2
     assert len(samples.rollout) == 8
     assert "2 of 3 groups kept" in caplog.text
+
+
+def test_one_step_on_the_real_model(tmp_path, cache_dir):
+    """SmolLM2-135M-Instruct from the packaged GGUF: one GRPO step with KL updates the weights."""
+    cfg = compose_train(
+        "logger=none",
+        "trainer.max_steps=1",
+        "trainer.batch_size=2",
+        "group_size=g4",
+        "rollout.max_new_tokens=16",
+        "trainer.eval_num_prompts=4",
+        "trainer.micro_batch_size=8",
+        f"paths.cache_dir={cache_dir}",
+    )
+    assert cfg.model.source == "smollm2-gguf"
+    metrics = run(cfg, tmp_path)
+    assert metrics["policy/skipped_updates"] == 0 and torch.isfinite(torch.tensor(metrics["policy/loss"]))
+    assert "kl/value" in metrics and metrics["policy/grad_norm"] > 0
+    rows = read_metrics(tmp_path)
+    assert rows[0]["step"] == 0 and 0 <= rows[0]["eval/accuracy"] <= 1
+    assert (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()

@@ -4,6 +4,8 @@ addition    seeded integer addition, the default task (common/tasks/addition.py)
 jsonl       any {"prompt", "answer"} JSON Lines file (common/tasks/jsonl.py)
 gsm8k       grade-school math, graded with math-verify (common/tasks/gsm8k.py)
 char_share  toy reward for tests and smoke runs with a random model (common/tasks/char_share.py)
+countdown   reach a target from given numbers with + - * / (common/tasks/countdown.py)
+reasoning_gym  any reasoning-gym dataset, an optional extra (common/tasks/reasoning_gym.py)
 """
 
 from __future__ import annotations
@@ -13,23 +15,29 @@ import inspect
 from common.tasks.addition import AdditionTask
 from common.tasks.base import Example, Task, TaskError, answer_tag_content
 from common.tasks.char_share import CharShareTask
+from common.tasks.countdown import CountdownTask
 from common.tasks.gsm8k import GSM8KTask
 from common.tasks.jsonl import JsonlTask
+from common.tasks.reasoning_gym import ReasoningGymTask
 
 TASKS: dict[str, type[Task]] = {
     "addition": AdditionTask,
     "jsonl": JsonlTask,
     "gsm8k": GSM8KTask,
     "char_share": CharShareTask,
+    "countdown": CountdownTask,
+    "reasoning_gym": ReasoningGymTask,
 }
 
 __all__ = [
     "TASKS",
     "AdditionTask",
     "CharShareTask",
+    "CountdownTask",
     "Example",
     "GSM8KTask",
     "JsonlTask",
+    "ReasoningGymTask",
     "Task",
     "TaskError",
     "answer_tag_content",

@@ -1,0 +1,258 @@
+"""Benchmark one GRPO training step on a fixed workload; JSON out plus a readable table.
+
+    python -m scripts.benchmark                     # SmolLM2-135M fp32, 8 prompts x G=4, 64 tokens
+    python -m scripts.benchmark --steps 3 --out bench.json rollout.group_size=8 trainer.batch_size=4
+    python -m scripts.benchmark model=tiny --naive-prompts 1      # seconds, for a quick check
+
+Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark runs exactly the
+code and settings of a training run. It reports, per step (mean over the timed steps, after one
+warm-up step):
+  - seconds split into rollout (generation), reward, log-probs (reference and old policy), update;
+  - rollout tokens/s (generated tokens) and update tokens/s (all tokens the update's forward and
+    backward passes process, prompt included);
+  - the update's model-FLOPs utilisation: 6 x parameters x processed tokens / update seconds,
+    against a dense matmul measured in the same process (the machine's attainable FLOP/s);
+  - the design notes' naive rollout (one `generate` call per sample) on the same prompts, and the
+    speed-up of the batched rollout over it;
+  - peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from common.models import load_policy, make_reference
+from common.reward_fn import score_responses
+from common.rollout import HFRollout
+from common.tasks import build_task
+from common.trainer import Samples, batched_forward, build_batch, logprob_fn, update_policy
+from scripts.build import build_algorithm, build_optimizer, build_settings, validate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# the fixed workload of the benchmark (any of it can be overridden on the command line)
+WORKLOAD = [
+    "logger=none",
+    "trainer.batch_size=8",
+    "rollout.group_size=4",
+    "rollout.max_new_tokens=64",
+    "trainer.micro_batch_size=32",
+]
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Attainable dense float32 FLOP/s on this machine: best of `repeats` n x n x n matmuls."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def naive_rollout(
+    engine: HFRollout, prompts: list[str], group_size: int, max_new_tokens: int
+) -> tuple[float, int]:
+    """The design notes' loop: one `generate` call per sample (G calls per prompt). Returns (s, tokens)."""
+    tokenizer, model = engine.tokenizer, engine.model
+    tokens, t = 0, time.perf_counter()
+    with torch.inference_mode():
+        for text in engine.format_prompts(prompts):
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
+            for _ in range(group_size):
+                out = model.generate(
+                    **enc,
+                    do_sample=True,
+                    max_new_tokens=max_new_tokens,
+                    temperature=engine.temperature,
+                    top_p=engine.top_p,
+                    top_k=engine.top_k,
+                    pad_token_id=engine.pad_token_id,
+                )
+                response = out[0, enc["input_ids"].shape[1] :]
+                eos = (response == engine.eos_token_id).nonzero()
+                tokens += int(eos[0, 0]) + 1 if len(eos) else response.numel()
+    return time.perf_counter() - t, tokens
+
+
+def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, cfg, generator, examples):
+    """One GRPO step with each phase timed separately (the trainer's train_step, taken apart)."""
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    rollout = engine.sample([e.prompt for e in examples])
+    times["rollout_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    expanded = [e for e in examples for _ in range(engine.group_size)]
+    result = score_responses(task, rollout.responses, expanded, format_weight=settings.format_weight)
+    samples = Samples(
+        rollout,
+        expanded,
+        {"correct": result.correct, "format": result.format, "total": result.total},
+        result.extracted,
+    )
+    batch = build_batch(samples, algo, torch.device("cpu"))
+    times["reward_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    micro = settings.micro_batch_size
+    if algo.needs_old_logprob:
+        batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
+    if reference is not None:
+        batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
+    times["logprob_s"] = time.perf_counter() - t
+    algo.compute_advantages(batch)
+    t = time.perf_counter()
+    update_policy(model, optimizer, scheduler, algo, batch, settings, engine.temperature, generator)
+    times["update_s"] = time.perf_counter() - t
+    times["step_s"] = sum(times.values())
+    generated = int(rollout.lengths.sum())
+    # the update's passes see every column of every row that the micro-batches keep: prompt + response
+    processed = int(rollout.attention_mask.sum()) * algo.epochs
+    return times, generated, processed
+
+
+def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, Any]:
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    algo = build_algorithm(cfg.algorithm)
+    settings = build_settings(cfg)
+    task_kwargs = OmegaConf.to_container(cfg.task, resolve=True)
+    task = build_task(task_kwargs.pop("name"), **task_kwargs)
+    model, tokenizer = load_policy(
+        cfg.model.source,
+        name_or_path=cfg.model.name_or_path,
+        cache_dir=cfg.paths.cache_dir,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+    )
+    reference = make_reference(model) if algo.needs_reference else None
+    engine = HFRollout(
+        model,
+        tokenizer,
+        group_size=cfg.rollout.group_size,
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+        top_k=cfg.rollout.top_k,
+        system_prompt=cfg.rollout.system_prompt,
+    )
+    optimizer, scheduler = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    examples = task.train[: cfg.trainer.batch_size]
+    n_params = sum(p.numel() for p in model.parameters())
+
+    runs = []
+    for i in range(steps + 1):  # the first step warms up (allocator, kernels) and is not timed
+        times, generated, processed = time_step(
+            model, reference, engine, algo, task, optimizer, scheduler, settings, cfg, generator, examples
+        )
+        if i > 0:
+            runs.append((times, generated, processed))
+        print(f"step {i}{' (warm-up)' if i == 0 else ''}: {times['step_s']:.1f}s", file=sys.stderr)
+    mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
+    generated = sum(r[1] for r in runs) / len(runs)
+    processed = sum(r[2] for r in runs) / len(runs)
+    peak = matmul_flops()
+    update_flops = 6 * n_params * processed / mean["update_s"]
+
+    naive_s, naive_tokens = naive_rollout(
+        engine,
+        [e.prompt for e in examples[:naive_prompts]],
+        cfg.rollout.group_size,
+        cfg.rollout.max_new_tokens,
+    )
+    batched_tps = generated / mean["rollout_s"]
+    naive_tps = naive_tokens / naive_s
+    return {
+        "workload": {
+            "model": cfg.model.name,
+            "parameters": n_params,
+            "dtype": cfg.model.dtype,
+            "prompts": cfg.trainer.batch_size,
+            "group_size": cfg.rollout.group_size,
+            "max_new_tokens": cfg.rollout.max_new_tokens,
+            "algorithm": cfg.algorithm.name,
+            "kl_coef": cfg.algorithm.kl_coef,
+            "timed_steps": steps,
+        },
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "seconds_per_step": mean,
+        "rollout_tokens_per_s": batched_tps,
+        "generated_tokens_per_step": generated,
+        "update_tokens_per_s": processed / mean["update_s"],
+        "processed_tokens_per_step": processed,
+        "update_flops_per_s": update_flops,
+        "matmul_flops_per_s": peak,
+        "update_mfu": update_flops / peak,
+        "naive_rollout_tokens_per_s": naive_tps,
+        "naive_rollout_prompts": naive_prompts,
+        "batched_over_naive": batched_tps / naive_tps,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    w, s = result["workload"], result["seconds_per_step"]
+    rows = [
+        (
+            "workload",
+            f"{w['model']} {w['dtype']}, {w['prompts']} prompts x G={w['group_size']}, "
+            f"{w['max_new_tokens']} new tokens, {w['algorithm']} (kl_coef {w['kl_coef']})",
+        ),
+        (
+            "seconds / step",
+            f"{s['step_s']:.2f} = rollout {s['rollout_s']:.2f} + reward {s['reward_s']:.3f} "
+            f"+ log-probs {s['logprob_s']:.2f} + update {s['update_s']:.2f}",
+        ),
+        ("rollout tokens/s", f"{result['rollout_tokens_per_s']:.1f} (batched, one generate call)"),
+        (
+            "naive rollout tokens/s",
+            f"{result['naive_rollout_tokens_per_s']:.1f} (one generate call per sample)",
+        ),
+        ("batched / naive", f"{result['batched_over_naive']:.1f}x"),
+        ("update tokens/s", f"{result['update_tokens_per_s']:.1f} (prompt + response tokens, fwd + bwd)"),
+        ("update GFLOP/s", f"{result['update_flops_per_s'] / 1e9:.1f} (6 x params x tokens / s)"),
+        ("matmul GFLOP/s", f"{result['matmul_flops_per_s'] / 1e9:.1f} (2048^3 fp32, same process)"),
+        ("update MFU", f"{100 * result['update_mfu']:.1f}%"),
+        ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--naive-prompts", type=int, default=2, help="prompts for the per-sample loop")
+    parser.add_argument("--out", default="benchmark.json", help="where to write the JSON")
+    args = parser.parse_args(argv)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[*WORKLOAD, *args.overrides])
+    result = run_benchmark(cfg, args.steps, args.naive_prompts)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    print(f"written to {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

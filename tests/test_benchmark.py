@@ -1,0 +1,46 @@
+"""The benchmark runs end to end on the tiny model and writes every JSON key (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+from scripts.benchmark import format_table, main
+
+KEYS = {
+    "workload",
+    "machine",
+    "seconds_per_step",
+    "rollout_tokens_per_s",
+    "update_tokens_per_s",
+    "update_mfu",
+    "matmul_flops_per_s",
+    "update_flops_per_s",
+    "naive_rollout_tokens_per_s",
+    "batched_over_naive",
+    "peak_rss_mb",
+}
+
+
+def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
+    out = tmp_path / "bench.json"
+    result = main(
+        [
+            "model=tiny",
+            "rollout.max_new_tokens=8",
+            "trainer.batch_size=2",
+            f"paths.cache_dir={cache_dir}",
+            "--steps",
+            "1",
+            "--naive-prompts",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert saved.keys() >= KEYS and saved["workload"]["group_size"] == 4
+    phases = saved["seconds_per_step"]
+    assert {"rollout_s", "reward_s", "logprob_s", "update_s", "step_s"} <= phases.keys()
+    assert abs(phases["step_s"] - sum(v for k, v in phases.items() if k != "step_s")) < 1e-9
+    assert saved["generated_tokens_per_step"] > 0 and saved["update_mfu"] > 0
+    assert "update MFU" in format_table(result)
