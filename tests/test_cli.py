@@ -31,12 +31,16 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dapo", "ppo"])
+@pytest.mark.parametrize(
+    "algorithm", ["grpo", "dapo", "ppo", "grpo dynamic_sampling=filter", "grpo dynamic_sampling=resample"]
+)
 def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
     # char_share: the tiny model earns reward, so DAPO's filter keeps groups and every algorithm updates
+    name, *extra = algorithm.split()
     result = train_cli(
         "debug=smoke",
-        f"algorithm={algorithm}",
+        f"algorithm={name}",
+        *extra,
         "task=char_share",
         f"hydra.run.dir={tmp_path}",
         cache_dir=cache_dir,
@@ -47,10 +51,16 @@ def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
     assert all(r["policy/skipped_updates"] == 0 for r in rows[1:])
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "train.log").is_file()
-    if algorithm == "ppo":
-        assert {"critic/value_loss", "critic/explained_variance", "kl/coef"} <= rows[-1].keys()
-    if algorithm == "dapo":
-        assert {"sampling/gen_batches", "sampling/groups_kept", "reward/overlong"} <= rows[-1].keys()
+    assert {"sampling/samples_total", "sampling/tokens_total", "sampling/gen_batches"} <= rows[-1].keys()
+    if name == "ppo":
+        critic = {"critic/value_loss", "critic/explained_variance", "critic/values_mean", "kl/coef"}
+        assert critic <= rows[-1].keys()
+    if name == "dapo":
+        assert {"sampling/groups_kept", "sampling/groups_dropped", "reward/overlong"} <= rows[-1].keys()
+    if "dynamic_sampling=filter" in extra:
+        assert {"sampling/groups_kept", "sampling/kept_group_frac"} <= rows[-1].keys()
+    if "dynamic_sampling=resample" in extra:
+        assert {"sampling/extra_samples", "sampling/flat_groups_left"} <= rows[-1].keys()
 
 
 def test_issue_command_line_writes_metrics(tmp_path, cache_dir):
@@ -137,6 +147,8 @@ def test_wandb_offline_run_has_group_tags_config_metrics_and_table(tmp_path, cac
     history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
     keys = {item.key or "/".join(item.nested_key) for h in history for item in h.item}
     assert len(history) == 3 and {"reward/total", "eval/accuracy", "policy/loss"} <= keys
+    # the compute axes travel with every training row, so W&B can plot any metric against them
+    assert {"train/step", "sampling/samples_total", "sampling/tokens_total", "perf/wall_s"} <= keys
     tables = list(run_file.parent.glob("files/media/table/samples/completions_*.table.json"))
     assert len(tables) == 2
     table = json.loads(tables[0].read_text())
