@@ -165,6 +165,36 @@ def policy_loss(
     return loss, {k: float(v) for k, v in stats.items()}
 
 
+def batch_policy_loss(
+    batch: dict[str, Tensor],
+    logprob: Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    dual_clip: float | None,
+    denominator: float | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """`policy_loss` on a micro-batch dict with "advantages" and "loss_mask" (and "old_logprob").
+
+    The ratio is taken against batch["old_logprob"], the behaviour policy, when the batch holds it
+    (the trainer records it when the batch is reused or split into several optimizer steps);
+    otherwise the behaviour policy is the current one: ratio = 1, but its gradient is not 0.
+    """
+    old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
+    return policy_loss(
+        logprob,
+        old_logprob,
+        batch["advantages"],
+        batch["loss_mask"],
+        clip_low=clip_low,
+        clip_high=clip_high,
+        agg=agg,
+        dual_clip=dual_clip,
+        denominator=denominator,
+    )
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor,

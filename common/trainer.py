@@ -332,6 +332,24 @@ def micro_batch(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     return mb
 
 
+class WeightedMeans:
+    """Token-weighted means of stats dicts; a NaN (an undefined stat, e.g. PPO's explained variance
+    of constant returns) is left out of its key's mean instead of poisoning it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, stats: dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            if math.isfinite(value):
+                self.sums[key] += value * weight
+                self.weights[key] += weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] if self.weights[k] else float("nan") for k in self.sums}
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     algo: Any,
@@ -353,7 +371,7 @@ def accumulate_gradients(
         (mini-batch loss, token-weighted means of the algorithm's stats, loss tokens)
     """
     denominator = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg)
-    total, sums, n_total = 0.0, defaultdict(float), 0.0
+    total, means, n_total = 0.0, WeightedMeans(), 0.0
     # longest rows first: the first micro-batch fails fast if memory is short
     rows = rows[batch["response_mask"][rows].sum(1).argsort(descending=True)]
     for micro in rows.split(micro_batch_size):
@@ -375,10 +393,9 @@ def accumulate_gradients(
         n_tokens = float(mb["loss_mask"].sum())
         mask = mb["response_mask"]
         stats["policy/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
-        for key, value in stats.items():
-            sums[key] += value * n_tokens
+        means.add(stats, max(n_tokens, 1.0))
         n_total += n_tokens
-    return total, {k: v / max(n_total, 1.0) for k, v in sums.items()}, n_total
+    return total, means.means(), n_total
 
 
 def update_policy(
@@ -400,8 +417,7 @@ def update_policy(
     """
     N = batch["input_ids"].shape[0]
     n_minibatches = max(1, settings.batch_size // settings.mini_batch_size)
-    sums: dict[str, float] = defaultdict(float)
-    n_total = 0.0
+    means = WeightedMeans()
     losses, grad_norms, skipped = [], [], 0
     model.train()
     critic_model = critic.model.train() if critic is not None else None
@@ -432,10 +448,8 @@ def update_policy(
                 scheduler.step()
             losses.append(total)
             grad_norms.append(grad_norm.item())
-            for key, value in stats.items():
-                sums[key] += value * n_tokens
-            n_total += n_tokens
-    metrics = {k: v / n_total for k, v in sums.items()} if n_total else {}
+            means.add(stats, max(n_tokens, 1.0))
+    metrics = means.means()
     metrics.update(
         {
             "policy/loss": float(np.mean(losses)) if losses else float("nan"),
@@ -579,66 +593,57 @@ class LoopState:
     bad_steps: int = 0
 
 
-def training_state(
-    loop: LoopState,
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    stream: PromptStream,
-    algo: Any,
-    critic: Critic | None,
-    generator: torch.Generator,
-    run_id: str | None,
-) -> dict[str, Any]:
-    """Everything but the policy weights that an exact resume needs."""
-    state = {
-        "step": loop.step,
-        "loop": vars(loop).copy(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "update": generator.get_state(),
-        },
-        "data": stream.state_dict(),
-        "algorithm": algo.state_dict(),
-        "wandb_run_id": run_id,
-    }
-    if critic is not None:
-        state["critic"] = critic.model.state_dict()
-        state["critic_optimizer"] = critic.optimizer.state_dict()
-    return state
+@dataclass
+class Resumable:
+    """The objects whose state a checkpoint carries besides the policy weights."""
 
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: PromptStream
+    algo: Any
+    critic: Critic | None
+    generator: torch.Generator
 
-def restore_training_state(
-    state: dict[str, Any],
-    *,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    stream: PromptStream,
-    algo: Any,
-    critic: Critic | None,
-    generator: torch.Generator,
-) -> LoopState:
-    """The inverse of `training_state` (the policy weights are loaded by common.checkpoint)."""
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["data"])
-    algo.load_state_dict(state["algorithm"])
-    if critic is not None:
-        critic.model.load_state_dict(state["critic"])
-        critic.optimizer.load_state_dict(state["critic_optimizer"])
-    rng = state["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["update"])
-    return LoopState(**state["loop"])
+    def state_dict(self, loop: LoopState, run_id: str | None) -> dict[str, Any]:
+        """Everything but the policy weights that an exact resume needs."""
+        state = {
+            "step": loop.step,
+            "loop": vars(loop).copy(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "update": self.generator.get_state(),
+            },
+            "data": self.stream.state_dict(),
+            "algorithm": self.algo.state_dict(),
+            "wandb_run_id": run_id,
+        }
+        if self.critic is not None:
+            state["critic"] = self.critic.model.state_dict()
+            state["critic_optimizer"] = self.critic.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> LoopState:
+        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.algo.load_state_dict(state["algorithm"])
+        if self.critic is not None:
+            self.critic.model.load_state_dict(state["critic"])
+            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["update"])
+        return LoopState(**state["loop"])
 
 
 def train_step(
@@ -755,32 +760,16 @@ def train(
     eval_examples = task.test[: settings.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
     loop = LoopState()
+    resumable = Resumable(optimizer, scheduler, stream, algo, critic, generator)
     if resume_state is not None:
-        loop = restore_training_state(
-            resume_state,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            stream=stream,
-            algo=algo,
-            critic=critic,
-            generator=generator,
-        )
+        loop = resumable.load_state_dict(resume_state)
         log.info("resumed after step %d", loop.step)
     last: dict[str, float] = {}
     t_start = time.perf_counter() - loop.wall_s
 
     def checkpoint(name: str) -> Path:
         loop.wall_s = time.perf_counter() - t_start
-        state = training_state(
-            loop,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            stream=stream,
-            algo=algo,
-            critic=critic,
-            generator=generator,
-            run_id=logger.wandb_run_id,
-        )
+        state = resumable.state_dict(loop, logger.wandb_run_id)
         path = save_checkpoint(run_dir / "checkpoints" / name, model=model, tokenizer=tokenizer, state=state)
         prune_checkpoints(run_dir, settings.keep_last_checkpoints)
         return path

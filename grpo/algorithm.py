@@ -15,7 +15,7 @@ import torch
 
 from common.advantage import compute_group_relative_advantages
 from common.kl import kl_penalty
-from common.losses import aggregate_loss, policy_loss
+from common.losses import aggregate_loss, batch_policy_loss
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,9 @@ class GRPO:
             entropy, values: (B, T) token entropies and critic values; unused by GRPO (PPO's loss takes them).
         """
         mask = batch["loss_mask"]
-        # mu = 1: the behaviour policy is the current one; ratio = 1, but its gradient is not 0
-        old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
-        loss, stats = policy_loss(
+        loss, stats = batch_policy_loss(
+            batch,
             logprob,
-            old_logprob,
-            batch["advantages"],
-            mask,
             clip_low=self.clip_low,
             clip_high=self.clip_high,
             agg=self.loss_agg,

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from common.advantage import compute_gae, masked_mean, masked_whiten
 from common.kl import kl_penalty
-from common.losses import aggregate_loss, policy_loss, value_loss
+from common.losses import aggregate_loss, batch_policy_loss, value_loss
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 
 KL_CONTROLLERS = ("fixed", "adaptive")
@@ -67,14 +67,20 @@ def token_level_rewards(
     return token_rewards
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, eps: float = 1e-8) -> float:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, min_var: float = 1e-6) -> float:
     """1 - Var(R - V) / Var(R) over masked-in tokens (biased variances; 1 = perfect critic, 0 = a
-    constant predictor, < 0 worse). eps keeps constant returns finite."""
+    constant predictor, < 0 worse).
+
+    Undefined (NaN) when the returns hardly vary (Var(R) < min_var), e.g. a batch in which every
+    response failed: the ratio would be a huge negative number that says nothing about the critic.
+    """
     keep = mask.bool()
     residual = returns - values
     var_res = masked_mean((residual - masked_mean(residual, keep)) ** 2, keep)
     var_ret = masked_mean((returns - masked_mean(returns, keep)) ** 2, keep)
-    return float(1.0 - var_res / (var_ret + eps))
+    if var_ret < min_var:
+        return float("nan")
+    return float(1.0 - var_res / var_ret)
 
 
 @dataclass(frozen=True)
@@ -237,13 +243,9 @@ class PPO:
                 "(call the ValueModel on the same rows and pass it)"
             )
         mask = batch["loss_mask"]
-        # epochs = 1 and no KL: the behaviour policy is the current one (ratio 1, gradient not 0)
-        old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
-        pg_loss, pg_stats = policy_loss(
+        pg_loss, pg_stats = batch_policy_loss(
+            batch,
             logprob,
-            old_logprob,
-            batch["advantages"],
-            mask,
             clip_low=self.clip_low,
             clip_high=self.clip_high,
             agg=self.loss_agg,

@@ -30,14 +30,21 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from common.models import load_policy, make_reference
+from common.models import make_reference
 from common.reward_fn import score_responses
 from common.rollout import HFRollout
-from common.tasks import build_task
 from common.trainer import Samples, batched_forward, build_batch, logprob_fn, update_policy
-from scripts.build import build_algorithm, build_optimizer, build_settings, validate
+from scripts.build import (
+    build_algorithm,
+    build_optimizer,
+    build_policy,
+    build_rollout,
+    build_settings,
+    build_task_from,
+    validate,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the fixed workload of the benchmark (any of it can be overridden on the command line)
@@ -127,27 +134,10 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     torch.manual_seed(cfg.seed)
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
-    task_kwargs = OmegaConf.to_container(cfg.task, resolve=True)
-    task = build_task(task_kwargs.pop("name"), **task_kwargs)
-    model, tokenizer = load_policy(
-        cfg.model.source,
-        name_or_path=cfg.model.name_or_path,
-        cache_dir=cfg.paths.cache_dir,
-        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
-        dtype=cfg.model.dtype,
-        seed=cfg.seed,
-    )
+    task = build_task_from(cfg)
+    model, tokenizer = build_policy(cfg)
     reference = make_reference(model) if algo.needs_reference else None
-    engine = HFRollout(
-        model,
-        tokenizer,
-        group_size=cfg.rollout.group_size,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        system_prompt=cfg.rollout.system_prompt,
-    )
+    engine = build_rollout(cfg, model, tokenizer)
     optimizer, scheduler = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     examples = task.train[: cfg.trainer.batch_size]

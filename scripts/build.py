@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.models import load_policy
+from common.rollout import HFRollout
+from common.tasks import Task, build_task
 from common.trainer import Critic, TrainSettings
 from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
@@ -224,6 +227,40 @@ def build_critic_for(algo: object, model: torch.nn.Module, cfg: DictConfig) -> C
     optimizer = torch.optim.AdamW(value_model.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.betas))
     return Critic(
         value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=algo.critic_warmup_steps
+    )
+
+
+def build_task_from(cfg: DictConfig) -> Task:
+    """The task of cfg.task (its name picks the class, the other keys are its arguments)."""
+    kwargs = OmegaConf.to_container(cfg.task, resolve=True)
+    return build_task(kwargs.pop("name"), **kwargs)
+
+
+def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
+    """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path)."""
+    return load_policy(
+        cfg.model.source,
+        name_or_path=cfg.model.name_or_path,
+        cache_dir=cfg.paths.cache_dir,
+        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
+        dtype=cfg.model.dtype,
+        seed=cfg.seed,
+    )
+
+
+def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
+    """The rollout engine with cfg.rollout's sampling settings."""
+    r = cfg.rollout
+    return HFRollout(
+        model,
+        tokenizer,
+        group_size=r.group_size,
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        system_prompt=r.system_prompt,
+        max_prompt_len=r.max_prompt_len,
     )
 
 

@@ -24,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import CheckpointError, find_latest, load_checkpoint
 from common.logging import RunLogger
-from common.models import ModelLoadError, load_policy, make_reference
-from common.rollout import HFRollout
-from common.tasks import TaskError, build_task
+from common.models import ModelLoadError, make_reference
+from common.tasks import TaskError
 from common.trainer import RunAbortedError, RunInterruptedError, train
 from scripts.build import (
     ConfigError,
@@ -35,7 +34,10 @@ from scripts.build import (
     build_flat_groups,
     build_group_filter,
     build_optimizer,
+    build_policy,
+    build_rollout,
     build_settings,
+    build_task_from,
     resolve_device,
     validate,
 )
@@ -79,18 +81,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     device = resolve_device(cfg.trainer.device)
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
-    task_kwargs = OmegaConf.to_container(cfg.task, resolve=True)
-    task = build_task(task_kwargs.pop("name"), **task_kwargs)
+    task = build_task_from(cfg)
     log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
 
-    model, tokenizer = load_policy(
-        cfg.model.source,
-        name_or_path=cfg.model.name_or_path,
-        cache_dir=cfg.paths.cache_dir,
-        tiny=OmegaConf.to_container(cfg.model.tiny) if cfg.model.tiny else None,
-        dtype=cfg.model.dtype,
-        seed=cfg.seed,
-    )
+    model, tokenizer = build_policy(cfg)
     model.to(device)
     reference = make_reference(model) if algo.needs_reference else None
     critic = build_critic_for(algo, model, cfg)
@@ -102,17 +96,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         device,
         "yes" if reference is not None else "no (kl_coef = 0)",
     )
-    engine = HFRollout(
-        model,
-        tokenizer,
-        group_size=cfg.rollout.group_size,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-        top_k=cfg.rollout.top_k,
-        system_prompt=cfg.rollout.system_prompt,
-        max_prompt_len=cfg.rollout.max_prompt_len,
-    )
+    engine = build_rollout(cfg, model, tokenizer)
     try:
         engine.check_prompts([e.prompt for e in task.train + task.test])
     except ValueError as err:

@@ -15,6 +15,18 @@ CONFIGS = ROOT / "configs"
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
+# a seconds-long run: the tiny random model on the char_share toy task, no W&B, no evaluation
+TINY_RUN = (
+    "model=tiny",
+    "task=char_share",
+    "logger=none",
+    "trainer.eval_every=0",
+    "trainer.batch_size=2",
+    "group_size=g4",
+    "rollout.max_new_tokens=8",
+)
+
+
 def compose_train(*overrides: str) -> DictConfig:
     """Compose configs/train.yaml with overrides, as `python -m scripts.train` would."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -16,18 +16,8 @@ from common.reward_fn import RewardError
 from common.trainer import RunAbortedError
 from grpo import GRPO
 from scripts.train import run
-from tests.conftest import compose_train
+from tests.conftest import TINY_RUN, compose_train
 from tests.test_cli import train_cli
-
-TINY = (
-    "model=tiny",
-    "task=char_share",
-    "logger=none",
-    "trainer.eval_every=0",
-    "trainer.batch_size=2",
-    "group_size=g4",
-    "rollout.max_new_tokens=8",
-)
 
 
 def test_raising_reward_scores_zero_and_the_run_goes_on(tmp_path, cache_dir, monkeypatch):
@@ -43,7 +33,7 @@ def test_raising_reward_scores_zero_and_the_run_goes_on(tmp_path, cache_dir, mon
         return original(self, response, example)
 
     monkeypatch.setattr(CharShareTask, "correctness", flaky)
-    run(compose_train(*TINY, "trainer.max_steps=2", f"paths.cache_dir={cache_dir}"), tmp_path)
+    run(compose_train(*TINY_RUN, "trainer.max_steps=2", f"paths.cache_dir={cache_dir}"), tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert sum(r["reward/errors"] for r in rows) >= 2  # 16 scored samples, every 5th raises
@@ -57,7 +47,7 @@ def test_raising_reward_fails_fast_when_asked(tmp_path, cache_dir, monkeypatch):
 
     monkeypatch.setattr(CharShareTask, "correctness", broken)
     cfg = compose_train(
-        *TINY, "trainer.max_steps=2", "trainer.fail_on_reward_error=true", f"paths.cache_dir={cache_dir}"
+        *TINY_RUN, "trainer.max_steps=2", "trainer.fail_on_reward_error=true", f"paths.cache_dir={cache_dir}"
     )
     with pytest.raises(RewardError):
         run(cfg, tmp_path)
@@ -71,7 +61,7 @@ def test_non_finite_losses_skip_updates_then_abort_with_last_good_state(
 
     monkeypatch.setattr(GRPO, "loss", nan_loss)
     cfg = compose_train(
-        *TINY, "trainer.max_steps=10", "trainer.max_bad_steps=3", f"paths.cache_dir={cache_dir}"
+        *TINY_RUN, "trainer.max_steps=10", "trainer.max_bad_steps=3", f"paths.cache_dir={cache_dir}"
     )
     with (
         caplog.at_level(logging.WARNING, logger="rl_lab"),
@@ -120,7 +110,9 @@ def test_periodic_checkpoint_failure_does_not_stop_training(tmp_path, cache_dir,
         return original(path, **kwargs)
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", failing_for_steps)
-    cfg = compose_train(*TINY, "trainer.max_steps=3", "trainer.save_every=1", f"paths.cache_dir={cache_dir}")
+    cfg = compose_train(
+        *TINY_RUN, "trainer.max_steps=3", "trainer.save_every=1", f"paths.cache_dir={cache_dir}"
+    )
     run(cfg, tmp_path)
     assert "checkpoint at step 1 failed" in caplog.text
     assert (tmp_path / "checkpoints" / "final" / STATE_FILE).is_file()

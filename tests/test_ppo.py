@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -292,3 +293,16 @@ def test_one_backward_reaches_policy_and_critic():
     assert critic.head.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in critic.backbone.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+def test_explained_variance_is_undefined_for_constant_returns():
+    from ppo.algorithm import explained_variance
+
+    mask = torch.ones(2, 3)
+    # every response failed: returns all 0; the ratio would be -Var(V)/0, so it is reported as NaN
+    assert math.isnan(explained_variance(torch.randn(2, 3), torch.zeros(2, 3), mask))
+    # values (1, 2, 3) against returns (1, 3, 5): residual var 2/3, returns var 8/3 -> 1 - 1/4 = 0.75
+    ev = explained_variance(
+        torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 5.0]]), torch.ones(1, 3)
+    )
+    assert ev == pytest.approx(0.75)

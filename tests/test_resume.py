@@ -16,18 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from scripts.train import run
-from tests.conftest import ROOT, compose_train
+from tests.conftest import ROOT, TINY_RUN, compose_train
 
-TINY = (
-    "model=tiny",
-    "task=char_share",
-    "logger=none",
-    "trainer.eval_every=0",
-    "trainer.batch_size=2",
-    "group_size=g4",
-    "rollout.max_new_tokens=8",
-    "optim.lr=1e-2",
-)
+TINY = (*TINY_RUN, "optim.lr=1e-2")
 ALGORITHMS = {
     "grpo": ("algorithm=grpo",),
     # dynamic sampling draws a data-dependent number of batches: the data position must be restored

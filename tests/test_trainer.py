@@ -302,3 +302,13 @@ def test_one_step_on_the_real_model(tmp_path, cache_dir):
     rows = read_metrics(tmp_path)
     assert rows[0]["step"] == 0 and 0 <= rows[0]["eval/accuracy"] <= 1
     assert (tmp_path / "checkpoints" / "final" / "model.safetensors").is_file()
+
+
+def test_weighted_means_skip_undefined_stats():
+    from common.trainer import WeightedMeans
+
+    means = WeightedMeans()
+    means.add({"a": 1.0, "b": float("nan")}, 3.0)
+    means.add({"a": 3.0, "b": 2.0}, 1.0)
+    # a: (1*3 + 3*1) / 4 = 1.5; b: only the finite value counts
+    assert means.means() == {"a": 1.5, "b": 2.0}
