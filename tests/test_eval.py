@@ -11,7 +11,7 @@ from common.checkpoint import STATE_FILE
 from common.models import load_policy, save_hf
 from scripts.eval import main, pass_at_k, resolve_source, task_config
 
-FAST = ["--num-prompts", "4", "--k", "2", "--max-new-tokens", "8", "--num-threads", "1"]
+FAST = ["--num-prompts", "4", "--k", "2", "--max-new-tokens", "8"]
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_run_directory_uses_final_checkpoint_and_run_settings(model_dir, tmp_pat
     model, tokenizer = load_policy("hub", name_or_path=str(model_dir))
     save_hf(model, tokenizer, run_dir / "checkpoints" / "final")
 
-    result = main([str(run_dir), "--num-prompts", "50", "--k", "1", "--num-threads", "1"])
+    result = main([str(run_dir), "--num-prompts", "50", "--k", "1"])
     assert result["model"] == str(run_dir / "checkpoints" / "final")
     assert result["run_dir"] == str(run_dir)
     assert result["task_args"]["max_operand"] == 5 and result["num_prompts"] == 6  # the run's test split

@@ -46,7 +46,7 @@ def test_preset_builds_and_defaults_to_one_response_per_prompt():
     assert cfg.rollout.group_size == 1 and cfg.algorithm.group_size == 1
     assert compose_train("algorithm=ppo", "group_size=g4").rollout.group_size == 4
     algo = make_ppo()  # every YAML key is a field and every field has a YAML key
-    assert (algo.name, algo.kl_kind, algo.gamma, algo.lam) == ("ppo", "k1", 1.0, 0.95)
+    assert (algo.name, algo.kl_kind, algo.gamma, algo.lam) == ("ppo", "k1", 1.0, 1.0)
     assert algo.needs_critic and algo.needs_reference and algo.needs_old_logprob
     assert algo.epochs == algo.ppo_epochs
     off = make_ppo(kl_coef=0.0, ppo_epochs=1)
