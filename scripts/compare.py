@@ -9,8 +9,8 @@ A run directory is any folder holding `metrics.jsonl` next to `.hydra/config.yam
 `algorithm.name`; when runs of one algorithm differ in `rollout.group_size`, each group size gets its
 own label (`grpo-G4`, `grpo-G16`). Writes into --out (default: the first PATH):
 
-    comparison.png   2x3 grid: rows held-out accuracy (eval/accuracy) and mean training reward
-                     (reward/total); columns step, generated tokens (sampling/tokens_total) and wall
+    comparison.png   2x3 grid: rows held-out accuracy (eval/accuracy) and mean training task reward
+                     (reward/correct); columns step, generated tokens (sampling/tokens_total) and wall
                      time (perf/wall_s, minutes); mean over seeds with a +/- std band
     comparison.md    one row per label: finished runs, final / best / start held-out accuracy, steps and
                      tokens to reach --threshold, seconds per step, final KL, generated tokens; then one
@@ -40,7 +40,9 @@ from matplotlib.ticker import EngFormatter  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 ACCURACY = "eval/accuracy"
-REWARD = "reward/total"
+# the task's own reward: comparable across algorithms (reward/total adds DAPO's overlong penalty and
+# the format term, which differ by algorithm and task)
+REWARD = "reward/correct"
 STEP = "step"
 TOKENS = "sampling/tokens_total"
 WALL = "perf/wall_s"
@@ -52,7 +54,7 @@ ALGORITHM_COLOURS = {"ppo": "tab:blue", "grpo": "tab:orange", "dapo": "tab:green
 SPARE_COLOURS = ["tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan"]
 ALGORITHM_ORDER = ["ppo", "grpo", "dapo"]
 
-ROWS = [(ACCURACY, "held-out accuracy"), (REWARD, "mean training reward")]
+ROWS = [(ACCURACY, "held-out accuracy"), (REWARD, "training task reward")]
 COLUMNS = [(STEP, "step"), (TOKENS, "generated tokens"), (WALL, "wall time (min)")]
 
 

@@ -46,7 +46,7 @@ def write_run(
     truncated_step: int | None = None,
     nan_reward_step: int | None = None,
 ) -> Path:
-    """A run directory as scripts.train writes it; reward/total = 0.1 + 0.01 * seed + 0.05 * step."""
+    """A run directory as scripts.train writes it; reward/correct = 0.1 + 0.01 * seed + 0.05 * step."""
     run_dir = root / "multirun" / "2026-01-01_00-00-00" / f"{algorithm}-addition-s{seed}-G{group_size}"
     (run_dir / ".hydra").mkdir(parents=True)
     config = {
@@ -64,8 +64,8 @@ def write_run(
     for step in range(1, steps + 1):
         row = {
             "step": step,
-            "reward/total": "nan" if step == nan_reward_step else 0.1 + 0.01 * seed + 0.05 * step,
-            "reward/correct": 0.1,
+            "reward/correct": "nan" if step == nan_reward_step else 0.1 + 0.01 * seed + 0.05 * step,
+            "reward/total": 0.1,
             "policy/loss": "nan" if step == 1 else 0.01,
             "sampling/samples_total": 16 * step,
             "sampling/tokens_total": tokens_per_step * step,
@@ -79,7 +79,7 @@ def write_run(
         rows.append(row)
     text = "".join(json.dumps(row) + "\n" for row in rows)
     if truncated_step is not None:
-        text += json.dumps({"step": truncated_step, "reward/total": 0.5})[:25]  # killed mid-write
+        text += json.dumps({"step": truncated_step, "reward/correct": 0.5})[:25]  # killed mid-write
     (run_dir / "metrics.jsonl").write_text(text)
     if finished:
         (run_dir / "checkpoints" / "final").mkdir(parents=True)
@@ -124,7 +124,7 @@ def test_load_run_reads_config_rows_and_nonfinite_strings(sweep):
     assert (run.algorithm, run.label, run.seed, run.finished, run.warnings) == ("ppo", "ppo", 0, True, [])
     assert run.config["algorithm"]["group_size"] == 8  # the interpolation was resolved
     assert [row["step"] for row in run.rows] == list(range(11))
-    assert np.isnan(run.rows[1]["policy/loss"]) and np.isnan(run.rows[3]["reward/total"])
+    assert np.isnan(run.rows[1]["policy/loss"]) and np.isnan(run.rows[3]["reward/correct"])
 
 
 def test_truncated_last_line_is_skipped_with_a_warning(sweep):
@@ -178,7 +178,7 @@ def test_aggregate_by_step_uses_the_union_of_steps(sweep):
     np.testing.assert_allclose(mean, [0.3, 0.55, 0.8])
     np.testing.assert_allclose(std, [0.0, 0.1 / np.sqrt(2), 0.0], atol=1e-12)
     np.testing.assert_array_equal(n, [2, 2, 1])
-    x, mean, _, n = aggregate(grpo, "reward/total", "step")
+    x, mean, _, n = aggregate(grpo, "reward/correct", "step")
     np.testing.assert_allclose(x, np.arange(1, 11))
     np.testing.assert_array_equal(n, [2] * 7 + [1] * 3)  # the crashed seed stops at step 7
     # step 1: (0.15, 0.16) -> 0.155
@@ -187,7 +187,7 @@ def test_aggregate_by_step_uses_the_union_of_steps(sweep):
 
 def test_aggregate_skips_nonfinite_values(sweep):
     ppo = by_algorithm(find_runs([sweep]), "ppo")
-    x, mean, _, n = aggregate(ppo, "reward/total", "step")
+    x, mean, _, n = aggregate(ppo, "reward/correct", "step")
     assert n[list(x).index(3)] == 1  # seed 0 logged "nan" at step 3
     assert mean[list(x).index(3)] == pytest.approx(0.1 + 0.01 + 0.15)
 
@@ -322,12 +322,12 @@ class FakeWandbRun:
         yield {"_step": 0, "_runtime": 3.0, "eval/accuracy": 0.2 + 0.1 * self.config["seed"]}
         yield {
             "_step": 1,
-            "reward/total": 0.3,
+            "reward/correct": 0.3,
             "sampling/tokens_total": 50,
             "perf/wall_s": 10.0,
             "kl/value": None,
         }
-        yield {"_step": 2, "reward/total": "NaN", "sampling/tokens_total": 100, "perf/wall_s": 20.0}
+        yield {"_step": 2, "reward/correct": "NaN", "sampling/tokens_total": 100, "perf/wall_s": 20.0}
         yield {"_step": 2, "eval/accuracy": 0.7}
 
 
