@@ -1,8 +1,9 @@
 """The one training loop: rollout -> reward -> advantage -> update -> log -> checkpoint.
 
 Every algorithm (grpo/, dapo/, ppo/) runs through `train`. Differences enter only through the
-algorithm object (`shape_rewards`, `loss_mask`, `advantages`, `loss`, `needs_reference`,
-`needs_critic`, `epochs`) and the optional `group_filter` (DAPO dynamic sampling, Eq. 11), so the
+algorithm object (`shape_rewards`, `loss_mask`, `compute_advantages`, `loss`, `state_dict`,
+`needs_reference`, `needs_critic`, `needs_old_logprob`, `epochs`), PPO's `Critic`, and the optional
+dynamic sampling functions (`group_filter`: DAPO Eq. 11; `flat_groups`: the resample mode), so the
 rollout and reward code is identical under all three and differences in results are the algorithm's.
 
 Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G + ...):
@@ -13,6 +14,7 @@ Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G
     group_index (N,)                     group id per row (ragged groups allowed)
     advantages (N,) or (N, T)
     old_logprob, ref_logprob, values (N, T)   only when needed
+    returns, token_rewards (N, T)             PPO
 """
 
 from __future__ import annotations
