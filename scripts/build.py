@@ -237,8 +237,9 @@ def build_task_from(cfg: DictConfig) -> Task:
 
 
 def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
-    """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path)."""
-    return load_policy(
+    """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path),
+    with gradient checkpointing when model.gradient_checkpointing is set."""
+    model, tokenizer = load_policy(
         cfg.model.source,
         name_or_path=cfg.model.name_or_path,
         cache_dir=cfg.paths.cache_dir,
@@ -246,6 +247,10 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
         dtype=cfg.model.dtype,
         seed=cfg.seed,
     )
+    if cfg.model.gradient_checkpointing:
+        # non-reentrant: works with inputs that need no grad and with torch.no_grad passes
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
 
 
 def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:

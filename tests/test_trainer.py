@@ -312,3 +312,34 @@ def test_weighted_means_skip_undefined_stats():
     means.add({"a": 3.0, "b": 2.0}, 1.0)
     # a: (1*3 + 3*1) / 4 = 1.5; b: only the finite value counts
     assert means.means() == {"a": 1.5, "b": 2.0}
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_setup, cache_dir):
+    """model.gradient_checkpointing recomputes activations; the gradient must not change."""
+    from scripts.build import build_policy
+
+    cfg = compose_train(
+        *TINY_CHAR_SHARE, "group_size=g4", "algorithm.kl_coef=0", f"paths.cache_dir={cache_dir}"
+    )
+    grads = []
+    for checkpointing in (False, True):
+        model, _ = build_policy(
+            compose_train(
+                *TINY_CHAR_SHARE,
+                f"model.gradient_checkpointing={checkpointing}",
+                f"paths.cache_dir={cache_dir}",
+            )
+        )
+        assert model.is_activation_checkpointing == checkpointing
+        _, _, engine, task = tiny_setup
+        torch.manual_seed(0)
+        algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+        if not grads:  # one batch, sampled once, for both models (they have the same weights)
+            samples = generate_and_score(engine, task, task.train[:2], algo, settings)
+        batch = build_batch(samples, algo, torch.device("cpu"))
+        algo.compute_advantages(batch)
+        model.train()
+        accumulate_gradients(model, algo, batch, torch.arange(8), 8, temperature=1.0)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
