@@ -70,6 +70,7 @@ class TrainSettings:
     max_samples: int = 0
     keep_last_checkpoints: int = 2
     max_bad_steps: int = 3
+    bf16: bool = False
     seed: int = 0
 
 
@@ -352,6 +353,11 @@ class WeightedMeans:
         return {k: self.sums[k] / self.weights[k] if self.weights[k] else float("nan") for k in self.sums}
 
 
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast on `device` when bf16 is set, else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     algo: Any,
@@ -360,6 +366,7 @@ def accumulate_gradients(
     micro_batch_size: int,
     temperature: float,
     critic: torch.nn.Module | None = None,
+    bf16: bool = False,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -367,7 +374,8 @@ def accumulate_gradients(
     token-mean, sequence count for the seq-mean modes), so the accumulated gradient equals the
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
-    fills both models' gradients.
+    fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
+    backward follows the forward's dtypes; log-probs and losses stay float32).
 
     Returns:
         (mini-batch loss, token-weighted means of the algorithm's stats, loss tokens)
@@ -378,17 +386,18 @@ def accumulate_gradients(
     rows = rows[batch["response_mask"][rows].sum(1).argsort(descending=True)]
     for micro in rows.split(micro_batch_size):
         mb = micro_batch(batch, micro)
-        logprob, entropy = sequence_logprobs(
-            model,
-            mb["input_ids"],
-            mb["attention_mask"],
-            mb["prompt_len"],
-            temperature=temperature,
-            return_entropy=True,
-        )  # (B, T), (B, T)
-        values = (
-            critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]) if critic is not None else None
-        )
+        with autocast(batch["input_ids"].device, bf16):
+            logprob, entropy = sequence_logprobs(
+                model,
+                mb["input_ids"],
+                mb["attention_mask"],
+                mb["prompt_len"],
+                temperature=temperature,
+                return_entropy=True,
+            )  # (B, T), (B, T)
+            values = None
+            if critic is not None:
+                values = critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]).float()  # (B, T)
         loss, stats = algo.loss(mb, logprob, denominator=denominator, entropy=entropy, values=values)
         loss.backward()
         total += loss.item()
@@ -431,7 +440,7 @@ def update_policy(
             if critic is not None:
                 critic.optimizer.zero_grad(set_to_none=True)
             total, stats, n_tokens = accumulate_gradients(
-                model, algo, batch, rows, settings.micro_batch_size, temperature, critic_model
+                model, algo, batch, rows, settings.micro_batch_size, temperature, critic_model, settings.bf16
             )
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
@@ -678,13 +687,14 @@ def train_step(
     batch = build_batch(samples, algo, device)
     # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
     micro = settings.micro_batch_size
-    # several mini-batches make all but the first off-policy: their ratio needs pi_old
-    if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-        batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
-    if reference is not None:
-        batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
-    if critic is not None:
-        batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro)
+    with autocast(device, settings.bf16):
+        # several mini-batches make all but the first off-policy: their ratio needs pi_old
+        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+            batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
+        if reference is not None:
+            batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
+        if critic is not None:
+            batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro).float()
     t_logprob = time.perf_counter()
     # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
     metrics.update(algo.compute_advantages(batch))

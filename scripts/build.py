@@ -191,6 +191,7 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         save_every=t.save_every,
         keep_last_checkpoints=t.keep_last_checkpoints,
         max_bad_steps=t.max_bad_steps,
+        bf16=t.bf16,
         fail_on_reward_error=t.fail_on_reward_error,
         max_num_gen_batches=ds.max_num_gen_batches if ds.mode == "filter" else 1,
         max_samples=ds.max_samples if ds.mode == "resample" else 0,

@@ -4,6 +4,7 @@ gradient accumulation is exact, and dynamic sampling fills or degrades gracefull
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -343,3 +344,24 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_setup, cache_dir):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_bf16_autocast_trains(tmp_path, cache_dir, algorithm):
+    """trainer.bf16: forward passes under bfloat16 autocast; losses finite, weights stay float32."""
+    cfg = compose_train(
+        *TINY_CHAR_SHARE,
+        f"algorithm={algorithm}",
+        "trainer.bf16=true",
+        "trainer.max_steps=2",
+        "trainer.batch_size=2",
+        "group_size=g4",
+        "trainer.eval_every=0",
+        f"paths.cache_dir={cache_dir}",
+    )
+    metrics = run(cfg, tmp_path)
+    assert metrics["policy/skipped_updates"] == 0 and math.isfinite(metrics["policy/loss"])
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "checkpoints" / "final" / "model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
