@@ -152,17 +152,12 @@ class Samples:
         )
 
 
-def generate_and_score(
-    engine: HFRollout,
-    task: Task,
-    examples: list[Example],
-    algo: Any,
-    settings: TrainSettings,
-    group_size: int | None = None,
+def score_samples(
+    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Any, settings: TrainSettings
 ) -> Samples:
-    """Sample G responses per example in one batched call and score each against its own prompt."""
-    G = group_size or engine.group_size
-    rollout = engine.sample([e.prompt for e in examples], group_size=G)
+    """Score every response of `rollout` against its own prompt; `examples` are the per-prompt
+    examples, expanded here in the rollout's [q1]*G + [q2]*G + ... order."""
+    G = len(rollout) // len(examples)
     expanded = [e for e in examples for _ in range(G)]  # prompts_expanded order
     result = score_responses(
         task,
@@ -176,6 +171,19 @@ def generate_and_score(
     # what the advantages see: the task's total (correct + weighted format) plus the shaping terms
     terms["total"] = result.total + sum(v for k, v in terms.items() if k not in ("correct", "format"))
     return Samples(rollout, expanded, terms, result.extracted, result.errors, result.error_messages)
+
+
+def generate_and_score(
+    engine: HFRollout,
+    task: Task,
+    examples: list[Example],
+    algo: Any,
+    settings: TrainSettings,
+    group_size: int | None = None,
+) -> Samples:
+    """Sample G responses per example in one batched call and score each against its own prompt."""
+    rollout = engine.sample([e.prompt for e in examples], group_size=group_size or engine.group_size)
+    return score_samples(task, rollout, examples, algo, settings)
 
 
 def collect(
@@ -657,6 +665,29 @@ class Resumable:
         return LoopState(**state["loop"])
 
 
+def add_logprobs_and_values(
+    batch: dict[str, Any],
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    critic: Critic | None,
+    algo: Any,
+    settings: TrainSettings,
+    temperature: float,
+    device: torch.device,
+) -> None:
+    """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
+    batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
+    micro = settings.micro_batch_size
+    with autocast(device, settings.bf16):
+        # several mini-batches make all but the first off-policy: their ratio needs pi_old
+        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+            batch["old_logprob"] = batched_forward(logprob_fn(model, temperature), batch, micro)
+        if reference is not None:
+            batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
+        if critic is not None:
+            batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro).float()
+
+
 def train_step(
     *,
     step: int,
@@ -686,15 +717,7 @@ def train_step(
         return None, metrics
     batch = build_batch(samples, algo, device)
     # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
-    micro = settings.micro_batch_size
-    with autocast(device, settings.bf16):
-        # several mini-batches make all but the first off-policy: their ratio needs pi_old
-        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-            batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
-        if reference is not None:
-            batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
-        if critic is not None:
-            batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro).float()
+    add_logprobs_and_values(batch, model, reference, critic, algo, settings, engine.temperature, device)
     t_logprob = time.perf_counter()
     # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
     metrics.update(algo.compute_advantages(batch))

@@ -33,9 +33,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from common.models import make_reference
-from common.reward_fn import score_responses
 from common.rollout import HFRollout
-from common.trainer import Samples, batched_forward, build_batch, logprob_fn, update_policy
+from common.trainer import add_logprobs_and_values, build_batch, score_samples, update_policy
 from scripts.build import (
     build_algorithm,
     build_optimizer,
@@ -94,29 +93,20 @@ def naive_rollout(
     return time.perf_counter() - t, tokens
 
 
-def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, cfg, generator, examples):
+def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
     """One GRPO step with each phase timed separately (the trainer's train_step, taken apart)."""
     times: dict[str, float] = {}
     t = time.perf_counter()
     rollout = engine.sample([e.prompt for e in examples])
     times["rollout_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    expanded = [e for e in examples for _ in range(engine.group_size)]
-    result = score_responses(task, rollout.responses, expanded, format_weight=settings.format_weight)
-    samples = Samples(
-        rollout,
-        expanded,
-        {"correct": result.correct, "format": result.format, "total": result.total},
-        result.extracted,
-    )
+    samples = score_samples(task, rollout, examples, algo, settings)
     batch = build_batch(samples, algo, torch.device("cpu"))
     times["reward_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    micro = settings.micro_batch_size
-    if algo.needs_old_logprob:
-        batch["old_logprob"] = batched_forward(logprob_fn(model, engine.temperature), batch, micro)
-    if reference is not None:
-        batch["ref_logprob"] = batched_forward(logprob_fn(reference, engine.temperature), batch, micro)
+    add_logprobs_and_values(
+        batch, model, reference, None, algo, settings, engine.temperature, torch.device("cpu")
+    )
     times["logprob_s"] = time.perf_counter() - t
     algo.compute_advantages(batch)
     t = time.perf_counter()
@@ -146,7 +136,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     runs = []
     for i in range(steps + 1):  # the first step warms up (allocator, kernels) and is not timed
         times, generated, processed = time_step(
-            model, reference, engine, algo, task, optimizer, scheduler, settings, cfg, generator, examples
+            model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
         )
         if i > 0:
             runs.append((times, generated, processed))
