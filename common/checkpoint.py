@@ -2,7 +2,11 @@
 
 A checkpoint is a folder `checkpoints/<name>/` (name `step_<n>` or `final`):
     config.json, model.safetensors, tokenizer files   the policy as a plain Hugging Face folder
+    adapter/                                          LoRA runs only: the adapter weights (peft format)
     trainer_state.pt                                  everything else the loop needs (see common.trainer)
+A LoRA policy is saved twice: merged (W0 + (alpha / r) B A) as the plain folder that scripts/eval.py
+and `load_policy("hub", ...)` read without peft, and as its adapter alone, which is what a resume
+loads (the frozen base weights come from the run's model config, as at the start of the run).
 The folder is written under a temporary name and renamed into place, so a crash or a full disk
 while writing leaves the previous checkpoint as it was.
 """
@@ -16,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from common.models import write_atomically
+from common.models import is_lora, load_lora_adapter, merged_copy, save_lora_adapter, write_atomically
 
 log = logging.getLogger("rl_lab")
 
 STATE_FILE = "trainer_state.pt"
+ADAPTER_DIR = "adapter"
 
 
 class CheckpointError(RuntimeError):
@@ -29,10 +35,15 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any]) -> Path:
-    """Write the policy (HF folder) and the trainer state into `path`, atomically."""
+    """Write the policy (HF folder; a LoRA policy merged, plus its adapter) and the trainer state into
+    `path`, atomically."""
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        if is_lora(model):
+            merged_copy(model).save_pretrained(folder)  # a transient full copy of the model
+            save_lora_adapter(model, folder / ADAPTER_DIR)
+        else:
+            model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         torch.save(state, folder / STATE_FILE)
 
@@ -41,17 +52,48 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, state
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the policy weights of checkpoint `path` into `model`; return its trainer state."""
+    """Load the policy weights of checkpoint `path` into `model`; return its trainer state.
+
+    For a LoRA checkpoint `model` must be LoRA-wrapped with the same rank, scale and target modules
+    (and the same base weights): only the adapter is loaded.
+    """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"resume: {path} is not a checkpoint (no {STATE_FILE})")
+    lora = (path / ADAPTER_DIR).is_dir()
+    if lora != is_lora(model):
+        # the optimizer state holds the adapters' or all weights' moments: the two do not mix
+        kind, flag = ("a LoRA run", "true") if lora else ("a full fine-tuning run", "false")
+        raise CheckpointError(f"resume: {path} was written by {kind}; resume with model.lora.enabled={flag}")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+        if lora:
+            load_lora_adapter(model, path / ADAPTER_DIR)
+            check_lora_base(model, path)
+        else:
+            saved = type(model).from_pretrained(path, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(saved.state_dict())
+    except CheckpointError:
+        raise
     except Exception as err:  # a truncated or foreign file: say which one
         raise CheckpointError(f"resume: cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    model.load_state_dict(saved.state_dict())
     return state
+
+
+def check_lora_base(model: torch.nn.Module, path: Path) -> None:
+    """Raise CheckpointError unless `model` (its adapter just loaded) merges to the checkpoint's
+    saved weights: a LoRA resume takes its frozen base weights from the config, not the checkpoint,
+    so a different base model (or tiny-model seed) would otherwise go unnoticed."""
+    merged = merged_copy(model).state_dict()
+    saved = {k: v for shard in sorted(path.glob("model*.safetensors")) for k, v in load_file(shard).items()}
+    if not saved:
+        raise CheckpointError(f"resume: {path} holds no model*.safetensors")
+    for name, weight in saved.items():
+        if not torch.allclose(merged[name], weight.to(merged[name].dtype), rtol=1e-4, atol=1e-5):
+            raise CheckpointError(
+                f"resume: the model's base weights differ from those of {path} (first: {name}); "
+                "resume with the run's model settings"
+            )
 
 
 def checkpoint_step(path: Path) -> int:

