@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from common.distributed import unwrap
+
 
 @dataclass
 class RolloutBatch:
@@ -137,6 +139,14 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> tuple[Ten
     return response_mask, response_mask.sum(dim=1).long(), ~is_eos.any(dim=1)
 
 
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM can compute logits for the last k positions only (`logits_to_keep`)."""
+    inner = unwrap(model)
+    # a peft (LoRA) wrapper's forward takes **kwargs and hands them to its base model: ask that one
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Put `model` in eval mode for the block, then restore its previous mode."""
@@ -180,7 +190,7 @@ def sequence_logprobs(
     assert prompt_len >= 1 and T >= 1, f"{prompt_len=} and response width {T=} must both be >= 1"
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
     kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+    if takes_logits_to_keep(model):
         kwargs["logits_to_keep"] = T + 1  # logits of the last T+1 columns: P-1 .. P+T-1
     logits = model(
         input_ids=input_ids,
@@ -339,6 +349,9 @@ class HFRollout:
             group_index=torch.arange(n_prompts, device=device).repeat_interleave(G),
             pad_token_id=self.pad_token_id,
         )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """After an update: nothing to do, this engine samples from the policy module itself."""
 
     def generate_responses(self, prompts: list[str]) -> tuple[list[str], Tensor, list[str]]:
         """Sample G responses per prompt and score them (the seed's contract).

@@ -33,9 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm.auto import tqdm
 
 from common.checkpoint import prune_checkpoints, save_checkpoint
+from common.distributed import SINGLE, DistContext, no_sync, reduce_metrics, unwrap
 from common.logging import RunLogger
 from common.losses import aggregation_denominator
 from common.reward_fn import score_responses
@@ -194,9 +196,14 @@ def collect(
     settings: TrainSettings,
     group_filter: GroupFilter | None,
     flat_groups: FlatGroups | None = None,
+    dist: DistContext = SINGLE,
 ) -> tuple[Samples | None, dict[str, float]]:
     """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept;
     with `flat_groups`, grow all-equal groups instead (see `resample_flat_groups`).
+
+    Data parallel: every rank takes the same global batch from the stream and rolls out its own
+    contiguous share (batch_size / world_size prompts), so groups never span ranks and the stream
+    stays in step on all ranks; with a filter, generation rounds go on until every rank is full.
 
     Dynamic sampling (DAPO Algorithm 1, lines 3-8): groups whose *task correctness* is all equal
     carry no signal (zero advantage) and are dropped. The filter reads the correctness term, not
@@ -205,8 +212,11 @@ def collect(
     instead of failing; with nothing kept it returns None and the step skips its update.
     """
     G = engine.group_size
+    target = settings.batch_size // dist.world_size  # this rank's groups
     if group_filter is None:
-        samples = generate_and_score(engine, task, stream.take(settings.batch_size), algo, settings)
+        samples = generate_and_score(
+            engine, task, dist.shard(stream.take(settings.batch_size)), algo, settings
+        )
         stats: dict[str, float] = {"sampling/gen_batches": 1}
         if flat_groups is not None:
             samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
@@ -219,17 +229,19 @@ def collect(
     gen_batch = 0
     while gen_batch < settings.max_num_gen_batches:
         gen_batch += 1
-        samples = generate_and_score(engine, task, stream.take(settings.batch_size), algo, settings)
-        keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
-        n_seen += keep.numel()
-        n_generated += samples.rollout.input_ids.shape[0]
-        n_tokens += int(samples.rollout.lengths.sum())
-        take = keep.nonzero().flatten()[: settings.batch_size - n_kept]
-        if take.numel():
-            rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
-            kept.append(samples.select(rows))
-            n_kept += take.numel()
-        if n_kept >= settings.batch_size:
+        examples = dist.shard(stream.take(settings.batch_size))  # every rank advances the stream
+        if n_kept < target:
+            samples = generate_and_score(engine, task, examples, algo, settings)
+            keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
+            n_seen += keep.numel()
+            n_generated += samples.rollout.input_ids.shape[0]
+            n_tokens += int(samples.rollout.lengths.sum())
+            take = keep.nonzero().flatten()[: target - n_kept]
+            if take.numel():
+                rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
+                kept.append(samples.select(rows))
+                n_kept += take.numel()
+        if not dist.any(n_kept < target):
             break
     stats = {
         "sampling/gen_batches": gen_batch,
@@ -239,11 +251,11 @@ def collect(
         "sampling/groups_dropped": n_seen - n_kept,
         "sampling/kept_group_frac": n_kept / max(n_seen, 1),
     }
-    if n_kept < settings.batch_size:
+    if n_kept < target:
         log.warning(
             "dynamic sampling: %d of %d groups kept after %d generation batches (max_num_gen_batches); %s",
             n_kept,
-            settings.batch_size,
+            target,
             gen_batch,
             "training on the kept groups" if n_kept else "no group has mixed rewards, skipping this update",
         )
@@ -375,6 +387,7 @@ def accumulate_gradients(
     temperature: float,
     critic: torch.nn.Module | None = None,
     bf16: bool = False,
+    dist: DistContext = SINGLE,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -385,29 +398,45 @@ def accumulate_gradients(
     fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
     backward follows the forward's dtypes; log-probs and losses stay float32).
 
+    Data parallel (`dist`, with `model` and `critic` wrapped in DDP): the denominator is summed over
+    ranks, so it is the global mini-batch's; DDP averages gradients over the W ranks, so each
+    rank's loss is scaled by W and the all-reduced gradient is the global loss's gradient:
+        grad = sum_r grad(sum_{i in r} l_i / D_global) = W * mean_r grad(...).
+    Gradients are all-reduced once, in the backward of the last micro-batch (`no_sync` before it).
+    Every rank runs the same number of backward passes (DDP's collectives must match): a rank with
+    fewer micro-batches adds zero-weight passes over its first row.
+
     Returns:
-        (mini-batch loss, token-weighted means of the algorithm's stats, loss tokens)
+        (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
+        loss tokens)
     """
-    denominator = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg)
+    denominator = dist.all_reduce(aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg))
     total, means, n_total = 0.0, WeightedMeans(), 0.0
     # longest rows first: the first micro-batch fails fast if memory is short
     rows = rows[batch["response_mask"][rows].sum(1).argsort(descending=True)]
-    for micro in rows.split(micro_batch_size):
+    micros = list(rows.split(micro_batch_size))
+    n_passes = int(dist.all_reduce(len(micros), "max"))
+    for i in range(n_passes):
+        real = i < len(micros)
+        micro = micros[i] if real else (rows[:1] if rows.numel() else torch.zeros(1, dtype=torch.long))
         mb = micro_batch(batch, micro)
-        with autocast(batch["input_ids"].device, bf16):
-            logprob, entropy = sequence_logprobs(
-                model,
-                mb["input_ids"],
-                mb["attention_mask"],
-                mb["prompt_len"],
-                temperature=temperature,
-                return_entropy=True,
-            )  # (B, T), (B, T)
-            values = None
-            if critic is not None:
-                values = critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]).float()  # (B, T)
-        loss, stats = algo.loss(mb, logprob, denominator=denominator, entropy=entropy, values=values)
-        loss.backward()
+        with no_sync([model, critic], skip=i < n_passes - 1):
+            with autocast(batch["input_ids"].device, bf16):
+                logprob, entropy = sequence_logprobs(
+                    model,
+                    mb["input_ids"],
+                    mb["attention_mask"],
+                    mb["prompt_len"],
+                    temperature=temperature,
+                    return_entropy=True,
+                )  # (B, T), (B, T)
+                values = None
+                if critic is not None:
+                    values = critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]).float()  # (B, T)
+            loss, stats = algo.loss(mb, logprob, denominator=denominator, entropy=entropy, values=values)
+            (loss * (dist.world_size if real else 0.0)).backward()
+        if not real:
+            continue
         total += loss.item()
         n_tokens = float(mb["loss_mask"].sum())
         mask = mb["response_mask"]
@@ -428,11 +457,13 @@ def update_policy(
     generator: torch.Generator,
     critic: Critic | None = None,
     update_actor: bool = True,
+    dist: DistContext = SINGLE,
 ) -> dict[str, float]:
     """`algo.epochs` passes over the batch, each split into mini-batches of one optimizer step.
 
     With a critic, its optimizer steps beside the policy's; `update_actor=False` (critic warm-up)
-    steps the critic alone.
+    steps the critic alone. Data parallel: see `accumulate_gradients`; the reported loss is the
+    global mini-batch's (summed over ranks), so a non-finite loss on any rank skips the step on all.
     """
     N = batch["input_ids"].shape[0]
     n_minibatches = max(1, settings.batch_size // settings.mini_batch_size)
@@ -448,8 +479,17 @@ def update_policy(
             if critic is not None:
                 critic.optimizer.zero_grad(set_to_none=True)
             total, stats, n_tokens = accumulate_gradients(
-                model, algo, batch, rows, settings.micro_batch_size, temperature, critic_model, settings.bf16
+                model,
+                algo,
+                batch,
+                rows,
+                settings.micro_batch_size,
+                temperature,
+                critic_model,
+                settings.bf16,
+                dist,
             )
+            total = dist.all_reduce(total)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
             if critic is not None:
@@ -622,27 +662,36 @@ class Resumable:
     algo: Any
     critic: Critic | None
     generator: torch.Generator
+    dist: DistContext = SINGLE
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "update": self.generator.get_state(),
+        }
 
     def state_dict(self, loop: LoopState, run_id: str | None) -> dict[str, Any]:
-        """Everything but the policy weights that an exact resume needs."""
+        """Everything but the policy weights that an exact resume needs. Data parallel: a
+        collective (every rank calls it); "rank_rng" holds each rank's sampling RNG streams."""
+        rng = self._rng_state()
+        if isinstance(self.optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: gather the shards on rank 0
+            self.optimizer.consolidate_state_dict(to=0)
         state = {
             "step": loop.step,
             "loop": vars(loop).copy(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.dist.is_main else None,
             "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "update": self.generator.get_state(),
-            },
+            "rng": rng,
+            "rank_rng": self.dist.gather_objects(rng),
             "data": self.stream.state_dict(),
             "algorithm": self.algo.state_dict(),
             "wandb_run_id": run_id,
         }
         if self.critic is not None:
-            state["critic"] = self.critic.model.state_dict()
+            state["critic"] = unwrap(self.critic.model).state_dict()
             state["critic_optimizer"] = self.critic.optimizer.state_dict()
         return state
 
@@ -653,9 +702,21 @@ class Resumable:
         self.stream.load_state_dict(state["data"])
         self.algo.load_state_dict(state["algorithm"])
         if self.critic is not None:
-            self.critic.model.load_state_dict(state["critic"])
+            unwrap(self.critic.model).load_state_dict(state["critic"])
             self.critic.optimizer.load_state_dict(state["critic_optimizer"])
         rng = state["rng"]
+        rank_rng = state.get("rank_rng") or [rng]
+        if len(rank_rng) == self.dist.world_size:
+            rng = rank_rng[self.dist.rank]
+        elif self.dist.rank > 0:
+            log.warning(
+                "checkpoint written by %d processes, resumed on %d: rank %d reseeds its sampling",
+                len(rank_rng),
+                self.dist.world_size,
+                self.dist.rank,
+            )
+            reseeded = torch.Generator().manual_seed(int(rng["torch"].sum()) + self.dist.rank)
+            rng = {**rng, "torch": reseeded.get_state()}
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -678,6 +739,7 @@ def add_logprobs_and_values(
     """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
     batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
     micro = settings.micro_batch_size
+    model = unwrap(model)  # no DDP in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
         # several mini-batches make all but the first off-policy: their ratio needs pi_old
         if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
@@ -685,7 +747,7 @@ def add_logprobs_and_values(
         if reference is not None:
             batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
         if critic is not None:
-            batch["values"] = batched_forward(value_fn(critic.model.eval()), batch, micro).float()
+            batch["values"] = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro).float()
 
 
 def train_step(
@@ -705,15 +767,20 @@ def train_step(
     group_filter: GroupFilter | None,
     flat_groups: FlatGroups | None,
     critic: Critic | None,
+    dist: DistContext = SINGLE,
 ) -> tuple[Samples | None, dict[str, float]]:
     """One step: rollout -> reward -> log-probs -> advantages -> update. Returns the step's batch
-    (None when dynamic sampling kept nothing and the update was skipped) and its metrics."""
+    (None when dynamic sampling kept nothing and the update was skipped) and this rank's metrics.
+    Data parallel: `model` (and the critic's model) are DDP-wrapped; the engine and the reference
+    hold the plain modules."""
     t0 = time.perf_counter()
     # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
-    samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups)
+    samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups, dist)
     t_rollout = time.perf_counter()
     metrics["perf/rollout_s"] = t_rollout - t0
-    if samples is None:
+    if dist.any(samples is None):  # every rank skips the update together (DDP)
+        if samples is not None:
+            log.warning("dynamic sampling kept no group on another rank: update skipped on all ranks")
         return None, metrics
     batch = build_batch(samples, algo, device)
     # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
@@ -735,8 +802,10 @@ def train_step(
             generator,
             critic=critic,
             update_actor=update_actor,
+            dist=dist,
         )
     )
+    engine.sync_weights(unwrap(model))  # a separate generation engine (vLLM) gets the new weights
     t_update = time.perf_counter()
     metrics.update(rollout_metrics(samples, algo.group_size))
     metrics.update(
@@ -774,7 +843,7 @@ def train(
     task: Task,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    logger: RunLogger,
+    logger: RunLogger | None,
     settings: TrainSettings,
     run_dir: Path,
     device: torch.device,
@@ -782,6 +851,7 @@ def train(
     flat_groups: FlatGroups | None = None,
     critic: Critic | None = None,
     resume_state: dict[str, Any] | None = None,
+    dist: DistContext = SINGLE,
 ) -> dict[str, float]:
     """Run up to settings.max_steps steps; returns the last step's metrics (with the last evaluation).
 
@@ -790,12 +860,16 @@ def train(
     Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and is
     checkpointed) and RunAbortedError after settings.max_bad_steps steps in a row without a finite
     update (the last good state is checkpointed).
+
+    Data parallel (`dist`): every rank runs this loop with its DDP-wrapped `model`; metrics are
+    reduced over ranks, and only rank 0 (whose `logger` is the only one, others pass None)
+    evaluates, logs and writes checkpoints.
     """
     stream = PromptStream(task.train, settings.seed)
     eval_examples = task.test[: settings.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
     loop = LoopState()
-    resumable = Resumable(optimizer, scheduler, stream, algo, critic, generator)
+    resumable = Resumable(optimizer, scheduler, stream, algo, critic, generator, dist)
     if resume_state is not None:
         loop = resumable.load_state_dict(resume_state)
         log.info("resumed after step %d", loop.step)
@@ -804,9 +878,11 @@ def train(
 
     def checkpoint(name: str) -> Path:
         loop.wall_s = time.perf_counter() - t_start
-        state = resumable.state_dict(loop, logger.wandb_run_id)
-        path = save_checkpoint(run_dir / "checkpoints" / name, model=model, tokenizer=tokenizer, state=state)
-        prune_checkpoints(run_dir, settings.keep_last_checkpoints)
+        state = resumable.state_dict(loop, logger.wandb_run_id if logger else None)  # all ranks
+        path = run_dir / "checkpoints" / name
+        if dist.is_main:
+            save_checkpoint(path, model=unwrap(model), tokenizer=tokenizer, state=state)
+            prune_checkpoints(run_dir, settings.keep_last_checkpoints)
         return path
 
     def maybe_eval(step: int) -> dict[str, float]:
@@ -815,7 +891,7 @@ def train(
             if settings.eval_every > 0
             else False
         )
-        if not (due and eval_examples):
+        if not (due and eval_examples and dist.is_main):
             return {}
         t = time.perf_counter()
         metrics = evaluate(engine, task, eval_examples, settings.format_weight)
@@ -823,10 +899,15 @@ def train(
         return metrics
 
     progress = tqdm(
-        total=settings.max_steps, initial=loop.step, desc=algo.name, unit="step", dynamic_ncols=True
+        total=settings.max_steps,
+        initial=loop.step,
+        desc=algo.name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not dist.is_main,
     )
     with StopRequest() as stop, progress:
-        if loop.step == 0 and (initial := maybe_eval(0)):
+        if loop.step == 0 and (initial := maybe_eval(0)) and logger:
             logger.log(0, initial)
             tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
         while loop.step < settings.max_steps:
@@ -847,7 +928,9 @@ def train(
                 group_filter=group_filter,
                 flat_groups=flat_groups,
                 critic=critic,
+                dist=dist,
             )
+            metrics = reduce_metrics(metrics, dist)
             # the compute axis counts every generated sample and token, kept or dropped
             loop.step = step
             loop.samples_total += metrics["sampling/samples"]
@@ -860,15 +943,18 @@ def train(
                     "step %d: %d reward errors, e.g. %s", step, samples.errors, samples.error_messages[0]
                 )
             metrics.update(maybe_eval(step))
-            logger.log(step, metrics)
+            if logger:
+                logger.log(step, metrics)
             if (
-                samples is not None
+                logger
+                and samples is not None
                 and settings.log_samples_every > 0
                 and step % settings.log_samples_every == 0
             ):
                 logger.log_samples(step, sample_rows(samples, settings.num_samples_logged))
             progress.update(1)
-            tqdm.write(step_summary(step, settings.max_steps, metrics))
+            if dist.is_main:
+                tqdm.write(step_summary(step, settings.max_steps, metrics))
             last = metrics
             # 5. faults: a step whose every update was non-finite changed nothing; K in a row end the run
             failed = (
@@ -883,7 +969,7 @@ def train(
                     f"non-finite loss or gradient in {loop.bad_steps} steps in a row "
                     f"(trainer.max_bad_steps); the last good state is saved in {path}"
                 )
-            if stop.requested and step < settings.max_steps:
+            if dist.any(stop.requested) and step < settings.max_steps:
                 raise RunInterruptedError(step, checkpoint(f"step_{step}"))
             if settings.save_every > 0 and step % settings.save_every == 0 and step < settings.max_steps:
                 try:
@@ -891,5 +977,6 @@ def train(
                 except OSError as err:  # disk full, quota: the previous checkpoint is intact
                     log.error("checkpoint at step %d failed (%s); training goes on", step, err)
     path = checkpoint("final")
-    log.info("final policy saved to %s", path)
+    if dist.is_main:
+        log.info("final policy saved to %s", path)
     return last

@@ -6,13 +6,16 @@ Every check here fails at start-up with a ConfigError that names the key, before
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.models import load_policy
+from common.distributed import DistContext, launched_world_size
+from common.models import apply_lora, load_policy, save_hf
 from common.rollout import HFRollout
+from common.rollout_vllm import vllm_available
 from common.tasks import Task, build_task
 from common.trainer import Critic, TrainSettings
 from dapo import DAPO, filter_groups, groups_to_resample
@@ -25,6 +28,8 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
+DDP_BACKENDS = ("auto", "gloo", "nccl")
+ROLLOUT_ENGINES = ("hf", "vllm")
 
 
 class ConfigError(ValueError):
@@ -60,6 +65,19 @@ def validate(cfg: DictConfig) -> None:
         cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
     )
     _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
+    _require(
+        cfg.rollout.engine in ROLLOUT_ENGINES,
+        "rollout.engine",
+        f"{cfg.rollout.engine!r}; options: {', '.join(ROLLOUT_ENGINES)}",
+    )
+    if cfg.rollout.engine == "vllm":
+        usable, reason = vllm_available()
+        _require(usable, "rollout.engine", f"vllm: {reason}; rollout.engine=hf works everywhere")
+        _require(
+            0 < cfg.rollout.gpu_memory_utilization < 1,
+            "rollout.gpu_memory_utilization",
+            f"must be in (0, 1) (got {cfg.rollout.gpu_memory_utilization})",
+        )
     t = cfg.trainer
     _require(t.max_steps >= 0, "trainer.max_steps", f"must be >= 0 (got {t.max_steps})")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1 (got {t.batch_size})")
@@ -75,6 +93,24 @@ def validate(cfg: DictConfig) -> None:
         "trainer.micro_batch_size",
         f"must divide the {rows} sequences of a mini-batch (trainer.mini_batch_size x rollout.group_size)"
         f" (got {t.micro_batch_size})",
+    )
+    world = launched_world_size()
+    _require(
+        t.batch_size % world == 0 and mini % world == 0,
+        "trainer.batch_size",
+        f"trainer.batch_size={t.batch_size} and trainer.mini_batch_size={mini} must be multiples of the "
+        f"{world} data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
+    )
+    _require(
+        t.zero_stage in (0, 1),
+        "trainer.zero_stage",
+        f"{t.zero_stage}; options: 0 (off), 1 (AdamW state sharded over data-parallel ranks). Stages 2-3 "
+        "(gradient / parameter sharding, FSDP) are not supported: see README 'Scaling up'",
+    )
+    _require(
+        t.ddp_backend in DDP_BACKENDS,
+        "trainer.ddp_backend",
+        f"{t.ddp_backend!r}; options: {', '.join(DDP_BACKENDS)}",
     )
     _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
@@ -133,6 +169,8 @@ def validate(cfg: DictConfig) -> None:
             "algorithm.overlong_buffer_len",
             f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
         )
+    if cfg.model.lora.enabled:
+        validate_lora(cfg.model.lora)
 
 
 def validate_ppo(algo: DictConfig) -> None:
@@ -150,6 +188,23 @@ def validate_ppo(algo: DictConfig) -> None:
     if algo.kl_ctl == "adaptive":
         _require(algo.kl_target > 0, "algorithm.kl_target", f"must be > 0 (got {algo.kl_target})")
         _require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be > 0 (got {algo.kl_horizon})")
+
+
+def validate_lora(lora: DictConfig) -> None:
+    """model.lora, checked only when enabled: the adapter's rank, scale, dropout and layers."""
+    _require(
+        isinstance(lora.r, int) and lora.r >= 1,
+        "model.lora.r",
+        f"must be an integer >= 1 (got {lora.r})",
+    )
+    _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0 (got {lora.alpha})")
+    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1) (got {lora.dropout})")
+    modules = lora.target_modules
+    _require(
+        OmegaConf.is_list(modules) and len(modules) > 0 and all(isinstance(m, str) for m in modules),
+        "model.lora.target_modules",
+        f"must be a non-empty list of module names, e.g. [q_proj, v_proj] (got {modules})",
+    )
 
 
 def build_algorithm(cfg: DictConfig) -> Any:
@@ -202,14 +257,20 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
 def build_optimizer(
     model: torch.nn.Module, cfg: DictConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with linear warm-up over optim.warmup_steps optimizer steps, then a constant rate."""
+    """AdamW with linear warm-up over optim.warmup_steps optimizer steps, then a constant rate.
+
+    trainer.zero_stage=1 under data parallel: the AdamW state is sharded over the ranks (ZeRO stage 1,
+    Rajbhandari et al. 2020, via torch's ZeroRedundancyOptimizer): each rank keeps and updates 1/W
+    of it, then the updated parameters are broadcast; the update itself is unchanged."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=o.lr,
-        betas=tuple(o.betas),
-        weight_decay=o.weight_decay,
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    adamw = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    if cfg.trainer.zero_stage == 1 and launched_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **adamw)
+    else:
+        optimizer = torch.optim.AdamW(params, **adamw)
     warmup = o.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
@@ -239,7 +300,8 @@ def build_task_from(cfg: DictConfig) -> Task:
 
 def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path),
-    with gradient checkpointing when model.gradient_checkpointing is set."""
+    with gradient checkpointing when model.gradient_checkpointing is set, wrapped in LoRA adapters
+    (only they train) when model.lora.enabled is set."""
     model, tokenizer = load_policy(
         cfg.model.source,
         name_or_path=cfg.model.name_or_path,
@@ -251,15 +313,21 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works with inputs that need no grad and with torch.no_grad passes
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    lora = cfg.model.lora
+    if lora.enabled:
+        try:
+            model = apply_lora(
+                model, lora.r, lora.alpha, lora.dropout, list(lora.target_modules), seed=cfg.seed
+            )
+        except ValueError as err:
+            raise ConfigError(f"model.lora.target_modules: {err}") from err
     return model, tokenizer
 
 
 def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
-    """The rollout engine with cfg.rollout's sampling settings."""
+    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings."""
     r = cfg.rollout
-    return HFRollout(
-        model,
-        tokenizer,
+    sampling = dict(
         group_size=r.group_size,
         max_new_tokens=r.max_new_tokens,
         temperature=r.temperature,
@@ -268,11 +336,29 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HF
         system_prompt=r.system_prompt,
         max_prompt_len=r.max_prompt_len,
     )
+    if r.engine == "hf":
+        return HFRollout(model, tokenizer, **sampling)
+    from common.rollout_vllm import VLLMRollout  # optional extra, GPU only
+
+    # vLLM builds its copy from a folder; the weights are synced from the policy right after
+    with tempfile.TemporaryDirectory(prefix="rl-lab-vllm-") as folder:
+        save_hf(model, tokenizer, folder)
+        return VLLMRollout(
+            model,
+            tokenizer,
+            model_path=folder,
+            gpu_memory_utilization=r.gpu_memory_utilization,
+            seed=cfg.seed,
+            **sampling,
+        )
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, dist: DistContext | None = None) -> torch.device:
+    """trainer.device -> a torch device; under data parallel on GPUs, this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device: {name!r} requested but CUDA is not available")
+    if name == "cuda" and dist is not None and dist.enabled:
+        return torch.device("cuda", dist.local_rank)
     return torch.device(name)

@@ -4,6 +4,7 @@
     python -m scripts.train algorithm=dapo group_size=g16 seed=3
     python -m scripts.train -m algorithm=grpo,dapo seed=0,1,2
     python -m scripts.train debug=smoke                      # seconds, tiny model, no W&B
+    torchrun --nproc_per_node 2 -m scripts.train model=tiny  # data parallel (also: accelerate launch)
 
 The only module that reads the Hydra config: it validates it, builds the objects and calls
 common.trainer.train with keyword arguments.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +25,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from common.checkpoint import CheckpointError, find_latest, load_checkpoint
+from common.distributed import (
+    DistContext,
+    DistributedError,
+    init_distributed,
+    launched_world_size,
+    shutdown,
+    wrap_ddp,
+)
 from common.logging import RunLogger
 from common.models import ModelLoadError, make_reference
 from common.tasks import TaskError
@@ -69,16 +79,43 @@ def resume_command(run_dir: Path) -> str:
     overrides = [
         o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "resume="))
     ]
-    return " ".join(["python -m scripts.train", *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
+    world = launched_world_size()
+    launcher = (
+        f"torchrun --nproc_per_node {world} -m scripts.train" if world > 1 else "python -m scripts.train"
+    )
+    return " ".join([launcher, *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
+
+
+def shared_run_dir(run_dir: Path, dist: DistContext) -> Path:
+    """Rank 0's run directory on every rank (Hydra's timestamped folder may differ by a second
+    between processes); a rank's own folder, if different and holding only Hydra's files, goes."""
+    main_dir = Path(dist.broadcast_object(str(run_dir)))
+    if main_dir != run_dir and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return main_dir
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Validate cfg, build every object, train; returns the last step's metrics."""
+    """Validate cfg, build every object, train; returns the last step's metrics.
+
+    Under torchrun / accelerate launch every process runs this: same seed (identical weights,
+    reference and critic), then its own sampling stream; the policy and the critic train under DDP.
+    """
     validate(cfg)
+    dist = init_distributed(cfg.trainer.ddp_backend)
+    if not dist.is_main:  # one voice on the console: other ranks report only problems
+        log.setLevel(logging.WARNING)
+    try:
+        return _run(cfg, shared_run_dir(run_dir, dist) if dist.enabled else run_dir, dist)
+    finally:
+        shutdown(dist)
+
+
+def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    device = resolve_device(cfg.trainer.device, dist)
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
     task = build_task_from(cfg)
@@ -106,7 +143,45 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     optimizer, scheduler = build_optimizer(model, cfg)
     # after the reference copy: the KL anchor stays the initial policy when a run resumes
     resume_state = load_resume_state(cfg.resume, run_dir, model)
+    if dist.rank > 0:
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
+    policy = wrap_ddp(model, dist)
+    if critic is not None:
+        critic.model = wrap_ddp(critic.model, dist)
+    if dist.enabled:
+        log.info("data parallel: rank %d of %d (%s)", dist.rank, dist.world_size, device)
 
+    logger = make_logger(cfg, run_dir, resume_state) if dist.is_main else None  # rank 0 logs
+    exit_code = 1
+    try:
+        metrics = train(
+            model=policy,
+            tokenizer=tokenizer,
+            reference=reference,
+            engine=engine,
+            algo=algo,
+            task=task,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            logger=logger,
+            settings=settings,
+            run_dir=run_dir,
+            device=device,
+            group_filter=build_group_filter(cfg),
+            flat_groups=build_flat_groups(cfg),
+            critic=critic,
+            resume_state=resume_state,
+            dist=dist,
+        )
+        exit_code = 0
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+    return metrics
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> RunLogger:
+    """The run's W&B / JSONL logger, continuing the W&B run of a resumed checkpoint."""
     config = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
     logger = RunLogger(
@@ -130,30 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         resume_step=resume_state["step"] if resume_state else None,
     )
     log.info("run %s in %s\n%s", name, run_dir, OmegaConf.to_yaml(cfg, resolve=True))
-    exit_code = 1
-    try:
-        metrics = train(
-            model=model,
-            tokenizer=tokenizer,
-            reference=reference,
-            engine=engine,
-            algo=algo,
-            task=task,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            logger=logger,
-            settings=settings,
-            run_dir=run_dir,
-            device=device,
-            group_filter=build_group_filter(cfg),
-            flat_groups=build_flat_groups(cfg),
-            critic=critic,
-            resume_state=resume_state,
-        )
-        exit_code = 0
-    finally:
-        logger.finish(exit_code)
-    return metrics
+    return logger
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
@@ -161,7 +213,7 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, run_dir)
-    except (ConfigError, ModelLoadError, TaskError, CheckpointError) as err:
+    except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except RunAbortedError as err:

@@ -1,0 +1,149 @@
+"""vLLM rollout engine (`rollout.engine=vllm`): generation on a GPU through vLLM, same batch as HFRollout.
+
+Only the sampling moves to vLLM (paged attention, continuous batching, prefix sharing within a
+group); the training forward still computes every log-prob (old, reference, current), so the loss
+never sees vLLM's numbers. After each update `sync_weights` copies the policy's weights into the
+engine (the TRL "colocate" pattern: one process, one GPU, vLLM holding `gpu_memory_utilization` of
+its memory).
+
+vLLM is an optional extra (`pip install vllm`, CUDA only) imported lazily: nothing here runs on
+import, and `VLLMRollout` raises a clear error when vLLM or CUDA is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from common.models import is_lora, merged_copy
+from common.rollout import HFRollout, RolloutBatch, response_mask_from_ids
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM or a CUDA device is missing."""
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(usable, reason): vLLM needs the package and a CUDA device."""
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vLLM is not installed (pip install vllm; GPU only)"
+    if not torch.cuda.is_available():
+        return False, "vLLM needs a CUDA GPU and none is available"
+    return True, ""
+
+
+def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Runs inside vLLM's worker (LLM.collective_rpc): load HF-named tensors into its model."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMRollout(HFRollout):
+    """HFRollout's interface (sample / generate_responses / check_prompts) with vLLM sampling.
+
+    Args (besides HFRollout's):
+        model_path: a local HF folder with the policy's weights (config + tokenizer), from which vLLM
+            builds its copy; the caller passes the converted / downloaded model folder.
+        gpu_memory_utilization: share of the GPU vLLM may take for weights and KV cache (verl:
+            rollout.gpu_memory_utilization; TRL: vllm_gpu_memory_utilization).
+        dtype: vLLM's weight dtype ("auto" = the checkpoint's).
+        seed: vLLM's sampling seed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        model_path: str,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "auto",
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        usable, reason = vllm_available()
+        if not usable:
+            raise VLLMUnavailableError(f"rollout.engine=vllm: {reason}")
+        super().__init__(model, tokenizer, **kwargs)
+        # one process: the engine core in this process, so weights sync without a copy to another
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import vllm
+
+        self._vllm = vllm
+        self.llm = vllm.LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            enable_prefix_caching=True,
+        )
+        self.sync_weights(model)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Copy the policy's current weights into the vLLM engine (after every update); a LoRA
+        policy is merged first, so vLLM gets plain HF parameter names."""
+        source = merged_copy(model) if is_lora(model) else model
+        weights = [(name, p.detach()) for name, p in source.state_dict().items()]
+        self.llm.collective_rpc(_load_weights, args=(weights,))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int | None = None,
+        *,
+        do_sample: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> RolloutBatch:
+        """G responses per prompt from vLLM (SamplingParams.n = G keeps them in group order),
+        assembled into the same left-padded prompt + right-padded response batch as HFRollout."""
+        G = group_size or self.group_size
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        enc = self.tokenizer(
+            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        prompt_lengths = enc["attention_mask"].sum(dim=1)  # (n_prompts,)
+        self._check_prompt_lengths(prompt_lengths.tolist(), max_new_tokens)
+        P = enc["input_ids"].shape[1]
+        requests = [
+            {"prompt_token_ids": row[P - n :].tolist()}
+            for row, n in zip(enc["input_ids"], prompt_lengths, strict=True)
+        ]
+        params = self._vllm.SamplingParams(
+            n=G,
+            max_tokens=max_new_tokens,
+            temperature=self.temperature if do_sample else 0.0,
+            top_p=self.top_p if do_sample else 1.0,
+            top_k=self.top_k if (do_sample and self.top_k > 0) else -1,
+            stop_token_ids=[self.eos_token_id],
+        )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [list(c.token_ids) for out in outputs for c in out.outputs]  # (N,) [q1]*G + ...
+        T = max(len(c) for c in completions)
+        response_ids = torch.full((len(completions), T), self.pad_token_id, dtype=torch.long)
+        for i, ids in enumerate(completions):
+            response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        input_ids = enc["input_ids"].repeat_interleave(G, dim=0)  # (N, P)
+        attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+        device = next(self.model.parameters()).device
+        texts = self.tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=torch.cat([input_ids, response_ids], dim=1).to(device),
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1).to(device),
+            response_mask=response_mask.to(device),
+            prompt_len=P,
+            prompts_expanded=[p for p in prompts for _ in range(G)],
+            responses=texts,
+            lengths=lengths.to(device),
+            truncated=truncated.to(device),
+            group_index=torch.arange(len(prompts), device=device).repeat_interleave(G),
+            pad_token_id=self.pad_token_id,
+        )

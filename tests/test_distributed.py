@@ -1,0 +1,218 @@
+"""Data parallel: 2 processes (gloo, CPU) give the same gradient and update as 1 process on the same
+global batch, also when the ranks hold unequal shares; and `torchrun -m scripts.train` runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from common.distributed import DistContext, launched_world_size, reduce_metrics, unwrap
+from common.models import load_policy
+from common.rollout import HFRollout
+from common.tasks import build_task
+from common.trainer import accumulate_gradients, build_batch, generate_and_score, update_policy
+from scripts.build import build_algorithm, build_settings
+from tests.conftest import ROOT, compose_train
+
+OVERRIDES = (
+    "model=tiny",
+    "task=char_share",
+    "logger=none",
+    "group_size=g4",
+    "trainer.batch_size=4",
+    "trainer.micro_batch_size=4",
+    "rollout.max_new_tokens=10",
+    "algorithm.loss_agg=token-mean",
+    # no clipping: a gradient off by a factor would otherwise be rescaled to the same norm
+    "optim.max_grad_norm=1e9",
+)
+# rows of the 16-row global batch (4 groups of 4) per rank: even, and uneven (3 groups vs 1), which
+# also makes rank 1 run zero-weight micro-batches to match rank 0's three backward passes
+SPLITS = {
+    "even": [list(range(0, 8)), list(range(8, 16))],
+    "uneven": [list(range(0, 12)), list(range(12, 16))],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(cache_dir: str):
+    cfg = compose_train(*OVERRIDES)
+    model, tokenizer = load_policy("tiny", cache_dir=cache_dir, tiny=dict(cfg.model.tiny), seed=0)
+    return tokenizer, model, build_algorithm(cfg.algorithm), build_settings(cfg)
+
+
+def _global_batch(cache_dir: str) -> dict:
+    """16 scored rows (4 prompts x G=4) with unequal response lengths, advantages and reference
+    log-probs filled in: the same batch for the 1-process and the 2-process update."""
+    tokenizer, model, algo, settings = _setup(cache_dir)
+    engine = HFRollout(model, tokenizer, group_size=4, max_new_tokens=10)
+    task = build_task("char_share")
+    torch.manual_seed(1)
+    samples = generate_and_score(engine, task, task.train[:4], algo, settings)
+    batch = build_batch(samples, algo, torch.device("cpu"))
+    lengths = torch.tensor([10, 3, 7, 10, 1, 9, 5, 8, 2, 10, 4, 6, 10, 7, 1, 3])
+    keep = (torch.arange(10)[None, :] < lengths[:, None]).float()  # (16, 10)
+    batch["response_mask"] = batch["response_mask"] * keep
+    batch["loss_mask"] = batch["loss_mask"] * keep
+    batch["rewards"] = torch.tensor([1.0, 0, 0, 1, 0.5, 0, 1, 0, 1, 1, 0, 0, 0.2, 0.9, 0.1, 0])
+    batch["ref_logprob"] = -torch.rand(16, 10, generator=torch.Generator().manual_seed(2)) * 3
+    algo.compute_advantages(batch)
+    return batch
+
+
+def _rows(batch: dict, rows: list[int]) -> dict:
+    index = torch.tensor(rows)
+    return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _update(
+    model, algo, settings, batch: dict, dist: DistContext, zero: bool = False
+) -> tuple[list, list, dict]:
+    """(gradients of the global loss, parameters after one SGD step, metrics); `zero` shards the
+    optimizer over the ranks (ZeRO stage 1)."""
+    n = batch["input_ids"].shape[0]
+    accumulate_gradients(model, algo, batch, torch.arange(n), settings.micro_batch_size, 1.0, dist=dist)
+    grads = [p.grad.clone() for p in model.parameters()]
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.5)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    metrics = update_policy(
+        model, optimizer, scheduler, algo, batch, settings, 1.0, torch.Generator().manual_seed(0), dist=dist
+    )
+    return grads, [p.detach().clone() for p in model.parameters()], metrics
+
+
+def _worker(
+    rank: int, port: int, cache_dir: str, batch_path: str, split: str, zero: bool, out_dir: str
+) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ["LOCAL_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    from common.distributed import init_distributed, shutdown, wrap_ddp
+
+    dist = init_distributed("gloo")
+    _, model, algo, settings = _setup(cache_dir)
+    batch = _rows(torch.load(batch_path), SPLITS[split][rank])
+    grads, params, metrics = _update(wrap_ddp(model, dist), algo, settings, batch, dist, zero)
+    torch.save(
+        {"grads": grads, "params": params, "metrics": reduce_metrics(metrics, dist)}, f"{out_dir}/{rank}.pt"
+    )
+    shutdown(dist)
+
+
+@pytest.mark.parametrize("split, zero", [("even", False), ("uneven", False), ("uneven", True)])
+def test_two_processes_update_like_one(tmp_path, cache_dir, split, zero):
+    batch = _global_batch(cache_dir)
+    torch.save(batch, tmp_path / "batch.pt")
+    _, model, algo, settings = _setup(cache_dir)
+    grads_1, params_1, metrics_1 = _update(model, algo, settings, batch, DistContext())
+
+    mp.spawn(
+        _worker,
+        args=(_free_port(), cache_dir, str(tmp_path / "batch.pt"), split, zero, str(tmp_path)),
+        nprocs=2,
+    )
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    initial = list(_setup(cache_dir)[1].parameters())
+    step_1 = [a - p for a, p in zip(params_1, initial, strict=True)]
+    assert sum(s.norm() for s in step_1) > 1e-3  # the update moved the weights
+    for rank in ranks:
+        # the same gradient (global token-mean normaliser, summed over ranks) ...
+        for a, b in zip(grads_1, rank["grads"], strict=True):
+            assert (a - b).norm() <= 1e-5 * a.norm() + 1e-7
+        # ... and the same step of the parameters, on both ranks
+        for s1, b, p in zip(step_1, rank["params"], initial, strict=True):
+            assert (s1 - (b - p)).norm() <= 1e-4 * s1.norm() + 1e-6
+    # the loss is the global batch's: the ranks' shares add up to the 1-process loss
+    assert ranks[0]["metrics"]["policy/loss"] == pytest.approx(metrics_1["policy/loss"], rel=1e-4, abs=1e-6)
+
+
+def test_reduce_metrics_is_the_identity_in_one_process():
+    metrics = {"reward/total": 0.5, "sampling/samples": 8.0}
+    assert reduce_metrics(metrics, DistContext()) == metrics
+    assert unwrap(torch.nn.Linear(2, 2)).in_features == 2
+
+
+def test_shard_splits_a_global_batch_into_contiguous_shares():
+    items = list(range(8))
+    assert DistContext(rank=0, world_size=2).shard(items) == [0, 1, 2, 3]
+    assert DistContext(rank=1, world_size=2).shard(items) == [4, 5, 6, 7]
+    with pytest.raises(RuntimeError, match="do not split"):
+        DistContext(rank=0, world_size=3).shard(items)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
+    """The launcher path end to end: 2 ranks x 2 prompts x G=4 per step, rank 0 logs and saves
+    (with zero_stage=1 the sharded AdamW state is gathered into the checkpoint)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LAB_CACHE": cache_dir}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "-m",
+        "scripts.train",
+        "model=tiny",
+        "task=char_share",
+        "logger=none",
+        "group_size=g4",
+        "trainer.batch_size=4",
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.eval_num_prompts=4",
+        "rollout.max_new_tokens=8",
+        f"trainer.zero_stage={zero_stage}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m["step"] > 0 and "policy/loss" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    # the sequence count is the global batch's: 4 prompts x 4 responses, summed over the 2 ranks
+    assert all(m["rollout/num_sequences"] == 16 for m in steps)
+    assert (run_dir / "checkpoints" / "final" / "trainer_state.pt").is_file()
+    state = torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+    assert len(state["rank_rng"]) == 2
+    assert state["optimizer"]["state"], "the AdamW state of every parameter is in the checkpoint"
+    # the two ranks sampled with different RNG streams
+    assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])
+
+
+def test_batch_size_must_split_over_the_processes(monkeypatch):
+    from scripts.build import ConfigError, validate
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="trainer.batch_size"):
+        validate(compose_train(*OVERRIDES))
+
+
+def test_world_size_comes_from_the_launcher_or_slurm(monkeypatch):
+    for key in ("WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert launched_world_size() == 1
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # an allocation's shell, not an srun task: one process
+    assert launched_world_size() == 1
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert launched_world_size() == 4
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun inside the allocation wins
+    assert launched_world_size() == 2
