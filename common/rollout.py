@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from common.distributed import unwrap
 
@@ -145,6 +146,36 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     # a peft (LoRA) wrapper's forward takes **kwargs and hands them to its base model: ask that one
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def shared_prefix_cache(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, group_size: int
+) -> DynamicCache:
+    """The KV cache of each prompt's first P-1 tokens, computed ONCE per prompt and repeated for its
+    G rows, so `generate` only runs the last prompt token and the decoding for each row.
+
+    The G rows of a group share their prompt, so their prompt keys and values are identical: a
+    separate prefill per row (what `generate` does with the expanded batch) repeats the same work
+    G times. Positions follow the attention mask, as `generate` computes them.
+
+    Args:
+        input_ids, attention_mask: (n_prompts, P), left-padded, one row per prompt (not expanded).
+    Returns:
+        a DynamicCache of length P - 1 with n_prompts * G rows, in [q1]*G + [q2]*G + ... order.
+    """
+    cache = DynamicCache(config=model.config)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (n_prompts, P)
+    kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+        **kwargs,
+    )
+    cache.batch_repeat_interleave(group_size)  # (n_prompts, ...) -> (n_prompts * G, ...)
+    return cache
 
 
 @contextlib.contextmanager
@@ -316,9 +347,14 @@ class HFRollout:
 
         sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
         with eval_mode(self.model), torch.inference_mode():
+            cache = {}
+            if G > 1 and P > 1:  # prefill each prompt once, not G times
+                prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+                cache["past_key_values"] = shared_prefix_cache(self.model, prompt_ids, prompt_mask, G)
             sequences = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                **cache,
                 do_sample=do_sample,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_token_id,

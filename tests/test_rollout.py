@@ -256,3 +256,29 @@ def test_select_then_concat_keeps_groups_distinct():
     assert len(set(c.group_index[:2].tolist()) & set(c.group_index[2:].tolist())) == 0
     assert c.input_ids[:, 0].tolist() == [12, 13, 12, 13, 10]
     assert c.responses == ["a-r2", "a-r3", "b-r2", "b-r3", "b-r0"]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_shared_prompt_prefill_samples_like_one_prefill_per_row(rollout, do_sample):
+    """The prompt is prefilled once per prompt and its cache repeated G times: with the same seed the
+    responses equal those of a batch whose G copies of each prompt are prefilled separately."""
+    prompts = ["q1", "a longer second question", "q3"]
+    torch.manual_seed(3)
+    shared = rollout.sample(prompts, group_size=3, do_sample=do_sample)
+    torch.manual_seed(3)
+    separate = rollout.sample([p for p in prompts for _ in range(3)], group_size=1, do_sample=do_sample)
+    assert shared.responses == separate.responses
+    assert torch.equal(shared.input_ids, separate.input_ids)
+    assert len(set(shared.responses)) > 3 if do_sample else len(set(shared.responses)) <= 3
+
+
+def test_shared_prefix_cache_holds_the_prompt_once_per_row(tiny):
+    from common.rollout import shared_prefix_cache
+
+    model, tokenizer = tiny
+    enc = tokenizer(["q1", "a longer second question"], return_tensors="pt", padding=True)
+    cache = shared_prefix_cache(model, enc["input_ids"], enc["attention_mask"], group_size=4)
+    assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
+    keys = cache.layers[0].keys  # (n_prompts * G, heads, P - 1, head_dim)
+    assert keys.shape[0] == 8
+    assert torch.equal(keys[0], keys[3]) and not torch.equal(keys[3], keys[4])
