@@ -148,6 +148,43 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
+def _shared_prompt_cache(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    prompt_len: int,
+    prompt_groups: Tensor,
+) -> DynamicCache | None:
+    """Keys and values of the first P-1 prompt columns, computed once per distinct prompt and
+    gathered to all N rows (with autograd); None when no two rows share a prompt or the model
+    kept no cache (then the caller runs one plain pass)."""
+    P = prompt_len
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if inner.training and getattr(inner, "is_activation_checkpointing", False):
+        return None  # transformers keeps no cache under activation checkpointing
+    unique, inverse = torch.unique(prompt_groups, return_inverse=True)  # (U,), (N,)
+    if len(unique) == len(inverse):
+        return None
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full_like(unique, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # (U,)
+    cache = DynamicCache(config=unwrap(model).config)
+    # the plain module: DDP counts the response pass below as this micro-batch's forward
+    unwrap(model)(
+        input_ids=input_ids[first, : P - 1],
+        attention_mask=attention_mask[first, : P - 1],
+        position_ids=position_ids[first, : P - 1],
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
+    )  # cache: (U, heads, P-1, head_dim) per layer
+    if cache.get_seq_length() != P - 1:
+        return None
+    cache.batch_select_indices(inverse)  # -> (N, heads, P-1, head_dim)
+    return cache
+
+
 def shared_prefix_cache(
     model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, group_size: int
 ) -> DynamicCache:
@@ -197,8 +234,10 @@ def sequence_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    prompt_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs (and entropies) of the response block under `model`, in ONE forward pass.
+    """Per-token log-probs (and entropies) of the response block under `model`, in ONE forward pass
+    (two with `prompt_groups`: the shared prompts once, then every row's response).
 
         logits_t   = model(input_ids)[:, P - 1 + t] / temperature       t = 0 .. T-1
         logprob_t  = logits_t[y_t] - logsumexp(logits_t)
@@ -210,9 +249,18 @@ def sequence_logprobs(
     row's values. Positions after EOS are computed like any other; the caller masks them with
     response_mask. Works with grad enabled (policy loss) and under no_grad (old / reference).
 
+    Shared prompts (`prompt_groups`, rows with equal ids have the same prompt, e.g. a GRPO group):
+    the first P-1 prompt tokens run once per distinct prompt, their keys and values are gathered to
+    every row of the prompt, and only columns P-1 .. P+T-2 run per row; gradients flow back through
+    the shared keys and values. The prompt's hidden states do not depend on the response (causal
+    attention), so the values equal the one-pass ones (to float rounding) while the prompt costs
+    1/G of the compute (the shared-prefix forward of Prefix Grouper, Liu et al. 2025,
+    arXiv:2506.05433). Used when some rows share a prompt and P > 1.
+
     Args:
         input_ids, attention_mask: (N, P+T), as in RolloutBatch.
         prompt_len: P.
+        prompt_groups: (N,) prompt ids (RolloutBatch.group_index), or None for one plain pass.
 
     Returns:
         logprob: (N, T) float32; entropy: (N, T) float32, or None unless return_entropy.
@@ -220,17 +268,31 @@ def sequence_logprobs(
     T = input_ids.shape[1] - prompt_len
     assert prompt_len >= 1 and T >= 1, f"{prompt_len=} and response width {T=} must both be >= 1"
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
-    kwargs = {}
-    if takes_logits_to_keep(model):
-        kwargs["logits_to_keep"] = T + 1  # logits of the last T+1 columns: P-1 .. P+T-1
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        **kwargs,
-    ).logits
-    logits = logits[:, -(T + 1) : -1].float() / temperature  # (N, T, V): column P-1+t predicts token P+t
+    P = prompt_len
+    cache = None
+    if prompt_groups is not None and P > 1:
+        cache = _shared_prompt_cache(model, input_ids, attention_mask, position_ids, P, prompt_groups)
+    if cache is not None:
+        logits = model(
+            input_ids=input_ids[:, P - 1 : -1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, P - 1 : -1],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (N, T, V): columns P-1 .. P+T-2
+        logits = logits.float() / temperature
+    else:
+        kwargs = {}
+        if takes_logits_to_keep(model):
+            kwargs["logits_to_keep"] = T + 1  # logits of the last T+1 columns: P-1 .. P+T-1
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        ).logits
+        logits = logits[:, -(T + 1) : -1].float() / temperature  # (N, T, V): column P-1+t predicts P+t
     targets = input_ids[:, prompt_len:]  # (N, T)
     log_z = torch.logsumexp(logits, dim=-1)  # (N, T)
     logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (N, T)

@@ -319,7 +319,12 @@ def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str
 
     def forward(mb: dict[str, Any]) -> torch.Tensor:
         logprob, _ = sequence_logprobs(
-            model, mb["input_ids"], mb["attention_mask"], mb["prompt_len"], temperature=temperature
+            model,
+            mb["input_ids"],
+            mb["attention_mask"],
+            mb["prompt_len"],
+            temperature=temperature,
+            prompt_groups=mb.get("group_index"),
         )
         return logprob
 
@@ -378,6 +383,13 @@ def autocast(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def micro_batch_order(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+    """`rows` longest response first: micro-batches of similar lengths carry little padding (and the
+    first one fails fast if memory is short). Rows of one group that share a micro-batch also share
+    their prompt's forward (sequence_logprobs)."""
+    return rows[batch["response_mask"][rows].sum(1).argsort(descending=True, stable=True)]
+
+
 def accumulate_gradients(
     model: torch.nn.Module,
     algo: Any,
@@ -412,8 +424,7 @@ def accumulate_gradients(
     """
     denominator = dist.all_reduce(aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg))
     total, means, n_total = 0.0, WeightedMeans(), 0.0
-    # longest rows first: the first micro-batch fails fast if memory is short
-    rows = rows[batch["response_mask"][rows].sum(1).argsort(descending=True)]
+    rows = micro_batch_order(batch, rows)
     micros = list(rows.split(micro_batch_size))
     n_passes = int(dist.all_reduce(len(micros), "max"))
     for i in range(n_passes):
@@ -429,6 +440,7 @@ def accumulate_gradients(
                     mb["prompt_len"],
                     temperature=temperature,
                     return_entropy=True,
+                    prompt_groups=mb.get("group_index"),
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:

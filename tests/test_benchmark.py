@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from scripts.benchmark import format_table, main
 
@@ -13,6 +19,8 @@ KEYS = {
     "rollout_tokens_per_s",
     "update_tokens_per_s",
     "update_mfu",
+    "computed_tokens_per_step",
+    "update_hardware_utilization",
     "matmul_flops_per_s",
     "update_flops_per_s",
     "naive_rollout_tokens_per_s",
@@ -44,3 +52,17 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
     assert abs(phases["step_s"] - sum(v for k, v in phases.items() if k != "step_s")) < 1e-9
     assert saved["generated_tokens_per_step"] > 0 and saved["update_mfu"] > 0
     assert "update MFU" in format_table(result)
+
+
+def test_trl_benchmark_without_trl_says_how_to_install_it():
+    """scripts/benchmark_trl.py runs from its own venv; in ours it stops with the install line."""
+    if importlib.util.find_spec("trl") is not None:
+        pytest.skip("TRL is installed here")
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_trl", "--steps", "1"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and "pip install" in out.stderr and "trl" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -282,3 +282,35 @@ def test_shared_prefix_cache_holds_the_prompt_once_per_row(tiny):
     keys = cache.layers[0].keys  # (n_prompts * G, heads, P - 1, head_dim)
     assert keys.shape[0] == 8
     assert torch.equal(keys[0], keys[3]) and not torch.equal(keys[3], keys[4])
+
+
+def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(rollout):
+    """sequence_logprobs with prompt_groups runs each prompt once and gathers its keys and values to
+    the group's rows: log-probs, entropies and gradients equal the one-pass values (float rounding)."""
+    model = rollout.model
+    batch = rollout.sample(["q1", "a longer second question", "q3"], group_size=3)
+    model.train()
+    results = []
+    for groups in (None, batch.group_index):
+        model.zero_grad(set_to_none=True)
+        logprob, entropy = sequence_logprobs(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.prompt_len,
+            return_entropy=True,
+            prompt_groups=groups,
+        )
+        ((logprob * batch.response_mask).sum() + entropy.mean()).backward()
+        results.append((logprob.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
+    (lp_plain, ent_plain, g_plain), (lp_shared, ent_shared, g_shared) = results
+    torch.testing.assert_close(lp_shared, lp_plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_shared, ent_plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_plain, g_shared, strict=True):
+        assert (a - b).norm() <= 1e-4 * a.norm() + 1e-7
+    # a wrong gather (rows given another group's prompt) changes the log-probs
+    wrong = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1])  # q2's rows would get q1's prompt
+    lp_wrong, _ = sequence_logprobs(
+        model, batch.input_ids, batch.attention_mask, batch.prompt_len, prompt_groups=wrong
+    )
+    assert (lp_wrong - lp_plain).abs().max() > 1e-3

@@ -342,8 +342,10 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_setup, cache_dir):
         model.train()
         accumulate_gradients(model, algo, batch, torch.arange(8), 8, temperature=1.0)
         grads.append([p.grad.clone() for p in model.parameters()])
+    # float rounding only: without checkpointing the shared prompts run once per group
+    # (sequence_logprobs), with it every row runs its whole sequence
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
