@@ -140,78 +140,55 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_id: int) -> tuple[Ten
     return response_mask, response_mask.sum(dim=1).long(), ~is_eos.any(dim=1)
 
 
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP and peft (LoRA) wrappers."""
+    inner = unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the causal LM can compute logits for the last k positions only (`logits_to_keep`)."""
-    inner = unwrap(model)
-    # a peft (LoRA) wrapper's forward takes **kwargs and hands them to its base model: ask that one
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    """Whether the causal LM can compute logits for the last k positions only (`logits_to_keep`);
+    a peft wrapper's forward takes **kwargs and hands them to its base model, so that one is asked."""
+    return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
 
 
-def _shared_prompt_cache(
-    model: torch.nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    position_ids: Tensor,
-    prompt_len: int,
-    prompt_groups: Tensor,
+def shared_prefix_cache(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
 ) -> DynamicCache | None:
-    """Keys and values of the first P-1 prompt columns, computed once per distinct prompt and
-    gathered to all N rows (with autograd); None when no two rows share a prompt or the model
-    kept no cache (then the caller runs one plain pass)."""
-    P = prompt_len
-    inner = unwrap(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    if inner.training and getattr(inner, "is_activation_checkpointing", False):
-        return None  # transformers keeps no cache under activation checkpointing
-    unique, inverse = torch.unique(prompt_groups, return_inverse=True)  # (U,), (N,)
-    if len(unique) == len(inverse):
+    """The KV cache of each distinct prompt's first P-1 tokens, computed ONCE per prompt and gathered
+    to the rows that share it, so only the last prompt column and the response run per row.
+
+    The G rows of a group share their prompt, so their prompt keys and values are identical: running
+    the prompt per row (what `generate` or a plain forward does with the expanded batch) repeats the
+    same work G times. Used for generation (HFRollout.sample) and, with autograd through the gather,
+    for the training passes (sequence_logprobs; Prefix Grouper's shared-prefix forward, Liu et al.
+    2025, arXiv:2506.05433). Positions follow the attention mask, as `generate` computes them.
+
+    Args:
+        input_ids, attention_mask: (U, P), left-padded, one row per distinct prompt.
+        rows: (N,) the prompt of each row, e.g. [0]*G + [1]*G + ... for the rollout order.
+    Returns:
+        a DynamicCache of length P - 1 with N rows, or None when the model keeps no cache
+        (transformers turns it off under activation checkpointing in training).
+    """
+    base = _base_model(model)
+    if base.training and getattr(base, "is_activation_checkpointing", False):
         return None
-    rows = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full_like(unique, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # (U,)
-    cache = DynamicCache(config=unwrap(model).config)
-    # the plain module: DDP counts the response pass below as this micro-batch's forward
+    P = input_ids.shape[1]
+    cache = DynamicCache(config=base.config)
+    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (U, P)
+    # the plain module: under DDP the response pass that follows is the micro-batch's one forward
     unwrap(model)(
-        input_ids=input_ids[first, : P - 1],
-        attention_mask=attention_mask[first, : P - 1],
-        position_ids=position_ids[first, : P - 1],
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
         past_key_values=cache,
         use_cache=True,
         **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
     )  # cache: (U, heads, P-1, head_dim) per layer
     if cache.get_seq_length() != P - 1:
         return None
-    cache.batch_select_indices(inverse)  # -> (N, heads, P-1, head_dim)
-    return cache
-
-
-def shared_prefix_cache(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, group_size: int
-) -> DynamicCache:
-    """The KV cache of each prompt's first P-1 tokens, computed ONCE per prompt and repeated for its
-    G rows, so `generate` only runs the last prompt token and the decoding for each row.
-
-    The G rows of a group share their prompt, so their prompt keys and values are identical: a
-    separate prefill per row (what `generate` does with the expanded batch) repeats the same work
-    G times. Positions follow the attention mask, as `generate` computes them.
-
-    Args:
-        input_ids, attention_mask: (n_prompts, P), left-padded, one row per prompt (not expanded).
-    Returns:
-        a DynamicCache of length P - 1 with n_prompts * G rows, in [q1]*G + [q2]*G + ... order.
-    """
-    cache = DynamicCache(config=model.config)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (n_prompts, P)
-    kwargs = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
-    model(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        past_key_values=cache,
-        use_cache=True,
-        **kwargs,
-    )
-    cache.batch_repeat_interleave(group_size)  # (n_prompts, ...) -> (n_prompts * G, ...)
+    cache.batch_select_indices(rows)  # -> (N, heads, P-1, head_dim)
     return cache
 
 
@@ -271,7 +248,11 @@ def sequence_logprobs(
     P = prompt_len
     cache = None
     if prompt_groups is not None and P > 1:
-        cache = _shared_prompt_cache(model, input_ids, attention_mask, position_ids, P, prompt_groups)
+        unique, inverse = torch.unique(prompt_groups, return_inverse=True)  # (U,), (N,)
+        if len(unique) < len(inverse):
+            rows = torch.arange(len(inverse), device=inverse.device)
+            first = torch.full_like(unique, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # (U,)
+            cache = shared_prefix_cache(model, input_ids[first, :P], attention_mask[first, :P], inverse)
     if cache is not None:
         logits = model(
             input_ids=input_ids[:, P - 1 : -1],
@@ -412,7 +393,9 @@ class HFRollout:
             cache = {}
             if G > 1 and P > 1:  # prefill each prompt once, not G times
                 prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-                cache["past_key_values"] = shared_prefix_cache(self.model, prompt_ids, prompt_mask, G)
+                rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
+                if (shared := shared_prefix_cache(self.model, prompt_ids, prompt_mask, rows)) is not None:
+                    cache["past_key_values"] = shared
             sequences = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

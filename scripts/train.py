@@ -13,6 +13,7 @@ common.trainer.train with keyword arguments.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import sys
@@ -220,7 +221,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except RunInterruptedError as err:
-        print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun
+            print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"stopped; the last checkpoint, if any, is in {run_dir / 'checkpoints'}", file=sys.stderr)

@@ -277,7 +277,9 @@ def test_shared_prefix_cache_holds_the_prompt_once_per_row(tiny):
 
     model, tokenizer = tiny
     enc = tokenizer(["q1", "a longer second question"], return_tensors="pt", padding=True)
-    cache = shared_prefix_cache(model, enc["input_ids"], enc["attention_mask"], group_size=4)
+    cache = shared_prefix_cache(
+        model, enc["input_ids"], enc["attention_mask"], torch.arange(2).repeat_interleave(4)
+    )
     assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
     keys = cache.layers[0].keys  # (n_prompts * G, heads, P - 1, head_dim)
     assert keys.shape[0] == 8
