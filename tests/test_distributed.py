@@ -157,11 +157,8 @@ def test_shard_splits_a_global_batch_into_contiguous_shares():
         DistContext(rank=0, world_size=3).shard(items)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
-    """The launcher path end to end: 2 ranks x 2 prompts x G=4 per step, rank 0 logs and saves
-    (with zero_stage=1 the sharded AdamW state is gathered into the checkpoint)."""
-    run_dir = tmp_path / "run"
+def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
+    """`torchrun --nproc_per_node 2 -m scripts.train` on the tiny model; returns metrics.jsonl."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LAB_CACHE": cache_dir}
     command = [
         sys.executable,
@@ -176,16 +173,28 @@ def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
         "logger=none",
         "group_size=g4",
         "trainer.batch_size=4",
-        "trainer.max_steps=2",
-        "trainer.eval_every=2",
-        "trainer.eval_num_prompts=4",
         "rollout.max_new_tokens=8",
-        f"trainer.zero_stage={zero_stage}",
         f"hydra.run.dir={run_dir}",
+        *overrides,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
+    """The launcher path end to end: 2 ranks x 2 prompts x G=4 per step, rank 0 logs and saves
+    (with zero_stage=1 the sharded AdamW state is gathered into the checkpoint)."""
+    run_dir = tmp_path / "run"
+    metrics = _torchrun_train(
+        run_dir,
+        cache_dir,
+        "trainer.max_steps=2",
+        "trainer.eval_every=2",
+        "trainer.eval_num_prompts=4",
+        f"trainer.zero_stage={zero_stage}",
+    )
     steps = [m for m in metrics if m["step"] > 0 and "policy/loss" in m]
     assert [m["step"] for m in steps] == [1, 2]
     # the sequence count is the global batch's: 4 prompts x 4 responses, summed over the 2 ranks
@@ -196,6 +205,25 @@ def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
     assert state["optimizer"]["state"], "the AdamW state of every parameter is in the checkpoint"
     # the two ranks sampled with different RNG streams
     assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])
+
+
+def test_torchrun_dapo_dynamic_sampling_keeps_the_ranks_in_step(tmp_path, cache_dir):
+    """DAPO's filter refills per rank; every rank advances the prompt stream by the same global
+    batches, so the checkpointed stream position is 4 prompts per generation round."""
+    run_dir = tmp_path / "run"
+    metrics = _torchrun_train(
+        run_dir,
+        cache_dir,
+        "algorithm=dapo",
+        "dynamic_sampling.max_num_gen_batches=3",
+        "trainer.max_steps=3",
+        "trainer.eval_every=0",
+    )
+    steps = [m for m in metrics if m["step"] > 0]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    rounds = sum(m["sampling/gen_batches"] for m in steps)
+    state = torch.load(run_dir / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+    assert state["data"] == {"epoch": 0, "position": 4 * rounds}
 
 
 def test_batch_size_must_split_over_the_processes(monkeypatch):
