@@ -379,11 +379,7 @@ class HFRollout:
         assert n_prompts > 0, "sample needs at least one prompt"
         device = next(self.model.parameters()).device
 
-        # Tokenise each prompt once; the chat template already holds the special tokens.
-        enc = self.tokenizer(
-            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        self._check_prompt_lengths(enc["attention_mask"].sum(dim=1).tolist(), max_new_tokens)
+        enc = self.encode_prompts(prompts, max_new_tokens)
         input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (n_prompts, P) -> (N, P)
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
         P = input_ids.shape[1]
@@ -410,24 +406,43 @@ class HFRollout:
         # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
         sequences = sequences.clone()
 
-        response_ids = sequences[:, P:]  # (N, T)
+        return self.assemble(prompts, G, input_ids, attention_mask, sequences[:, P:])
+
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> dict[str, Tensor]:
+        """Chat-templated prompts tokenised once each, left-padded to (n_prompts, P); raises
+        ValueError for a prompt that does not fit. The template already holds the special tokens."""
+        enc = self.tokenizer(
+            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        self._check_prompt_lengths(enc["attention_mask"].sum(dim=1).tolist(), max_new_tokens)
+        return enc
+
+    def assemble(
+        self,
+        prompts: list[str],
+        group_size: int,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_ids: Tensor,
+    ) -> RolloutBatch:
+        """The RolloutBatch of generated responses: prompt block (N, P) and its mask as sampled,
+        response ids (N, T) masked through each row's first EOS and padded after it, decoded text."""
         response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
-        sequences = torch.cat([input_ids, response_ids], dim=1)  # (N, P + T)
         texts = self.tokenizer.batch_decode(
             [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
             skip_special_tokens=True,
         )
         return RolloutBatch(
-            input_ids=sequences,
+            input_ids=torch.cat([input_ids, response_ids], dim=1),  # (N, P + T)
             attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
             response_mask=response_mask,
-            prompt_len=P,
-            prompts_expanded=[p for p in prompts for _ in range(G)],
+            prompt_len=input_ids.shape[1],
+            prompts_expanded=[p for p in prompts for _ in range(group_size)],
             responses=texts,
             lengths=lengths,
             truncated=truncated,
-            group_index=torch.arange(n_prompts, device=device).repeat_interleave(G),
+            group_index=torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group_size),
             pad_token_id=self.pad_token_id,
         )
 

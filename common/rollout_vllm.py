@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.models import is_lora, merged_copy
-from common.rollout import HFRollout, RolloutBatch, response_mask_from_ids
+from common.rollout import HFRollout, RolloutBatch
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -102,11 +102,8 @@ class VLLMRollout(HFRollout):
         assembled into the same left-padded prompt + right-padded response batch as HFRollout."""
         G = group_size or self.group_size
         max_new_tokens = max_new_tokens or self.max_new_tokens
-        enc = self.tokenizer(
-            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        enc = self.encode_prompts(prompts, max_new_tokens)
         prompt_lengths = enc["attention_mask"].sum(dim=1)  # (n_prompts,)
-        self._check_prompt_lengths(prompt_lengths.tolist(), max_new_tokens)
         P = enc["input_ids"].shape[1]
         requests = [
             {"prompt_token_ids": row[P - n :].tolist()}
@@ -126,24 +123,7 @@ class VLLMRollout(HFRollout):
         response_ids = torch.full((len(completions), T), self.pad_token_id, dtype=torch.long)
         for i, ids in enumerate(completions):
             response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
-        input_ids = enc["input_ids"].repeat_interleave(G, dim=0)  # (N, P)
-        attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
         device = next(self.model.parameters()).device
-        texts = self.tokenizer.batch_decode(
-            [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            input_ids=torch.cat([input_ids, response_ids], dim=1).to(device),
-            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1).to(device),
-            response_mask=response_mask.to(device),
-            prompt_len=P,
-            prompts_expanded=[p for p in prompts for _ in range(G)],
-            responses=texts,
-            lengths=lengths.to(device),
-            truncated=truncated.to(device),
-            group_index=torch.arange(len(prompts), device=device).repeat_interleave(G),
-            pad_token_id=self.pad_token_id,
-        )
+        input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (N, P)
+        attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
+        return self.assemble(prompts, G, input_ids, attention_mask, response_ids.to(device))
