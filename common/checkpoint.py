@@ -34,16 +34,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found or read; the message names the path."""
 
 
-def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    state: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write the policy (HF folder; a LoRA policy merged, plus its adapter) and the trainer state into
-    `path`, atomically."""
+    `path`, atomically. `weights`: the policy's whole state dict when `model` itself holds only a
+    shard of it (FSDP; gathered by common.distributed.model_state_dict)."""
 
     def write(folder: Path) -> None:
         if is_lora(model):
             merged_copy(model).save_pretrained(folder)  # a transient full copy of the model
             save_lora_adapter(model, folder / ADAPTER_DIR)
         else:
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
         torch.save(state, folder / STATE_FILE)
 

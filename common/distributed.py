@@ -3,10 +3,19 @@
 The contract (see README "Scaling up"):
   - every rank reads the same prompt stream and rolls out its own contiguous share of each global
     batch, so a group never spans ranks and rewards / group advantages stay rank-local;
-  - the policy is wrapped in DistributedDataParallel: gradients are all-reduced (averaged) in
-    backward, and the loss is scaled so that the average equals the gradient of the global loss
-    with a *global* normaliser (token count or sequence count summed over ranks);
+  - the policy is wrapped in DistributedDataParallel (trainer.zero_stage 0-1) or sharded with FSDP2
+    (`fully_shard`, zero_stage 2-3): gradients are averaged over ranks in backward, and the loss is
+    scaled so that the average equals the gradient of the global loss with a *global* normaliser
+    (token count or sequence count summed over ranks);
   - scalar metrics are reduced across ranks; only rank 0 logs, evaluates and checkpoints.
+
+Sharded parameters (zero_stage 2-3, the ZeRO stages of Rajbhandari et al. 2020, arXiv:1910.02054,
+as FSDP's SHARD_GRAD_OP / FULL_SHARD): each rank holds 1/W of every weight, gradient and AdamW
+moment. A forward then all-gathers weights, a collective that every rank must call equally often.
+The update pass keeps that lockstep (every rank runs the same number of micro-batches), but
+generation, the no-grad log-prob passes and rank-0 evaluation run different numbers of forwards
+per rank; they run inside `gathered(...)`, which all-gathers the whole model once (all ranks) so
+that the forwards inside need no collective, and shards it again after.
 
 Without the launcher's environment (RANK / WORLD_SIZE unset) everything here is the identity and
 `SINGLE` is used, so a one-process run never touches torch.distributed.
@@ -24,6 +33,16 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 # metrics that add up over ranks (counts); every other metric is averaged
 SUM_METRICS = (
@@ -50,10 +69,16 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    zero_stage: int = 0  # trainer.zero_stage: 0 DDP, 1 + sharded AdamW state, 2-3 FSDP (see module doc)
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def shards_params(self) -> bool:
+        """Whether weights are sharded over the ranks (FSDP, zero_stage 2-3)."""
+        return self.enabled and self.zero_stage >= 2
 
     @property
     def is_main(self) -> bool:
@@ -128,7 +153,9 @@ def _export_slurm_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # LOCAL_RANK picks the GPU
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> DistContext:
+def init_distributed(
+    backend: str = "auto", zero_stage: int = 0, timeout_minutes: float = 30.0
+) -> DistContext:
     """Join the process group described by the launcher's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); `backend` auto = nccl when CUDA is available, else gloo.
     Returns SINGLE when the process was not started by a launcher with more than one process."""
@@ -144,7 +171,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> Di
         torch.cuda.set_device(local_rank)
     if not tdist.is_initialized():
         tdist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistContext(rank=rank, world_size=world, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, zero_stage=zero_stage)
 
 
 def shutdown(ctx: DistContext) -> None:
@@ -153,17 +180,141 @@ def shutdown(ctx: DistContext) -> None:
         tdist.destroy_process_group()
 
 
-def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    """DistributedDataParallel around `module` (which must already sit on its device); the module
-    itself when not distributed. Rank 0's weights are broadcast to all ranks here."""
+def wrap_model(module: torch.nn.Module, ctx: DistContext, bf16: bool = False) -> torch.nn.Module:
+    """The trainable `module` (already on its device) for data parallel: DistributedDataParallel for
+    zero_stage 0-1 (rank 0's weights are broadcast here), sharded in place by `shard_model` for 2-3;
+    the module itself in one process."""
     if not ctx.enabled:
         return module
+    if ctx.shards_params:
+        return shard_model(module, ctx, bf16)
     device_ids = [ctx.local_rank] if next(module.parameters()).is_cuda else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
+def _block_classes(module: torch.nn.Module) -> set[str]:
+    """Names of the transformer block classes (Hugging Face's `_no_split_modules`, e.g.
+    LlamaDecoderLayer) of every pretrained model inside `module`."""
+    return {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+
+
+def shard_model(module: torch.nn.Module, ctx: DistContext, bf16: bool = False) -> torch.nn.Module:
+    """Shard `module`'s weights over the ranks with FSDP2 (`fully_shard`): one unit per transformer
+    block plus the root (embeddings, final norm, head). zero_stage 3 frees a block's gathered
+    weights after its forward and gathers them again in backward (FULL_SHARD); zero_stage 2 keeps
+    them from forward to backward (SHARD_GRAD_OP). Gradients are reduce-scattered (averaged) and the
+    optimizer, built on the sharded parameters afterwards, keeps 1/W of the AdamW state.
+    `bf16`: weights are gathered and run in bfloat16, gradients reduced in float32 (FSDP's
+    MixedPrecisionPolicy); the sharded master weights stay in their own dtype. Returns `module`
+    (FSDP2 shards in place)."""
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": ctx.zero_stage == 3}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = _block_classes(module)
+    for m in list(module.modules()):
+        if type(m).__name__ in blocks:
+            fully_shard(m, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+@contextlib.contextmanager
+def gathered(modules: list[torch.nn.Module | None], ctx: DistContext) -> Iterator[None]:
+    """Inside the block the FSDP-sharded `modules` hold their whole weights, so forwards run without
+    collectives and ranks may run different numbers of them (generation, no-grad passes, rank-0
+    evaluation, saving). Every rank must enter it (the gather is a collective); it is the identity
+    for unsharded modules. On exit the weights are sharded again, as set by ctx.zero_stage (FSDP2
+    keeps each root's weights after forward, as it does itself)."""
+    roots = [m for m in modules if isinstance(m, FSDPModule)]
+    units = [(root, m) for root in roots for m in root.modules() if isinstance(m, FSDPModule)]
+    for _, unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for root, unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(ctx.zero_stage == 3 and unit is not root, recurse=False)
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+_FROM_RANK0 = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def model_state_dict(module: torch.nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of `module` (DDP unwrapped) on rank 0, None on other ranks. A collective
+    when the module is FSDP-sharded: every rank must call it."""
+    if isinstance(module, FSDPModule):
+        state = get_model_state_dict(module, options=_FULL)  # gathered to rank 0's CPU memory
+        # a tied weight (SmolLM2's lm_head = embed_tokens) comes back as two copies: keep the first
+        first: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                state.pop(name, None)
+    else:
+        state = unwrap(module).state_dict()
+    return state if ctx.is_main else None
+
+
+def load_model_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole state dict (as `model_state_dict` wrote it) into `module`, sharded or not;
+    a collective for an FSDP module (rank 0's copy is the one broadcast)."""
+    if isinstance(module, FSDPModule):
+        set_model_state_dict(module, state, options=_FROM_RANK0)
+    else:
+        unwrap(module).load_state_dict(state)
+
+
+def optimizer_state_dict(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
+) -> dict[str, Any] | None:
+    """The optimizer's whole state on rank 0 (None elsewhere); a collective when it is sharded.
+    ZeRO-1 consolidates its shards; under FSDP the state is keyed by parameter name, otherwise by
+    parameter index, as torch's `Optimizer.state_dict` does."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if ctx.is_main else None
+    if isinstance(module, FSDPModule):
+        state = get_optimizer_state_dict(module, optimizer, options=_FULL)
+        return state if ctx.is_main else None
+    return optimizer.state_dict() if ctx.is_main else None
+
+
+def keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    """Whether an optimizer state dict is keyed by parameter name (FSDP) rather than by index."""
+    return any(isinstance(k, str) for k in optimizer_state.get("state", {})) or any(
+        isinstance(p, str) for group in optimizer_state.get("param_groups", []) for p in group["params"]
+    )
+
+
+def load_optimizer_state_dict(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """The inverse of `optimizer_state_dict`; raises DistributedError for a state written under the
+    other layout (FSDP vs not), which the parameters cannot be matched to."""
+    sharded = isinstance(module, FSDPModule)
+    if keyed_by_name(state) != sharded:
+        raise DistributedError(
+            "the optimizer state was written with trainer.zero_stage "
+            f"{'2-3 (FSDP)' if not sharded else '0-1'} and cannot be loaded with "
+            f"{'2-3 (FSDP)' if sharded else '0-1'}: resume with the run's zero_stage"
+        )
+    if sharded:
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=_FROM_RANK0)
+    else:
+        optimizer.load_state_dict(state)
+
+
+def scalar(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. clip_grad_norm_'s total norm of sharded gradients) as a plain tensor."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (generation, evaluation and saving use it)."""
+    """The module inside a DDP wrapper (generation, evaluation and saving use it); an FSDP module
+    is its own (sharded in place)."""
     return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 

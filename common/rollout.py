@@ -401,6 +401,9 @@ class HFRollout:
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
                 use_cache=True,
+                # each rank decodes on its own: FSDP weights are gathered before (trainer), so no
+                # step needs a collective (transformers would otherwise sync ranks per token)
+                synced_gpus=False,
                 **(sampling if do_sample else {}),
             )  # (N, P + T), T <= max_new_tokens: generation stops once every row has hit EOS
         # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
@@ -445,6 +448,9 @@ class HFRollout:
             group_index=torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group_size),
             pad_token_id=self.pad_token_id,
         )
+
+    # whether `sync_weights` has work to do after an update (an engine with its own copy of the weights)
+    syncs_weights = False
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """After an update: nothing to do, this engine samples from the policy module itself."""

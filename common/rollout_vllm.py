@@ -52,6 +52,8 @@ class VLLMRollout(HFRollout):
         seed: vLLM's sampling seed.
     """
 
+    syncs_weights = True  # vLLM holds its own copy of the weights
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -33,11 +33,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from tqdm.auto import tqdm
 
-from common.checkpoint import prune_checkpoints, save_checkpoint
-from common.distributed import SINGLE, DistContext, no_sync, reduce_metrics, unwrap
+from common.checkpoint import CheckpointError, prune_checkpoints, save_checkpoint
+from common.distributed import (
+    SINGLE,
+    DistContext,
+    DistributedError,
+    gathered,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    no_sync,
+    optimizer_state_dict,
+    reduce_metrics,
+    scalar,
+    unwrap,
+)
 from common.logging import RunLogger
 from common.losses import aggregation_denominator
 from common.reward_fn import score_responses
@@ -416,7 +428,10 @@ def accumulate_gradients(
         grad = sum_r grad(sum_{i in r} l_i / D_global) = W * mean_r grad(...).
     Gradients are all-reduced once, in the backward of the last micro-batch (`no_sync` before it).
     Every rank runs the same number of backward passes (DDP's collectives must match): a rank with
-    fewer micro-batches adds zero-weight passes over its first row.
+    fewer micro-batches adds zero-weight passes over its first row. With sharded weights (FSDP,
+    zero_stage 2-3) every forward gathers weights, so each micro-batch runs exactly one forward:
+    the shared-prompt forward (two per micro-batch, only where rows share a prompt) is off, and the
+    gradients are reduce-scattered after every micro-batch.
 
     Returns:
         (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
@@ -440,7 +455,7 @@ def accumulate_gradients(
                     mb["prompt_len"],
                     temperature=temperature,
                     return_entropy=True,
-                    prompt_groups=mb.get("group_index"),
+                    prompt_groups=None if dist.shards_params else mb.get("group_index"),
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:
@@ -502,10 +517,12 @@ def update_policy(
                 dist,
             )
             total = dist.all_reduce(total)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            grad_norm = scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm))
             finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
             if critic is not None:
-                critic_norm = torch.nn.utils.clip_grad_norm_(critic.model.parameters(), critic.max_grad_norm)
+                critic_norm = scalar(
+                    torch.nn.utils.clip_grad_norm_(critic.model.parameters(), critic.max_grad_norm)
+                )
                 stats["critic/grad_norm"] = critic_norm.item()
                 finite = finite and bool(torch.isfinite(critic_norm))
             if not finite:
@@ -668,6 +685,7 @@ class LoopState:
 class Resumable:
     """The objects whose state a checkpoint carries besides the policy weights."""
 
+    model: torch.nn.Module  # the trained policy (DDP- or FSDP-wrapped under data parallel)
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stream: PromptStream
@@ -687,14 +705,13 @@ class Resumable:
 
     def state_dict(self, loop: LoopState, run_id: str | None) -> dict[str, Any]:
         """Everything but the policy weights that an exact resume needs. Data parallel: a
-        collective (every rank calls it); "rank_rng" holds each rank's sampling RNG streams."""
+        collective (every rank calls it; sharded optimizer states are gathered to rank 0);
+        "rank_rng" holds each rank's sampling RNG streams."""
         rng = self._rng_state()
-        if isinstance(self.optimizer, ZeroRedundancyOptimizer):  # ZeRO-1: gather the shards on rank 0
-            self.optimizer.consolidate_state_dict(to=0)
         state = {
             "step": loop.step,
             "loop": vars(loop).copy(),
-            "optimizer": self.optimizer.state_dict() if self.dist.is_main else None,
+            "optimizer": optimizer_state_dict(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "rank_rng": self.dist.gather_objects(rng),
@@ -703,19 +720,24 @@ class Resumable:
             "wandb_run_id": run_id,
         }
         if self.critic is not None:
-            state["critic"] = unwrap(self.critic.model).state_dict()
-            state["critic_optimizer"] = self.critic.optimizer.state_dict()
+            state["critic"] = model_state_dict(self.critic.model, self.dist)
+            state["critic_optimizer"] = optimizer_state_dict(
+                self.critic.model, self.critic.optimizer, self.dist
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> LoopState:
         """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            if self.critic is not None:
+                load_model_state_dict(self.critic.model, state["critic"])
+                load_optimizer_state_dict(self.critic.model, self.critic.optimizer, state["critic_optimizer"])
+        except DistributedError as err:
+            raise CheckpointError(f"resume: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
         self.algo.load_state_dict(state["algorithm"])
-        if self.critic is not None:
-            unwrap(self.critic.model).load_state_dict(state["critic"])
-            self.critic.optimizer.load_state_dict(state["critic_optimizer"])
         rng = state["rng"]
         rank_rng = state.get("rank_rng") or [rng]
         if len(rank_rng) == self.dist.world_size:
@@ -747,19 +769,24 @@ def add_logprobs_and_values(
     settings: TrainSettings,
     temperature: float,
     device: torch.device,
+    dist: DistContext = SINGLE,
 ) -> None:
     """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
     batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
     micro = settings.micro_batch_size
-    model = unwrap(model)  # no DDP in no-grad passes: ranks may run different numbers of them
+    # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
         # several mini-batches make all but the first off-policy: their ratio needs pi_old
         if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-            batch["old_logprob"] = batched_forward(logprob_fn(model, temperature), batch, micro)
+            with gathered([model], dist):
+                batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
         if reference is not None:
-            batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
+            with gathered([reference], dist):
+                batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
         if critic is not None:
-            batch["values"] = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro).float()
+            with gathered([critic.model], dist):
+                values = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro)
+            batch["values"] = values.float()
 
 
 def train_step(
@@ -783,11 +810,12 @@ def train_step(
 ) -> tuple[Samples | None, dict[str, float]]:
     """One step: rollout -> reward -> log-probs -> advantages -> update. Returns the step's batch
     (None when dynamic sampling kept nothing and the update was skipped) and this rank's metrics.
-    Data parallel: `model` (and the critic's model) are DDP-wrapped; the engine and the reference
-    hold the plain modules."""
+    Data parallel: `model` (and the critic's model) are DDP-wrapped or FSDP-sharded; the engine and
+    the reference hold the plain modules (FSDP: the same, sharded, module; the reference sharded)."""
     t0 = time.perf_counter()
     # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
-    samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups, dist)
+    with gathered([model], dist):  # ranks decode different numbers of tokens
+        samples, metrics = collect(engine, task, stream, algo, settings, group_filter, flat_groups, dist)
     t_rollout = time.perf_counter()
     metrics["perf/rollout_s"] = t_rollout - t0
     if dist.any(samples is None):  # every rank skips the update together (DDP)
@@ -796,7 +824,7 @@ def train_step(
         return None, metrics
     batch = build_batch(samples, algo, device)
     # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
-    add_logprobs_and_values(batch, model, reference, critic, algo, settings, engine.temperature, device)
+    add_logprobs_and_values(batch, model, reference, critic, algo, settings, engine.temperature, device, dist)
     t_logprob = time.perf_counter()
     # 3. advantages (and, for PPO, returns and KL-shaped token rewards)
     metrics.update(algo.compute_advantages(batch))
@@ -817,7 +845,9 @@ def train_step(
             dist=dist,
         )
     )
-    engine.sync_weights(unwrap(model))  # a separate generation engine (vLLM) gets the new weights
+    if engine.syncs_weights:  # a separate generation engine (vLLM) gets the new weights
+        with gathered([model], dist):
+            engine.sync_weights(unwrap(model))
     t_update = time.perf_counter()
     metrics.update(rollout_metrics(samples, algo.group_size))
     metrics.update(
@@ -881,7 +911,7 @@ def train(
     eval_examples = task.test[: settings.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
     loop = LoopState()
-    resumable = Resumable(optimizer, scheduler, stream, algo, critic, generator, dist)
+    resumable = Resumable(model, optimizer, scheduler, stream, algo, critic, generator, dist)
     if resume_state is not None:
         loop = resumable.load_state_dict(resume_state)
         log.info("resumed after step %d", loop.step)
@@ -891,9 +921,10 @@ def train(
     def checkpoint(name: str) -> Path:
         loop.wall_s = time.perf_counter() - t_start
         state = resumable.state_dict(loop, logger.wandb_run_id if logger else None)  # all ranks
+        weights = model_state_dict(model, dist) if dist.shards_params else None  # all ranks
         path = run_dir / "checkpoints" / name
         if dist.is_main:
-            save_checkpoint(path, model=unwrap(model), tokenizer=tokenizer, state=state)
+            save_checkpoint(path, model=unwrap(model), tokenizer=tokenizer, state=state, weights=weights)
             prune_checkpoints(run_dir, settings.keep_last_checkpoints)
         return path
 
@@ -903,10 +934,13 @@ def train(
             if settings.eval_every > 0
             else False
         )
-        if not (due and eval_examples and dist.is_main):
+        if not (due and eval_examples):
             return {}
-        t = time.perf_counter()
-        metrics = evaluate(engine, task, eval_examples, settings.format_weight)
+        with gathered([model], dist):  # all ranks gather the weights; rank 0 evaluates
+            if not dist.is_main:
+                return {}
+            t = time.perf_counter()
+            metrics = evaluate(engine, task, eval_examples, settings.format_weight)
         metrics["perf/eval_s"] = time.perf_counter() - t
         return metrics
 

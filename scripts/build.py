@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -29,6 +30,9 @@ KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
+ZERO_STAGES = (0, 1, 2, 3)
+# accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
+FSDP_STRATEGIES = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
 ROLLOUT_ENGINES = ("hf", "vllm")
 
 
@@ -39,6 +43,73 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{key}: {message}")
+
+
+def launcher_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The settings an `accelerate launch` config asks for (read from the variables accelerate sets),
+    as this repo's keys. accelerate only starts the processes; the training loop shards and casts
+    itself (common.distributed), so its config must be translated, not ignored:
+
+        distributed_type FSDP, fsdp_version 2, fsdp_reshard_after_forward true/false -> zero_stage 3/2
+        distributed_type FSDP, fsdp_sharding_strategy FULL_SHARD / SHARD_GRAD_OP / NO_SHARD -> 3 / 2 / 0
+        fsdp_activation_checkpointing true                 -> model.gradient_checkpointing=true
+        distributed_type DEEPSPEED, zero_stage k           -> trainer.zero_stage=k (run by torch's
+                                                              ZeRO-1 / FSDP2, not by DeepSpeed)
+        mixed_precision bf16                               -> trainer.bf16=true
+
+    Raises ConfigError for what the loop cannot do (fp16, parameter / optimizer offload, HYBRID_SHARD).
+    """
+    out: dict[str, Any] = {}
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION", "1") == "2":
+            out["trainer.zero_stage"] = 3 if env.get("FSDP_RESHARD_AFTER_FORWARD", "true") == "true" else 2
+        else:
+            strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+            if strategy not in FSDP_STRATEGIES:
+                raise ConfigError(
+                    f"accelerate config: fsdp_sharding_strategy {strategy} is not supported; options: "
+                    "FULL_SHARD, SHARD_GRAD_OP, NO_SHARD"
+                )
+            out["trainer.zero_stage"] = FSDP_STRATEGIES[strategy]
+        if env.get("FSDP_OFFLOAD_PARAMS", "false") == "true":
+            raise ConfigError("accelerate config: fsdp_offload_params is not supported; set it to false")
+        if env.get("FSDP_ACTIVATION_CHECKPOINTING", "false") == "true":
+            out["model.gradient_checkpointing"] = True
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        for key in (
+            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE",
+            "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE",
+        ):
+            if env.get(key, "none") not in ("none", ""):
+                raise ConfigError(
+                    f"accelerate config: DeepSpeed offload ({key}) is not supported; set it to none"
+                )
+        if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env:
+            out["trainer.zero_stage"] = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision == "bf16":
+        out["trainer.bf16"] = True
+    elif precision != "no":
+        raise ConfigError(
+            f"accelerate config: mixed_precision {precision} is not supported; options: no, bf16"
+        )
+    return out
+
+
+def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str, Any]:
+    """Set the keys `launcher_settings(env)` asks for in cfg; returns them. A key the command line
+    set to another non-default value (e.g. trainer.zero_stage=1 under an FSDP config) is a
+    ConfigError rather than a silent choice."""
+    settings = launcher_settings(env)
+    for key, value in settings.items():
+        current = OmegaConf.select(cfg, key)
+        if current not in (0, False, value):
+            raise ConfigError(
+                f"{key}={current} contradicts the accelerate config, which asks for {key}={value}: "
+                "drop one of the two"
+            )
+        OmegaConf.update(cfg, key, value)
+    return settings
 
 
 def validate(cfg: DictConfig) -> None:
@@ -102,10 +173,16 @@ def validate(cfg: DictConfig) -> None:
         f"{world} data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
     )
     _require(
-        t.zero_stage in (0, 1),
+        t.zero_stage in ZERO_STAGES,
         "trainer.zero_stage",
-        f"{t.zero_stage}; options: 0 (off), 1 (AdamW state sharded over data-parallel ranks). Stages 2-3 "
-        "(gradient / parameter sharding, FSDP) are not supported: see README 'Scaling up'",
+        f"{t.zero_stage}; options: 0 (off), 1 (AdamW state sharded over data-parallel ranks), "
+        "2 (+ gradients, FSDP SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
+    )
+    _require(
+        t.zero_stage < 2 or not cfg.model.lora.enabled,
+        "trainer.zero_stage",
+        f"{t.zero_stage} shards the weights (FSDP), which is not supported with LoRA (model.lora.enabled): "
+        "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
     )
     _require(
         t.ddp_backend in DDP_BACKENDS,
@@ -278,12 +355,19 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def build_critic_for(algo: object, model: torch.nn.Module, cfg: DictConfig) -> Critic | None:
-    """PPO's value model (a copy of the policy's backbone unless critic_name_or_path is set) and its AdamW."""
+def build_critic_for(
+    algo: object,
+    model: torch.nn.Module,
+    cfg: DictConfig,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
+) -> Critic | None:
+    """PPO's value model (a copy of the policy's backbone unless critic_name_or_path is set), passed
+    through `wrap` (data parallel: common.distributed.wrap_model), and its AdamW on the wrapped
+    parameters (FSDP replaces them with shards)."""
     if not algo.needs_critic:
         return None
     try:
-        value_model = build_critic(model, algo.critic_name_or_path)
+        value_model = wrap(build_critic(model, algo.critic_name_or_path))
     except ValueError as err:
         raise ConfigError(f"algorithm.critic_name_or_path: {err}") from err
     optimizer = torch.optim.AdamW(value_model.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.betas))

@@ -31,8 +31,9 @@ from common.distributed import (
     DistributedError,
     init_distributed,
     launched_world_size,
+    shard_model,
     shutdown,
-    wrap_ddp,
+    wrap_model,
 )
 from common.logging import RunLogger
 from common.models import ModelLoadError, make_reference
@@ -40,6 +41,7 @@ from common.tasks import TaskError
 from common.trainer import RunAbortedError, RunInterruptedError, train
 from scripts.build import (
     ConfigError,
+    apply_launcher_settings,
     build_algorithm,
     build_critic_for,
     build_flat_groups,
@@ -100,12 +102,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     """Validate cfg, build every object, train; returns the last step's metrics.
 
     Under torchrun / accelerate launch every process runs this: same seed (identical weights,
-    reference and critic), then its own sampling stream; the policy and the critic train under DDP.
+    reference and critic), then its own sampling stream; the policy and the critic train under DDP
+    or, with trainer.zero_stage 2-3, FSDP (the reference is then sharded too). An accelerate
+    config's FSDP / DeepSpeed / mixed-precision settings are mapped onto trainer keys first.
     """
+    launched = apply_launcher_settings(cfg, os.environ)
     validate(cfg)
-    dist = init_distributed(cfg.trainer.ddp_backend)
+    dist = init_distributed(cfg.trainer.ddp_backend, cfg.trainer.zero_stage)
     if not dist.is_main:  # one voice on the console: other ranks report only problems
         log.setLevel(logging.WARNING)
+    if launched:
+        log.info("from the accelerate config: %s", " ".join(f"{k}={v}" for k, v in launched.items()))
     try:
         return _run(cfg, shared_run_dir(run_dir, dist) if dist.enabled else run_dir, dist)
     finally:
@@ -125,7 +132,6 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     model, tokenizer = build_policy(cfg)
     model.to(device)
     reference = make_reference(model) if algo.needs_reference else None
-    critic = build_critic_for(algo, model, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "policy %s: %.1fM parameters on %s; reference model: %s",
@@ -141,16 +147,27 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
         raise ConfigError(
             f"task {cfg.task.name}: {err} (rollout.max_prompt_len, rollout.max_new_tokens)"
         ) from err
-    optimizer, scheduler = build_optimizer(model, cfg)
-    # after the reference copy: the KL anchor stays the initial policy when a run resumes
+    # the critic copies the initial policy's body before a resumed run loads the checkpoint's
+    # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
+    critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.bf16))
     resume_state = load_resume_state(cfg.resume, run_dir, model)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
-    policy = wrap_ddp(model, dist)
-    if critic is not None:
-        critic.model = wrap_ddp(critic.model, dist)
+    policy = wrap_model(model, dist, settings.bf16)  # FSDP: the same module, its weights sharded
+    if reference is not None and dist.shards_params:
+        shard_model(reference, dist, settings.bf16)
+    # after wrapping: under FSDP the optimizer holds the sharded parameters
+    optimizer, scheduler = build_optimizer(policy, cfg)
     if dist.enabled:
-        log.info("data parallel: rank %d of %d (%s)", dist.rank, dist.world_size, device)
+        log.info(
+            "data parallel: rank %d of %d (%s), %s",
+            dist.rank,
+            dist.world_size,
+            device,
+            f"FSDP, zero_stage {dist.zero_stage}"
+            if dist.shards_params
+            else f"DDP, zero_stage {dist.zero_stage}",
+        )
 
     logger = make_logger(cfg, run_dir, resume_state) if dist.is_main else None  # rank 0 logs
     exit_code = 1

@@ -12,8 +12,18 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
 
-from common.distributed import DistContext, launched_world_size, reduce_metrics, unwrap
+from common.distributed import (
+    DistContext,
+    DistributedError,
+    keyed_by_name,
+    launched_world_size,
+    load_optimizer_state_dict,
+    reduce_metrics,
+    unwrap,
+)
 from common.models import load_policy
 from common.rollout import HFRollout
 from common.tasks import build_task
@@ -77,15 +87,18 @@ def _rows(batch: dict, rows: list[int]) -> dict:
     return {k: v[index] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _update(
-    model, algo, settings, batch: dict, dist: DistContext, zero: bool = False
-) -> tuple[list, list, dict]:
-    """(gradients of the global loss, parameters after one SGD step, metrics); `zero` shards the
-    optimizer over the ranks (ZeRO stage 1)."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP shard (a collective), or a copy of a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def _update(model, algo, settings, batch: dict, dist: DistContext) -> tuple[list, list, dict]:
+    """(gradients of the global loss, parameters after one SGD step, metrics); dist.zero_stage 1
+    shards the optimizer over the ranks, 2-3 the gradients and weights too (FSDP)."""
     n = batch["input_ids"].shape[0]
     accumulate_gradients(model, algo, batch, torch.arange(n), settings.micro_batch_size, 1.0, dist=dist)
-    grads = [p.grad.clone() for p in model.parameters()]
-    if zero:
+    grads = [_full(p.grad) for p in model.parameters()]
+    if dist.zero_stage == 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.5)
@@ -95,29 +108,33 @@ def _update(
     metrics = update_policy(
         model, optimizer, scheduler, algo, batch, settings, 1.0, torch.Generator().manual_seed(0), dist=dist
     )
-    return grads, [p.detach().clone() for p in model.parameters()], metrics
+    return grads, [_full(p) for p in model.parameters()], metrics
 
 
 def _worker(
-    rank: int, port: int, cache_dir: str, batch_path: str, split: str, zero: bool, out_dir: str
+    rank: int, port: int, cache_dir: str, batch_path: str, split: str, zero_stage: int, out_dir: str
 ) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    from common.distributed import init_distributed, shutdown, wrap_ddp
+    from common.distributed import init_distributed, shutdown, wrap_model
 
-    dist = init_distributed("gloo")
+    dist = init_distributed("gloo", zero_stage)
     _, model, algo, settings = _setup(cache_dir)
     batch = _rows(torch.load(batch_path), SPLITS[split][rank])
-    grads, params, metrics = _update(wrap_ddp(model, dist), algo, settings, batch, dist, zero)
+    grads, params, metrics = _update(wrap_model(model, dist), algo, settings, batch, dist)
     torch.save(
         {"grads": grads, "params": params, "metrics": reduce_metrics(metrics, dist)}, f"{out_dir}/{rank}.pt"
     )
     shutdown(dist)
 
 
-@pytest.mark.parametrize("split, zero", [("even", False), ("uneven", False), ("uneven", True)])
-def test_two_processes_update_like_one(tmp_path, cache_dir, split, zero):
+@pytest.mark.parametrize(
+    "split, zero_stage",
+    [("even", 0), ("uneven", 0), ("uneven", 1), ("uneven", 2), ("even", 3), ("uneven", 3)],
+)
+def test_two_processes_update_like_one(tmp_path, cache_dir, split, zero_stage):
+    """DDP (stage 0), sharded AdamW state (1), FSDP with sharded gradients (2) and weights (3)."""
     batch = _global_batch(cache_dir)
     torch.save(batch, tmp_path / "batch.pt")
     _, model, algo, settings = _setup(cache_dir)
@@ -125,7 +142,7 @@ def test_two_processes_update_like_one(tmp_path, cache_dir, split, zero):
 
     mp.spawn(
         _worker,
-        args=(_free_port(), cache_dir, str(tmp_path / "batch.pt"), split, zero, str(tmp_path)),
+        args=(_free_port(), cache_dir, str(tmp_path / "batch.pt"), split, zero_stage, str(tmp_path)),
         nprocs=2,
     )
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
@@ -182,10 +199,11 @@ def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
+@pytest.mark.parametrize("zero_stage", [0, 1, 3])
 def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
     """The launcher path end to end: 2 ranks x 2 prompts x G=4 per step, rank 0 logs and saves
-    (with zero_stage=1 the sharded AdamW state is gathered into the checkpoint)."""
+    (with zero_stage 1 / 3 the sharded AdamW state and, for 3, the sharded weights are gathered
+    into the checkpoint: a plain Hugging Face folder)."""
     run_dir = tmp_path / "run"
     metrics = _torchrun_train(
         run_dir,
@@ -205,6 +223,69 @@ def test_torchrun_two_processes_train(tmp_path, cache_dir, zero_stage):
     assert state["optimizer"]["state"], "the AdamW state of every parameter is in the checkpoint"
     # the two ranks sampled with different RNG streams
     assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])
+    saved = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "final")
+    initial = _setup(cache_dir)[1]
+    assert saved.config.architectures == ["LlamaForCausalLM"]
+    assert saved.lm_head.weight is saved.model.embed_tokens.weight  # still tied
+    moved = [(a - b).norm() for a, b in zip(saved.parameters(), initial.parameters(), strict=True)]
+    assert all(torch.isfinite(m) for m in moved) and max(moved) > 0  # every weight saved, trained
+
+
+def test_torchrun_fsdp_resume_continues_exactly(tmp_path, cache_dir):
+    """PPO with every model sharded (policy, reference, critic; zero_stage 3): 2 steps straight
+    equal 1 step, then a resume from its checkpoint for the second: the gathered weights and AdamW
+    state (keyed by parameter name) round-trip through the checkpoint."""
+    common = (
+        "algorithm=ppo",
+        "algorithm.critic_warmup_steps=0",
+        "trainer.zero_stage=3",
+        "trainer.max_steps=2",
+    )
+    straight = tmp_path / "straight"
+    _torchrun_train(
+        straight,
+        cache_dir,
+        *common,
+        "trainer.save_every=1",
+        "trainer.keep_last_checkpoints=0",
+        "trainer.eval_every=0",
+    )
+    resumed = tmp_path / "resumed"
+    _torchrun_train(
+        resumed, cache_dir, *common, "trainer.eval_every=0", f"resume={straight / 'checkpoints' / 'step_1'}"
+    )
+    a, b = (
+        torch.load(d / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+        for d in (straight, resumed)
+    )
+    assert keyed_by_name(a["optimizer"]) and a["optimizer"]["state"]
+    weights = [
+        AutoModelForCausalLM.from_pretrained(d / "checkpoints" / "final").state_dict()
+        for d in (straight, resumed)
+    ]
+    step_1 = AutoModelForCausalLM.from_pretrained(straight / "checkpoints" / "step_1").state_dict()
+    assert any(not torch.equal(step_1[k], weights[0][k]) for k in step_1)  # step 2 changed the policy
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+    for key in a["critic"]:
+        torch.testing.assert_close(b["critic"][key], a["critic"][key], rtol=1e-5, atol=1e-6)
+    exp_avg = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(
+        b["optimizer"]["state"][exp_avg]["exp_avg"], a["optimizer"]["state"][exp_avg]["exp_avg"]
+    )
+
+
+def test_resume_refuses_an_optimizer_state_of_the_other_layout(tmp_path, cache_dir):
+    """A zero_stage 0-1 checkpoint (AdamW state keyed by index) cannot resume under FSDP, and back."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    by_index = optimizer.state_dict()
+    assert not keyed_by_name(by_index)
+    by_name = {"state": {"weight": {}}, "param_groups": [{"params": ["weight", "bias"]}]}
+    with pytest.raises(DistributedError, match="zero_stage"):
+        load_optimizer_state_dict(model, optimizer, by_name)
 
 
 def test_torchrun_dapo_dynamic_sampling_keeps_the_ranks_in_step(tmp_path, cache_dir):
@@ -244,3 +325,112 @@ def test_world_size_comes_from_the_launcher_or_slurm(monkeypatch):
     assert launched_world_size() == 4
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun inside the allocation wins
     assert launched_world_size() == 2
+
+
+FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "no"}
+FSDP1_ENV = {"ACCELERATE_USE_FSDP": "true"}
+ZERO = "trainer.zero_stage"
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, {}),
+        ({**FSDP2_ENV, "FSDP_RESHARD_AFTER_FORWARD": "true"}, {"trainer.zero_stage": 3}),
+        ({**FSDP2_ENV, "FSDP_RESHARD_AFTER_FORWARD": "false"}, {"trainer.zero_stage": 2}),
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"},
+            {"trainer.zero_stage": 2},
+        ),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, {"trainer.zero_stage": 0}),
+        (
+            {**FSDP2_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true", "ACCELERATE_MIXED_PRECISION": "bf16"},
+            {"trainer.zero_stage": 3, "model.gradient_checkpointing": True, "trainer.bf16": True},
+        ),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"},
+            {"trainer.zero_stage": 1},
+        ),
+    ],
+)
+def test_accelerate_config_maps_onto_trainer_keys(env, expected):
+    from scripts.build import apply_launcher_settings, launcher_settings
+
+    assert launcher_settings(env) == expected
+    cfg = compose_train(*OVERRIDES)
+    apply_launcher_settings(cfg, env)
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision fp16"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, "HYBRID_SHARD"),
+        ({**FSDP2_ENV, "FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, "offload"),
+    ],
+)
+def test_accelerate_config_the_loop_cannot_follow_is_an_error(env, message):
+    from scripts.build import ConfigError, launcher_settings
+
+    with pytest.raises(ConfigError, match=message):
+        launcher_settings(env)
+
+
+def test_command_line_contradicting_the_accelerate_config_is_an_error():
+    from scripts.build import ConfigError, apply_launcher_settings
+
+    cfg = compose_train(*OVERRIDES, "trainer.zero_stage=1")
+    with pytest.raises(ConfigError, match="trainer.zero_stage=1 contradicts the accelerate config"):
+        apply_launcher_settings(cfg, {**FSDP2_ENV, "FSDP_RESHARD_AFTER_FORWARD": "true"})
+    cfg = compose_train(*OVERRIDES, "trainer.zero_stage=3")  # agreeing is fine
+    apply_launcher_settings(cfg, {**FSDP2_ENV, "FSDP_RESHARD_AFTER_FORWARD": "true"})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("trainer.zero_stage=4",), "options: 0"),
+        (("trainer.zero_stage=3", "model.lora.enabled=true"), "not supported with LoRA"),
+    ],
+)
+def test_unsupported_sharding_is_a_config_error(overrides, message):
+    from scripts.build import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_train(*OVERRIDES, *overrides))
+
+
+def test_accelerate_launch_with_the_fsdp_config(tmp_path, cache_dir):
+    """`accelerate launch --config_file scripts/accelerate/fsdp.yaml` (2 processes on CPU here):
+    its fsdp_config becomes trainer.zero_stage=3 and the run trains and saves."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LAB_CACHE": cache_dir}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "scripts/accelerate/fsdp.yaml",
+        "--mixed_precision",
+        "no",
+        f"--main_process_port={_free_port()}",
+        "-m",
+        "scripts.train",
+        "model=tiny",
+        "task=char_share",
+        "logger=none",
+        "group_size=g4",
+        "trainer.batch_size=4",
+        "rollout.max_new_tokens=8",
+        "trainer.max_steps=1",
+        "trainer.eval_every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "from the accelerate config: trainer.zero_stage=3" in result.stdout + result.stderr
+    assert "FSDP, zero_stage 3" in result.stdout + result.stderr
+    assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
