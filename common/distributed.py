@@ -55,7 +55,14 @@ SUM_METRICS = (
     "reward/errors",
 )
 # metrics that take the largest value over ranks
-MAX_METRICS = ("rollout/response_length_max", "perf/rollout_s", "perf/logprob_s", "perf/update_s")
+MAX_METRICS = (
+    "rollout/response_length_max",
+    "perf/rollout_s",
+    "perf/logprob_s",
+    "perf/update_s",
+    "perf/train_state_mb",
+    "perf/peak_rss_mb",
+)
 
 
 class DistributedError(RuntimeError):
@@ -305,6 +312,31 @@ def load_optimizer_state_dict(
         set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=_FROM_RANK0)
     else:
         optimizer.load_state_dict(state)
+
+
+def local_bytes(tensor: torch.Tensor | None) -> int:
+    """Bytes of `tensor` held by this rank: its local shard for an FSDP DTensor."""
+    if tensor is None:
+        return 0
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def train_state_bytes(
+    modules: list[torch.nn.Module | None], optimizers: list[torch.optim.Optimizer | None]
+) -> int:
+    """Bytes this rank holds for the weights and gradients of `modules` and the state (AdamW
+    moments) of `optimizers`: what zero_stage 1-3 shard (activations and caches not included)."""
+    params = {id(p): p for m in modules if m is not None for p in m.parameters()}.values()
+    total = sum(local_bytes(p) + local_bytes(p.grad) for p in params)
+    for optimizer in optimizers:
+        if optimizer is None:
+            continue
+        local = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: this rank's shard
+        total += sum(
+            local_bytes(v) for state in local.state.values() for v in state.values() if torch.is_tensor(v)
+        )
+    return total
 
 
 def scalar(value: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import random
+import resource
 import signal
 import time
 from collections import defaultdict
@@ -48,6 +49,7 @@ from common.distributed import (
     optimizer_state_dict,
     reduce_metrics,
     scalar,
+    train_state_bytes,
     unwrap,
 )
 from common.logging import RunLogger
@@ -850,8 +852,13 @@ def train_step(
             engine.sync_weights(unwrap(model))
     t_update = time.perf_counter()
     metrics.update(rollout_metrics(samples, algo.group_size))
+    state_bytes = train_state_bytes(
+        [model, reference, critic and critic.model], [optimizer, critic and critic.optimizer]
+    )
     metrics.update(
         {
+            "perf/train_state_mb": state_bytes / 2**20,
+            "perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "perf/logprob_s": t_logprob - t_rollout,
             "perf/update_s": t_update - t_logprob,
             "perf/step_s": t_update - t0,

@@ -66,3 +66,26 @@ def test_trl_benchmark_without_trl_says_how_to_install_it():
     )
     assert out.returncode == 1 and "pip install" in out.stderr and "trl" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_sharding_benchmark_shows_the_sharded_state(tmp_path, cache_dir):
+    """scripts/benchmark_sharding.py on the tiny model: one process, then 2 processes with FSDP
+    (zero_stage 3), which hold half of the weights, gradients and AdamW state per rank."""
+    from scripts.benchmark_sharding import format_table as sharding_table
+    from scripts.benchmark_sharding import main as sharding_main
+
+    out = tmp_path / "sharding.json"
+    result = sharding_main(
+        ["model=tiny", "task=char_share", f"paths.cache_dir={cache_dir}", "--stages", "3", "--steps", "1"]
+        + ["--out", str(out)]
+    )
+    single, sharded = json.loads(out.read_text())["runs"]
+    assert (single["zero_stage"], single["processes"], sharded["zero_stage"], sharded["processes"]) == (
+        None,
+        1,
+        3,
+        2,
+    )
+    assert sharded["sequences_per_step"] == single["sequences_per_step"] == 16  # the same global batch
+    assert 0.45 < sharded["train_state_mb"] / single["train_state_mb"] < 0.55
+    assert "zero_stage 3" in sharding_table(result)
