@@ -5,6 +5,8 @@ group-normalised advantage (Eq. 9 restates it for DAPO). Dr. GRPO is arXiv:2503.
 Every function is pure: tensors (or lists) in, float32 tensors out.
 """
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -33,7 +35,13 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total.sum(dim) / keep.sum(dim).clamp(min=1)
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    values: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Whiten `values` with the mean and variance of its masked entries (PPO advantage normalisation).
 
         mu  = masked_mean(v, m)
@@ -50,16 +58,19 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
         mask: (B, T), 1 on response tokens.
         shift_mean: subtract the mean (True) or only divide by the std (False).
         eps: added to the variance before the square root.
+        reduce: sums a tensor over data-parallel ranks (DistContext.sum); the statistics are then
+            the global batch's, as in one process. None: this batch alone.
 
     Returns:
         (B, T) float32, 0 where mask is 0.
     """
+    reduce = reduce or (lambda t: t)
     values = torch.as_tensor(values, dtype=torch.float32)
     keep = torch.as_tensor(mask, device=values.device).bool()
-    count = keep.sum()
-    mean = masked_mean(values, keep)
+    count = reduce(keep.sum().float())
+    mean = reduce(torch.where(keep, values, 0.0).sum()) / count.clamp(min=1)
     centered = torch.where(keep, values - mean, 0.0)
-    var = (centered**2).sum() / (count - 1).clamp(min=1)
+    var = reduce((centered**2).sum()) / (count - 1).clamp(min=1)
     whitened = centered * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

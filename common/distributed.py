@@ -7,13 +7,14 @@ The contract (see README "Scaling up"):
     (`fully_shard`, zero_stage 2-3): gradients are averaged over ranks in backward, and the loss is
     scaled so that the average equals the gradient of the global loss with a *global* normaliser
     (token count or sequence count summed over ranks);
-  - scalar metrics are reduced across ranks; only rank 0 logs, evaluates and checkpoints.
+  - scalar metrics are reduced across ranks; evaluation is split over them; only rank 0 logs and
+    checkpoints.
 
 Sharded parameters (zero_stage 2-3, the ZeRO stages of Rajbhandari et al. 2020, arXiv:1910.02054,
 as FSDP's SHARD_GRAD_OP / FULL_SHARD): each rank holds 1/W of every weight, gradient and AdamW
 moment. A forward then all-gathers weights, a collective that every rank must call equally often.
 The update pass keeps that lockstep (every rank runs the same number of micro-batches), but
-generation, the no-grad log-prob passes and rank-0 evaluation run different numbers of forwards
+generation, the no-grad log-prob passes and evaluation run different numbers of forwards
 per rank; they run inside `gathered(...)`, which all-gathers the whole model once (all ranks) so
 that the forwards inside need no collective, and shards it again after.
 
@@ -106,6 +107,14 @@ class DistContext:
         ops = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}
         tdist.all_reduce(t, op=ops[op])
         return t.item()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks (a new tensor on the tensor's device); itself in one process."""
+        if not self.enabled:
+            return tensor
+        out = tensor.detach().to(self.device, copy=True)
+        tdist.all_reduce(out)
+        return out.to(tensor.device)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when the flag is true on some rank."""
@@ -229,8 +238,8 @@ def shard_model(module: torch.nn.Module, ctx: DistContext, bf16: bool = False) -
 @contextlib.contextmanager
 def gathered(modules: list[torch.nn.Module | None], ctx: DistContext) -> Iterator[None]:
     """Inside the block the FSDP-sharded `modules` hold their whole weights, so forwards run without
-    collectives and ranks may run different numbers of them (generation, no-grad passes, rank-0
-    evaluation, saving). Every rank must enter it (the gather is a collective); it is the identity
+    collectives and ranks may run different numbers of them (generation, no-grad passes,
+    evaluation, weight syncs). Every rank must enter it (the gather is a collective); it is the identity
     for unsharded modules. On exit the weights are sharded again, as set by ctx.zero_stage (FSDP2
     keeps each root's weights after forward, as it does itself)."""
     roots = [m for m in modules if isinstance(m, FSDPModule)]

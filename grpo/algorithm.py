@@ -8,6 +8,7 @@ objective Eq. 5. Relative to PPO (ppo/): 1) no critic, the group mean is the bas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -70,10 +71,13 @@ class GRPO:
         """Tokens that enter the loss: (N, T). GRPO trains on every response token."""
         return response_mask
 
-    def compute_advantages(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def compute_advantages(
+        self, batch: dict[str, torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """batch["advantages"] = (r_i - mean_g) / (std_g + eps) per group (DAPO Eq. 4): (N,).
 
         Groups are read from batch["group_index"], so ragged groups (dynamic resampling) work too.
+        `reduce` (summing over data-parallel ranks) is not needed: a group never spans ranks.
         Returns stats to log (none for GRPO: the reward terms are logged by the trainer).
         """
         batch["advantages"], _ = compute_group_relative_advantages(

@@ -12,6 +12,7 @@ Implementation anchors: verl trainer/ppo/core_algos.py, TRL PPOTrainer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -156,7 +157,9 @@ class PPO:
         """Tokens that enter the loss: (N, T). PPO trains on every response token."""
         return response_mask
 
-    def compute_advantages(self, batch: dict[str, Tensor]) -> dict[str, float]:
+    def compute_advantages(
+        self, batch: dict[str, Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> dict[str, float]:
         """Token rewards -> GAE (DAPO Eq. 2-3) -> whitening; then one KL-controller update.
 
             KL_t          = kl_penalty(old_logprob, ref_logprob, kl_kind)       KL(pi_old || pi_ref)
@@ -174,6 +177,9 @@ class PPO:
         Args:
             batch: "rewards" (N,), "response_mask" (N, T), "values" (N, T) from the critic at
                 rollout time; with kl_coef > 0 also "old_logprob" and "ref_logprob" (N, T).
+            reduce: sums a tensor over data-parallel ranks (DistContext.sum): the whitening
+                statistics and the controller's KL and n_steps are then the global batch's, so
+                every rank keeps the same beta and the advantages equal the one-process ones.
 
         Returns:
             stats: kl/value (per-token mean, comparable with GRPO's), kl/seq_value (per-sequence,
@@ -191,12 +197,14 @@ class PPO:
         token_rewards = token_level_rewards(batch["rewards"], mask, kl, beta)  # (N, T)
         advantages, returns = compute_gae(token_rewards, batch["values"], mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, reduce=reduce)
         batch["token_rewards"], batch["advantages"], batch["returns"] = token_rewards, advantages, returns
 
         if kl is not None:
-            seq_kl = kl.sum(dim=1).mean().item()  # sum over tokens, mean over sequences
-            self.kl_controller.update(seq_kl, n_steps=mask.shape[0])
+            reduce = reduce or (lambda t: t)
+            n_seqs = reduce(torch.tensor(float(mask.shape[0]), device=kl.device))
+            seq_kl = (reduce(kl.sum()) / n_seqs).item()  # sum over tokens, mean over sequences
+            self.kl_controller.update(seq_kl, n_steps=int(n_seqs.item()))
             stats.update({"kl/value": masked_mean(kl, mask).item(), "kl/seq_value": seq_kl, "kl/coef": beta})
         stats.update(
             {

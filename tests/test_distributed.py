@@ -27,7 +27,7 @@ from common.distributed import (
 from common.models import load_policy
 from common.rollout import HFRollout
 from common.tasks import build_task
-from common.trainer import accumulate_gradients, build_batch, generate_and_score, update_policy
+from common.trainer import accumulate_gradients, build_batch, evaluate, generate_and_score, update_policy
 from scripts.build import build_algorithm, build_settings
 from tests.conftest import ROOT, compose_train
 
@@ -160,6 +160,80 @@ def test_two_processes_update_like_one(tmp_path, cache_dir, split, zero_stage):
     assert ranks[0]["metrics"]["policy/loss"] == pytest.approx(metrics_1["policy/loss"], rel=1e-4, abs=1e-6)
 
 
+def _evaluation(cache_dir: str, dist: DistContext) -> dict:
+    tokenizer, model, _, settings = _setup(cache_dir)
+    engine = HFRollout(model, tokenizer, group_size=1, max_new_tokens=10)
+    task = build_task("char_share")
+    return evaluate(engine, task, task.test[:11], settings.format_weight, chunk=4, dist=dist)
+
+
+def _eval_worker(rank: int, port: int, cache_dir: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from common.distributed import init_distributed, shutdown
+
+    dist = init_distributed("gloo")
+    torch.save(_evaluation(cache_dir, dist), f"{out_dir}/eval{rank}.pt")
+    shutdown(dist)
+
+
+def test_evaluation_split_over_ranks_equals_one_process(tmp_path, cache_dir):
+    """11 held-out prompts: rank 0 decodes 6, rank 1 decodes 5; both report the means over all 11."""
+    single = _evaluation(cache_dir, DistContext())
+    mp.spawn(_eval_worker, args=(_free_port(), cache_dir, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        split = torch.load(tmp_path / f"eval{rank}.pt")
+        assert split.keys() == single.keys()
+        for key, value in single.items():
+            assert split[key] == pytest.approx(value, abs=1e-6), key
+    assert 0 < single["eval/accuracy"] < 1  # a mean over the prompts, not one prompt's 0 or 1
+
+
+def _ppo_batch() -> dict:
+    """16 rows of PPO inputs with unequal response lengths: rewards, critic values, log-probs."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([10, 3, 7, 10, 1, 9, 5, 8, 2, 10, 4, 6, 10, 7, 1, 3])
+    return {
+        "rewards": torch.rand(16, generator=g),
+        "response_mask": (torch.arange(10)[None, :] < lengths[:, None]).float(),
+        "values": torch.randn(16, 10, generator=g),
+        "old_logprob": -torch.rand(16, 10, generator=g) * 3,
+        "ref_logprob": -torch.rand(16, 10, generator=g) * 3,
+    }
+
+
+def _ppo(adaptive: bool = True):
+    overrides = ["algorithm=ppo", "algorithm.kl_ctl=adaptive", "algorithm.kl_target=0.5"] if adaptive else []
+    return build_algorithm(compose_train(*OVERRIDES, *overrides).algorithm)
+
+
+def _ppo_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from common.distributed import init_distributed, shutdown
+
+    dist = init_distributed("gloo")
+    algo, batch = _ppo(), _rows(_ppo_batch(), SPLITS["uneven"][rank])
+    algo.compute_advantages(batch, reduce=dist.sum)
+    torch.save(
+        {"advantages": batch["advantages"], "beta": algo.kl_controller.value}, f"{out_dir}/ppo{rank}.pt"
+    )
+    shutdown(dist)
+
+
+def test_ppo_whitening_and_kl_controller_are_global_over_ranks(tmp_path):
+    """PPO's advantage whitening and adaptive KL controller see the global batch under data
+    parallel (uneven shares: 12 rows and 4), so advantages and beta equal the one-process ones."""
+    algo, batch = _ppo(), _ppo_batch()
+    algo.compute_advantages(batch)
+    mp.spawn(_ppo_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"ppo{rank}.pt")
+        torch.testing.assert_close(out["advantages"], batch["advantages"][SPLITS["uneven"][rank]])
+        assert out["beta"] == pytest.approx(algo.kl_controller.value, rel=1e-9)
+    assert algo.kl_controller.value != _ppo().kl_controller.value  # the controller moved
+
+
 def test_reduce_metrics_is_the_identity_in_one_process():
     metrics = {"reward/total": 0.5, "sampling/samples": 8.0}
     assert reduce_metrics(metrics, DistContext()) == metrics
@@ -172,6 +246,12 @@ def test_shard_splits_a_global_batch_into_contiguous_shares():
     assert DistContext(rank=1, world_size=2).shard(items) == [4, 5, 6, 7]
     with pytest.raises(RuntimeError, match="do not split"):
         DistContext(rank=0, world_size=3).shard(items)
+
+
+def _failure(result: subprocess.CompletedProcess) -> str:
+    """The error lines of a failed launcher run (the root cause is often far above its summary)."""
+    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join(errors[-20:]) + "\n---\n" + result.stderr[-2000:]
 
 
 def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
@@ -195,7 +275,7 @@ def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
         *overrides,
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -430,7 +510,7 @@ def test_accelerate_launch_with_the_fsdp_config(tmp_path, cache_dir):
         f"hydra.run.dir={run_dir}",
     ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _failure(result)
     assert "from the accelerate config: trainer.zero_stage=3" in result.stdout + result.stderr
     assert "FSDP, zero_stage 3" in result.stdout + result.stderr
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
