@@ -254,28 +254,24 @@ def _failure(result: subprocess.CompletedProcess) -> str:
     return "\n".join(errors[-20:]) + "\n---\n" + result.stderr[-2000:]
 
 
-def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
-    """`torchrun --nproc_per_node 2 -m scripts.train` on the tiny model; returns metrics.jsonl."""
+# the tiny training run every launcher test starts
+TRAIN = ["scripts.train", "model=tiny", "task=char_share", "logger=none", "group_size=g4"]
+TRAIN += ["trainer.batch_size=4", "rollout.max_new_tokens=8"]
+
+
+def _launch(launcher: list[str], run_dir, cache_dir: str, *overrides: str) -> subprocess.CompletedProcess:
+    """`python -m <launcher...> -m scripts.train` on the tiny model in run_dir; asserts it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LAB_CACHE": cache_dir}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
-        "-m",
-        "scripts.train",
-        "model=tiny",
-        "task=char_share",
-        "logger=none",
-        "group_size=g4",
-        "trainer.batch_size=4",
-        "rollout.max_new_tokens=8",
-        f"hydra.run.dir={run_dir}",
-        *overrides,
-    ]
+    command = [sys.executable, "-m", *launcher, "-m", *TRAIN, f"hydra.run.dir={run_dir}", *overrides]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, _failure(result)
+    return result
+
+
+def _torchrun_train(run_dir, cache_dir: str, *overrides: str) -> list[dict]:
+    """`torchrun --nproc_per_node 2 -m scripts.train` on the tiny model; returns metrics.jsonl."""
+    torchrun = ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    _launch(torchrun, run_dir, cache_dir, *overrides)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -487,30 +483,9 @@ def test_accelerate_launch_with_the_fsdp_config(tmp_path, cache_dir):
     """`accelerate launch --config_file scripts/accelerate/fsdp.yaml` (2 processes on CPU here):
     its fsdp_config becomes trainer.zero_stage=3 and the run trains and saves."""
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RL_LAB_CACHE": cache_dir}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "scripts/accelerate/fsdp.yaml",
-        "--mixed_precision",
-        "no",
-        f"--main_process_port={_free_port()}",
-        "-m",
-        "scripts.train",
-        "model=tiny",
-        "task=char_share",
-        "logger=none",
-        "group_size=g4",
-        "trainer.batch_size=4",
-        "rollout.max_new_tokens=8",
-        "trainer.max_steps=1",
-        "trainer.eval_every=0",
-        f"hydra.run.dir={run_dir}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, _failure(result)
+    accelerate = ["accelerate.commands.launch", "--config_file", "scripts/accelerate/fsdp.yaml"]
+    accelerate += ["--mixed_precision", "no", f"--main_process_port={_free_port()}"]
+    result = _launch(accelerate, run_dir, cache_dir, "trainer.max_steps=1", "trainer.eval_every=0")
     assert "from the accelerate config: trainer.zero_stage=3" in result.stdout + result.stderr
     assert "FSDP, zero_stage 3" in result.stdout + result.stderr
     assert (run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
