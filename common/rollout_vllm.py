@@ -86,9 +86,12 @@ class VLLMRollout(HFRollout):
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy the policy's current weights into the vLLM engine (after every update); a LoRA
-        policy is merged first, so vLLM gets plain HF parameter names."""
+        policy is merged first, so vLLM gets plain HF parameter names. An FSDP-sharded policy must
+        be inside `common.distributed.gathered` (the trainer does that): its parameters are then
+        whole tensors. Parameters, not `state_dict()`: FSDP's state-dict hook hands out the shards
+        (and Llama keeps no persistent buffer that vLLM needs; a tied head comes once)."""
         source = merged_copy(model) if is_lora(model) else model
-        weights = [(name, p.detach()) for name, p in source.state_dict().items()]
+        weights = [(name, p.detach()) for name, p in source.named_parameters()]
         self.llm.collective_rpc(_load_weights, args=(weights,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 

@@ -234,6 +234,40 @@ def test_ppo_whitening_and_kl_controller_are_global_over_ranks(tmp_path):
     assert algo.kl_controller.value != _ppo().kl_controller.value  # the controller moved
 
 
+def _gathered_worker(rank: int, port: int, cache_dir: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from common.distributed import gathered, init_distributed, shutdown, wrap_model
+
+    dist = init_distributed("gloo", zero_stage=3, timeout_minutes=1)  # a hang fails, not stalls
+    model = wrap_model(_setup(cache_dir)[1], dist)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with gathered([model], dist), torch.no_grad():
+        inside = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(1 + 2 * rank):  # unequal forward counts: no collective inside
+            logits = model(input_ids=ids).logits
+    outside = {n: p.to_local().shape for n, p in model.named_parameters()}
+    dist.all_reduce(1.0)  # both ranks reach the next collective
+    torch.save({"inside": inside, "outside": outside, "logits": logits}, f"{out_dir}/gathered{rank}.pt")
+    shutdown(dist)
+
+
+def test_gathered_weights_are_whole_and_need_no_collective(tmp_path, cache_dir):
+    """zero_stage 3: inside `gathered` every parameter is the whole tensor (what generation, evaluation
+    and a vLLM weight sync read) and ranks run different numbers of forwards; outside, 1/2 each."""
+    full = dict(_setup(cache_dir)[1].named_parameters())
+    mp.spawn(_gathered_worker, args=(_free_port(), cache_dir, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"gathered{r}.pt") for r in range(2)]
+    for out in ranks:
+        assert out["inside"].keys() == full.keys()
+        for name, weight in full.items():
+            torch.testing.assert_close(out["inside"][name], weight.detach())
+        assert (
+            out["outside"]["model.embed_tokens.weight"][0] == full["model.embed_tokens.weight"].shape[0] // 2
+        )
+    torch.testing.assert_close(ranks[0]["logits"], ranks[1]["logits"])
+
+
 def test_reduce_metrics_is_the_identity_in_one_process():
     metrics = {"reward/total": 0.5, "sampling/samples": 8.0}
     assert reduce_metrics(metrics, DistContext()) == metrics
