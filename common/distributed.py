@@ -289,12 +289,11 @@ def optimizer_state_dict(
     """The optimizer's whole state on rank 0 (None elsewhere); a collective when it is sharded.
     ZeRO-1 consolidates its shards; under FSDP the state is keyed by parameter name, otherwise by
     parameter index, as torch's `Optimizer.state_dict` does."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.consolidate_state_dict(to=0)
-        return optimizer.state_dict() if ctx.is_main else None
     if isinstance(module, FSDPModule):
         state = get_optimizer_state_dict(module, optimizer, options=_FULL)
         return state if ctx.is_main else None
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)  # its state_dict is then valid on rank 0 only
     return optimizer.state_dict() if ctx.is_main else None
 
 

@@ -159,14 +159,14 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     # after wrapping: under FSDP the optimizer holds the sharded parameters
     optimizer, scheduler = build_optimizer(policy, cfg)
     if dist.enabled:
+        wrapper = "FSDP" if dist.shards_params else "DDP"
         log.info(
-            "data parallel: rank %d of %d (%s), %s",
+            "data parallel: rank %d of %d (%s), %s, zero_stage %d",
             dist.rank,
             dist.world_size,
             device,
-            f"FSDP, zero_stage {dist.zero_stage}"
-            if dist.shards_params
-            else f"DDP, zero_stage {dist.zero_stage}",
+            wrapper,
+            dist.zero_stage,
         )
 
     logger = make_logger(cfg, run_dir, resume_state) if dist.is_main else None  # rank 0 logs
