@@ -14,12 +14,18 @@ import logging
 import math
 import netrc
 import os
+import resource
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("rl_lab")
 
 SAMPLE_COLUMNS = ["step", "prompt", "response", "answer", "extracted", "correct", "format", "reward"]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def wandb_logged_in() -> bool:

@@ -23,7 +23,6 @@ import contextlib
 import logging
 import math
 import random
-import resource
 import signal
 import time
 from collections import defaultdict
@@ -52,7 +51,7 @@ from common.distributed import (
     train_state_bytes,
     unwrap,
 )
-from common.logging import RunLogger
+from common.logging import RunLogger, peak_rss_mb
 from common.losses import aggregation_denominator
 from common.reward_fn import score_responses
 from common.rollout import HFRollout, RolloutBatch, sequence_logprobs
@@ -864,7 +863,7 @@ def train_step(
     metrics.update(
         {
             "perf/train_state_mb": state_bytes / 2**20,
-            "perf/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "perf/peak_rss_mb": peak_rss_mb(),
             "perf/logprob_s": t_logprob - t_rollout,
             "perf/update_s": t_update - t_logprob,
             "perf/step_s": t_update - t0,

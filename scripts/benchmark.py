@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from common.logging import peak_rss_mb
 from common.models import make_reference
 from common.rollout import HFRollout
 from common.trainer import (
@@ -51,6 +51,7 @@ from scripts.build import (
     build_task_from,
     validate,
 )
+from scripts.report import aligned, workload_row
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # the fixed workload of the benchmark (any of it can be overridden on the command line)
@@ -208,18 +209,14 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "naive_rollout_tokens_per_s": naive_tps,
         "naive_rollout_prompts": naive_prompts,
         "batched_over_naive": batched_tps / naive_tps,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
 def format_table(result: dict[str, Any]) -> str:
     w, s = result["workload"], result["seconds_per_step"]
     rows = [
-        (
-            "workload",
-            f"{w['model']} {w['dtype']}, {w['prompts']} prompts x G={w['group_size']}, "
-            f"{w['max_new_tokens']} new tokens, {w['algorithm']} (kl_coef {w['kl_coef']})",
-        ),
+        workload_row(w),
         (
             "seconds / step",
             f"{s['step_s']:.2f} = rollout {s['rollout_s']:.2f} + reward {s['reward_s']:.3f} "
@@ -242,8 +239,7 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return aligned(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

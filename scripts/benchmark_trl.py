@@ -13,7 +13,7 @@ plain AdamW ("adamw_torch", not the fused default), no KL importance-weight corr
 is 1 in value but not in gradient).
 
 TRL and its dependencies (datasets, pandas, pyarrow) stay out of the project's venv: the script runs
-from its own venv outside the repo, from the repo root (it imports common/):
+from its own venv outside the repo, from the repo root (it imports common/ and scripts/report.py):
 
     python3 -m venv ../trl-venv
     ../trl-venv/bin/pip install torch==2.13.0 transformers==5.23.0 trl==1.16.0 datasets accelerate
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -42,9 +41,11 @@ from typing import Any
 import torch
 import yaml
 
+from common.logging import peak_rss_mb
 from common.models import load_policy
 from common.reward_fn import score_responses
 from common.tasks import Example, Task, build_task
+from scripts.report import aligned, workload_row
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRL_INSTALL = "pip install torch==2.13.0 transformers==5.23.0 trl==1.16.0 datasets accelerate"
@@ -174,7 +175,7 @@ def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) ->
         "median_step_s": statistics.median(timed),
         "generated_tokens_per_step": statistics.mean(generated),
         "trl_logs": timer.logs,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -182,11 +183,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The result as aligned "name  value" lines."""
     w, v = result["workload"], result["versions"]
     rows = [
-        (
-            "workload",
-            f"{w['model']} {w['dtype']}, {w['prompts']} prompts x G={w['group_size']}, "
-            f"{w['max_new_tokens']} new tokens, {w['algorithm']} (kl_coef {w['kl_coef']})",
-        ),
+        workload_row(w),
         ("versions", ", ".join(f"{name} {v[name]}" for name in PACKAGES)),
         ("torch threads", str(result["machine"]["torch_threads"])),
         ("warm-up step", f"{result['warmup_step_s']:.2f} s (not timed)"),
@@ -195,8 +192,7 @@ def format_table(result: dict[str, Any]) -> str:
         ("generated tokens/step", f"{result['generated_tokens_per_step']:.0f}"),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
     ]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {val}" for k, val in rows)
+    return aligned(rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
