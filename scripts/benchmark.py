@@ -49,6 +49,7 @@ from scripts.build import (
     build_rollout,
     build_settings,
     build_task_from,
+    resolve_device,
     validate,
 )
 from scripts.report import aligned, workload_row
@@ -64,15 +65,22 @@ WORKLOAD = [
 ]
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Attainable dense float32 FLOP/s on this machine: best of `repeats` n x n x n matmuls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def clock(device: torch.device) -> float:
+    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Attainable dense float32 FLOP/s on `device`: best of `repeats` n x n x n matmuls."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock(device)
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock(device) - t)
     return 2 * n**3 / best
 
 
@@ -103,23 +111,24 @@ def naive_rollout(
 
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
     """One GRPO step with each phase timed separately (the trainer's train_step, taken apart)."""
+    device = next(model.parameters()).device
     times: dict[str, float] = {}
-    t = time.perf_counter()
+    t = clock(device)
     rollout = engine.sample([e.prompt for e in examples])
-    times["rollout_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    times["rollout_s"] = clock(device) - t
+    t = clock(device)
     samples = score_samples(task, rollout, examples, algo, settings)
-    batch = build_batch(samples, algo, torch.device("cpu"))
-    times["reward_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    add_logprobs_and_values(
-        batch, model, reference, None, algo, settings, engine.temperature, torch.device("cpu")
-    )
-    times["logprob_s"] = time.perf_counter() - t
+    batch = build_batch(samples, algo, device)
+    times["reward_s"] = clock(device) - t
+    t = clock(device)
+    add_logprobs_and_values(batch, model, reference, None, algo, settings, engine.temperature, device)
+    times["logprob_s"] = clock(device) - t
     algo.compute_advantages(batch)
-    t = time.perf_counter()
+    t = clock(device)
     update_policy(model, optimizer, scheduler, algo, batch, settings, engine.temperature, generator)
-    times["update_s"] = time.perf_counter() - t
+    if engine.syncs_weights:  # a separate generation engine (vLLM) gets the new weights, as in training
+        engine.sync_weights(model)
+    times["update_s"] = clock(device) - t
     times["step_s"] = sum(times.values())
     generated = int(rollout.lengths.sum())
     # the workload's tokens: prompt + response of every row, padding left out
@@ -147,7 +156,9 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
     task = build_task_from(cfg)
+    device = resolve_device(cfg.trainer.device)
     model, tokenizer = build_policy(cfg)
+    model.to(device)
     reference = make_reference(model) if algo.needs_reference else None
     engine = build_rollout(cfg, model, tokenizer)
     optimizer, scheduler = build_optimizer(model, cfg)
@@ -167,7 +178,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     generated = sum(r[1] for r in runs) / len(runs)
     processed = sum(r[2] for r in runs) / len(runs)
     computed = sum(r[3] for r in runs) / len(runs)
-    peak = matmul_flops()
+    peak = matmul_flops(device)
     update_flops = 6 * n_params * processed / mean["update_s"]
     computed_flops = 6 * n_params * computed / mean["update_s"]
 
@@ -189,9 +200,12 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
             "max_new_tokens": cfg.rollout.max_new_tokens,
             "algorithm": cfg.algorithm.name,
             "kl_coef": cfg.algorithm.kl_coef,
+            "engine": cfg.rollout.engine,
+            "bf16": cfg.trainer.bf16,
             "timed_steps": steps,
         },
         "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "cpu": platform.processor() or platform.machine(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -210,6 +224,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "naive_rollout_prompts": naive_prompts,
         "batched_over_naive": batched_tps / naive_tps,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
 
@@ -239,6 +254,8 @@ def format_table(result: dict[str, Any]) -> str:
         ),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
     ]
+    if result.get("peak_gpu_mb") is not None:
+        rows.append(("peak GPU memory", f"{result['peak_gpu_mb']:.0f} MB (torch allocator)"))
     return aligned(rows)
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scripts.benchmark import format_table, main
+from scripts.report import engine_table
+from tests.conftest import ROOT
 
 KEYS = {
     "workload",
@@ -89,3 +93,45 @@ def test_sharding_benchmark_shows_the_sharded_state(tmp_path, cache_dir):
     assert sharded["sequences_per_step"] == single["sequences_per_step"] == 16  # the same global batch
     assert 0.45 < sharded["train_state_mb"] / single["train_state_mb"] < 0.55
     assert "zero_stage 3" in sharding_table(result)
+
+
+def _result(engine: str, rollout_s: float, step_s: float, tokens: float) -> dict:
+    """A benchmark result with just the fields the engine table reads."""
+    phases = {
+        "rollout_s": rollout_s,
+        "logprob_s": 1.0,
+        "update_s": step_s - rollout_s - 1.0,
+        "step_s": step_s,
+    }
+    return {
+        "workload": {"engine": engine},
+        "seconds_per_step": phases,
+        "rollout_tokens_per_s": tokens / rollout_s,
+        "generated_tokens_per_step": tokens,
+        "peak_gpu_mb": 2048.0,
+    }
+
+
+def test_engine_table_compares_vllm_with_hf():
+    # 1000 tokens: HF rolls out in 4 s of a 10 s step, vLLM in 1 s of a 7 s step
+    table = engine_table([_result("hf", 4.0, 10.0, 1000), _result("vllm", 1.0, 7.0, 1000)])
+    assert "| hf | 250 | 100 | 10.00 (4.00 + 1.00 + 5.00) | 2048 |" in table
+    assert "| vllm | 1000 | 143 | 7.00 (1.00 + 1.00 + 5.00) | 2048 |" in table
+    assert "vllm over hf: rollout tokens/s 4.00x, step time 1.43x" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_gpu_check_without_a_gpu_stops_with_one_line():
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().startswith("gpu_check: no CUDA device") and len(result.stderr.splitlines()) == 1
+    )
+    assert result.stdout == ""
