@@ -1,4 +1,10 @@
-"""Shared fixtures: Hydra composition, the tiny model, and a tmp cache for the tokenizer."""
+"""Shared fixtures: Hydra composition, the tiny model, and a tmp cache for the tokenizer.
+
+Two environment variables change what a run's floats and samples are, to check that the suite does
+not depend on them (README "Tests"):
+    RL_LAB_TEST_THREADS=N   torch CPU threads in the test process (other kernels, other sum orders)
+    RL_LAB_TEST_SEED=S      the seed of the tests that sample a training run (default 0)
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -13,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 # GSM8K files beside the checkout (never copied into it)
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+# what the tests that sample a training run (and assert what any sample must give) are seeded with
+TEST_SEED = int(os.environ.get("RL_LAB_TEST_SEED", "0"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if threads := os.environ.get("RL_LAB_TEST_THREADS"):
+        torch.set_num_threads(int(threads))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"torch threads: {torch.get_num_threads()}, RL_LAB_TEST_SEED: {TEST_SEED}"
 
 
 # a seconds-long run: the tiny random model on the char_share toy task, no W&B, no evaluation

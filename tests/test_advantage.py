@@ -26,6 +26,8 @@ def test_relative_rewards_seed_baselines():
     # group 1: (0.8 + 0.6 + 0.9 + 0.7) / 4 = 0.75; group 2: (0.85 + 0.75 + 0.80 + 0.90) / 4 = 0.825
     rewards = [0.8, 0.6, 0.9, 0.7, 0.85, 0.75, 0.80, 0.90]
     adv, base = compute_relative_rewards(rewards, group_size=4)
+    # exact on any machine: group sums run in float64, where a few float32 rewards add up without
+    # rounding in any order, so the baseline is the correctly rounded mean
     assert base[0] == 0.75
     assert base[4] == 0.825
     assert base.shape == adv.shape == (8,)

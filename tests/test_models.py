@@ -63,6 +63,7 @@ def test_tiny_init_is_seeded_and_leaves_global_rng_alone(cache_dir):
     b, _ = load_policy("tiny", cache_dir=cache_dir, tiny=TINY, seed=1)
     c, _ = load_policy("tiny", cache_dir=cache_dir, tiny=TINY, seed=2)
     w = "model.layers.0.self_attn.q_proj.weight"
+    # the same seed through the same initialisation: bit for bit, on any machine
     assert torch.equal(a.state_dict()[w], b.state_dict()[w])
     assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
 
@@ -81,7 +82,13 @@ def test_hub_loads_a_saved_folder_with_equal_outputs(tiny, tmp_path):
     model, tokenizer = tiny
     folder = save_hf(model, tokenizer, tmp_path / "policy")
     loaded, loaded_tokenizer = load_policy("hub", name_or_path=str(folder))
-    torch.testing.assert_close(_logits(loaded, loaded_tokenizer), _logits(model, tokenizer), rtol=0, atol=0)
+    # safetensors round-trips every weight bit for bit; the logits of the two model objects may
+    # differ in float32 summation order only (another memory layout can take another kernel)
+    saved, weights = model.state_dict(), loaded.state_dict()
+    assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    torch.testing.assert_close(
+        _logits(loaded, loaded_tokenizer), _logits(model, tokenizer), rtol=1e-5, atol=1e-5
+    )
     assert loaded_tokenizer.padding_side == "left"
     assert loaded_tokenizer.chat_template == tokenizer.chat_template
     assert loaded.generation_config.top_k is None

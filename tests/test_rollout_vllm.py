@@ -33,6 +33,7 @@ def test_unknown_engine_is_a_config_error():
         validate(compose_train("model=tiny", "rollout.engine=sglang"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not USABLE, reason=f"needs vLLM on a GPU: {REASON}")
 def test_vllm_matches_hf_greedy_and_follows_weight_updates(cache_dir):
     from common.models import load_policy
