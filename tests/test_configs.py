@@ -153,3 +153,10 @@ def test_compare_presets_match_budgets_across_algorithms():
             )
         assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"
 
+
+def test_compare_presets_keep_a_weights_only_final_checkpoint():
+    for preset in ("compare", "compare_tiny"):
+        cfg = compose_train(f"experiment={preset}")
+        settings = build_settings(cfg)
+        assert settings.save_only_model and not settings.keep_step_checkpoints, preset
+    assert not build_settings(compose_train()).save_only_model  # the default run stays resumable
