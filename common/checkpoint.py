@@ -4,6 +4,9 @@ A checkpoint is a folder `checkpoints/<name>/` (name `step_<n>` or `final`):
     config.json, model.safetensors, tokenizer files   the policy as a plain Hugging Face folder
     adapter/                                          LoRA runs only: the adapter weights (peft format)
     trainer_state.pt                                  everything else the loop needs (see common.trainer)
+A weights-only checkpoint (trainer.save_only_model) holds the same policy folder, but its
+trainer_state.pt keeps only the step and the MODEL_ONLY flag: a resume from it stops with a
+CheckpointError, as there is no optimizer or RNG state to continue from.
 A LoRA policy is saved twice: merged (W0 + (alpha / r) B A) as the plain folder that scripts/eval.py
 and `load_policy("hub", ...)` read without peft, and as its adapter alone, which is what a resume
 loads (the frozen base weights come from the run's model config, as at the start of the run).
@@ -14,6 +17,7 @@ while writing leaves the previous checkpoint as it was.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +32,8 @@ log = logging.getLogger("rl_lab")
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+# trainer_state.pt of a weights-only checkpoint: {"step": n, MODEL_ONLY: True}
+MODEL_ONLY = "model_only"
 
 
 class CheckpointError(RuntimeError):
@@ -75,6 +81,12 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
         raise CheckpointError(f"resume: {path} was written by {kind}; resume with model.lora.enabled={flag}")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        if state.get(MODEL_ONLY):
+            raise CheckpointError(
+                f"resume: {path} holds the policy weights only (trainer.save_only_model=true), no "
+                "optimizer or RNG state to continue from; start a new run from it with "
+                f"model=hub model.name_or_path={path}"
+            )
         if lora:
             load_lora_adapter(model, path / ADAPTER_DIR)
             check_lora_base(model, path)
@@ -117,10 +129,32 @@ def find_latest(run_dir: Path) -> Path | None:
     return max(folders, key=checkpoint_step)
 
 
+def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """The step_<n> folders of `run_dir` as (n, folder), oldest first."""
+    matches = (
+        (re.fullmatch(r"step_(\d+)", p.name), p) for p in (Path(run_dir) / "checkpoints").glob("step_*")
+    )
+    return sorted((int(m.group(1)), p) for m, p in matches if m)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step_<n> folders (final is never deleted); 0 keeps all."""
     if keep_last <= 0:
         return
-    folders = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if re.fullmatch(r"step_\d+", p.name)]
-    for old in sorted(folders, key=lambda p: int(p.name.split("_")[1]))[:-keep_last]:
+    for _, old in step_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_step_checkpoints(run_dir: Path, up_to: int) -> None:
+    """Delete the step_<n> folders with n <= `up_to`: the final checkpoint, written at step `up_to`,
+    supersedes them."""
+    for step, folder in step_checkpoints(run_dir):
+        if step <= up_to:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def disk_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (apparent sizes, as `du -sb`; symbolic links not followed)."""
+    return sum(
+        os.lstat(os.path.join(root, name)).st_size for root, _, names in os.walk(folder) for name in names
+    )

@@ -35,7 +35,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoint import CheckpointError, prune_checkpoints, save_checkpoint
+from common.checkpoint import (
+    MODEL_ONLY,
+    CheckpointError,
+    disk_bytes,
+    prune_checkpoints,
+    remove_step_checkpoints,
+    save_checkpoint,
+)
 from common.distributed import (
     SINGLE,
     DistContext,
@@ -84,6 +91,8 @@ class TrainSettings:
     max_num_gen_batches: int = 1
     max_samples: int = 0
     keep_last_checkpoints: int = 2
+    keep_step_checkpoints: bool = False
+    save_only_model: bool = False
     max_bad_steps: int = 3
     bf16: bool = False
     seed: int = 0
@@ -913,7 +922,9 @@ def train(
     run continues after the checkpoint's step with the same RNG streams, data order and optimizer.
     Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and is
     checkpointed) and RunAbortedError after settings.max_bad_steps steps in a row without a finite
-    update (the last good state is checkpointed).
+    update (the last good state is checkpointed). At the end the final checkpoint is written (the
+    policy weights only with settings.save_only_model) and the step checkpoints it supersedes are
+    deleted (unless settings.keep_step_checkpoints).
 
     Data parallel (`dist`): every rank runs this loop with its DDP-wrapped `model`; metrics are
     reduced over ranks, evaluation is split over them, and only rank 0 (whose `logger` is the only
@@ -930,9 +941,12 @@ def train(
     last: dict[str, float] = {}
     t_start = time.perf_counter() - loop.wall_s
 
-    def checkpoint(name: str) -> Path:
+    def checkpoint(name: str, model_only: bool = False) -> Path:
         loop.wall_s = time.perf_counter() - t_start
-        state = resumable.state_dict(loop, logger.wandb_run_id if logger else None)  # all ranks
+        if model_only:  # the policy alone (what scripts/eval.py reads); a resume from it stops
+            state: dict[str, Any] = {"step": loop.step, MODEL_ONLY: True}
+        else:
+            state = resumable.state_dict(loop, logger.wandb_run_id if logger else None)  # all ranks
         weights = model_state_dict(model, dist) if dist.shards_params else None  # all ranks
         path = run_dir / "checkpoints" / name
         if dist.is_main:
@@ -1032,7 +1046,11 @@ def train(
                     checkpoint(f"step_{step}")
                 except OSError as err:  # disk full, quota: the previous checkpoint is intact
                     log.error("checkpoint at step %d failed (%s); training goes on", step, err)
-    path = checkpoint("final")
+    # the final checkpoint supersedes the step ones, which exist to resume a run that did not finish
+    path = checkpoint("final", model_only=settings.save_only_model)
     if dist.is_main:
-        log.info("final policy saved to %s", path)
+        if not settings.keep_step_checkpoints:
+            remove_step_checkpoints(run_dir, up_to=loop.step)
+        log.info("final policy saved to %s%s", path, " (weights only)" if settings.save_only_model else "")
+        log.info("the run folder %s takes %.1f MB on disk", run_dir, disk_bytes(run_dir) / 1e6)
     return last

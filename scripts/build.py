@@ -190,6 +190,8 @@ def validate(cfg: DictConfig) -> None:
         f"{t.ddp_backend!r}; options: {', '.join(DDP_BACKENDS)}",
     )
     _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
+    for key in ("keep_step_checkpoints", "save_only_model"):  # a string such as "yes" would pass as true
+        _require(isinstance(t[key], bool), f"trainer.{key}", f"must be true or false (got {t[key]})")
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
     _require(
         cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {cfg.optim.warmup_steps})"
@@ -322,6 +324,8 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         num_samples_logged=t.num_samples_logged,
         save_every=t.save_every,
         keep_last_checkpoints=t.keep_last_checkpoints,
+        keep_step_checkpoints=t.keep_step_checkpoints,
+        save_only_model=t.save_only_model,
         max_bad_steps=t.max_bad_steps,
         bf16=t.bf16,
         fail_on_reward_error=t.fail_on_reward_error,

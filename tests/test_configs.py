@@ -96,6 +96,8 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
         ("algorithm.name=reinforce", "algorithm"),
         ("dynamic_sampling.mode=sometimes", "dynamic_sampling.mode"),
+        ("trainer.save_only_model=yes", "trainer.save_only_model"),
+        ("trainer.keep_step_checkpoints=1", "trainer.keep_step_checkpoints"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, key):
@@ -150,3 +152,11 @@ def test_compare_presets_match_budgets_across_algorithms():
                 )
             )
         assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"
+
+
+def test_compare_presets_keep_a_weights_only_final_checkpoint():
+    for preset in ("compare", "compare_tiny"):
+        cfg = compose_train(f"experiment={preset}")
+        settings = build_settings(cfg)
+        assert settings.save_only_model and not settings.keep_step_checkpoints, preset
+    assert not build_settings(compose_train()).save_only_model  # the default run stays resumable

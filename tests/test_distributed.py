@@ -358,6 +358,7 @@ def test_torchrun_fsdp_resume_continues_exactly(tmp_path, cache_dir):
         *common,
         "trainer.save_every=1",
         "trainer.keep_last_checkpoints=0",
+        "trainer.keep_step_checkpoints=true",  # step_1 is read below, after the run has ended
         "trainer.eval_every=0",
     )
     resumed = tmp_path / "resumed"
