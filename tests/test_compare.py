@@ -106,10 +106,29 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
+def table_after(markdown: str, heading: str | None = None) -> list[list[str]]:
+    """The cells of the first Markdown table after the line `heading` (None: the first table),
+    header row first, the |---| line left out."""
+    lines = markdown.splitlines()
+    start = 0 if heading is None else lines.index(heading)
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("| "))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [
+        [cell.strip() for cell in line.strip("|").split(" | ")]
+        for line in lines[first:end]
+        if not line.startswith("|---")
+    ]
+
+
 def table_rows(markdown: str) -> dict[str, list[str]]:
-    """Markdown table rows by their first cell (the label)."""
-    rows = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
-    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+    """The first Markdown table's rows by their first cell (the label)."""
+    return {cells[0]: cells[1:] for cells in table_after(markdown)[1:]}
+
+
+def statistics_rows(markdown: str, heading: str) -> dict[tuple[str, str], list[str]]:
+    """The rows of the table under `heading` by their first two cells: (label, metric) or (X, Y)."""
+    _, *rows = table_after(markdown, heading)
+    return {(cells[0], cells[1]): cells[2:] for cells in rows}
 
 
 def by_algorithm(runs: list[Run], algorithm: str) -> list[Run]:
@@ -192,9 +211,9 @@ def test_aggregate_skips_nonfinite_values(sweep):
     assert mean[list(x).index(3)] == pytest.approx(0.1 + 0.01 + 0.15)
 
 
-def test_aggregate_interpolates_within_each_run_only():
-    # seed 0 at tokens (0, 100, 200, 300): 0.1, 0.3, 0.5, 0.9; seed 1 at tokens (0, 200): 0.1, 0.7.
-    # Step 0 has no tokens_total: it counts as 0 tokens.
+def runs_by_tokens() -> list[Run]:
+    """seed 0 at tokens (0, 100, 200, 300): 0.1, 0.3, 0.5, 0.9; seed 1 at tokens (0, 200): 0.1, 0.7.
+    Step 0 has no tokens_total: it counts as 0 tokens."""
     seed0 = make_run(
         [{"step": 0, "eval/accuracy": 0.1}]
         + [
@@ -206,7 +225,11 @@ def test_aggregate_interpolates_within_each_run_only():
         [{"step": 0, "eval/accuracy": 0.1}, {"step": 1, "sampling/tokens_total": 200, "eval/accuracy": 0.7}],
         1,
     )
-    x, mean, std, n = aggregate([seed0, seed1], "eval/accuracy", "sampling/tokens_total")
+    return [seed0, seed1]
+
+
+def test_aggregate_interpolates_within_each_run_only():
+    x, mean, std, n = aggregate(runs_by_tokens(), "eval/accuracy", "sampling/tokens_total")
     # seed 1 at 100 tokens = 0.4 (interpolated); at 300 tokens it has no value (no extrapolation)
     np.testing.assert_allclose(x, [0, 100, 200, 300])
     np.testing.assert_allclose(mean, [0.1, 0.35, 0.6, 0.9])
@@ -217,6 +240,23 @@ def test_aggregate_interpolates_within_each_run_only():
 def test_aggregate_of_a_missing_key_is_empty(sweep):
     x, mean, std, n = aggregate(by_algorithm(find_runs([sweep]), "dapo"), "kl/value", "step")
     assert len(x) == len(mean) == len(std) == len(n) == 0
+    x, iqm, low, high, n = compare.aggregate_iqm(
+        by_algorithm(find_runs([sweep]), "dapo"), "kl/value", "step", reps=10, seed=0
+    )
+    assert len(x) == len(iqm) == len(low) == len(high) == len(n) == 0
+
+
+def test_aggregate_iqm_by_tokens_bands_the_runs_present():
+    # runs_by_tokens on the token grid (0, 100, 200, 300): seed 0 (0.1, 0.3, 0.5, 0.9), seed 1
+    # (0.1, 0.4, 0.7, -). Two runs: IQM = mean, band = [min, max]; one run: a point
+    x, iqm, low, high, n = compare.aggregate_iqm(
+        runs_by_tokens(), "eval/accuracy", "sampling/tokens_total", reps=10_000, seed=0
+    )
+    np.testing.assert_allclose(x, [0, 100, 200, 300])
+    np.testing.assert_allclose(iqm, [0.1, 0.35, 0.6, 0.9])
+    np.testing.assert_allclose(low, [0.1, 0.3, 0.5, 0.9])
+    np.testing.assert_allclose(high, [0.1, 0.4, 0.7, 0.9])
+    np.testing.assert_array_equal(n, [2, 2, 2, 1])
 
 
 # --- table -----------------------------------------------------------------------------------------
@@ -272,6 +312,47 @@ def test_summary_table_hand_computed(sweep):
     assert "truncated" in markdown
 
 
+def test_iqm_and_probability_of_improvement_sections_hand_computed(sweep):
+    markdown = summary_table(find_runs([sweep]), threshold=0.6)
+    iqm = statistics_rows(markdown, "## Interquartile mean")
+    assert table_after(markdown, "## Interquartile mean")[0] == [
+        "algorithm", "held-out acc", "runs", "IQM", "95% CI", "mean ± std"
+    ]  # fmt: skip
+    # 2 runs: the IQM is their mean; a resample of 2 runs is (a, a), (a, b) or (b, b), and (a, a) and
+    # (b, b) each have chance 1/4 > 2.5%, so the 95% interval is [min, max]
+    assert iqm[("ppo", "final")] == ["2", "0.600", "[0.500, 0.700]", "0.600 ± 0.141"]
+    # the crashed grpo seed counts with its last evaluation (0.5 at step 5); best = final for both
+    assert iqm[("grpo", "final")] == ["2 (1 unfinished)", "0.650", "[0.500, 0.800]", "0.650 ± 0.212"]
+    assert iqm[("grpo", "best")] == iqm[("grpo", "final")]
+    assert iqm[("dapo", "best")] == ["2", "0.850", "[0.800, 0.900]", "0.850 ± 0.071"]
+    assert len(iqm) == 6
+    better = statistics_rows(markdown, "## Probability of improvement")
+    # final accuracies ppo (0.5, 0.7), grpo (0.8, 0.5), dapo (0.9, 0.8)
+    # ppo > grpo: 0.5 vs (0.8, 0.5): 0 + 1/2; 0.7 vs (0.8, 0.5): 0 + 1 -> 1.5 / 4. A resample
+    # ppo (0.5, 0.5) with grpo (0.8, 0.8) gives 0, ppo (0.7, 0.7) with grpo (0.5, 0.5) gives 1: each 1/16
+    assert better[("ppo", "grpo")] == ["2, 2", "0.375", "[0.000, 1.000]"]
+    assert better[("ppo", "dapo")] == ["2, 2", "0.000", "[0.000, 0.000]"]  # every ppo run is below
+    # grpo > dapo: only 0.8 = 0.8 ties -> 0.5 / 4; at best grpo (0.8, 0.8) vs dapo (0.8, 0.8) -> 0.5
+    assert better[("grpo", "dapo")] == ["2, 2", "0.125", "[0.000, 0.500]"]
+    assert len(better) == 3
+
+
+def test_iqm_trims_an_outlier_run_that_the_mean_keeps():
+    # five seeds, final accuracy 0.0 (crashed at step 1), 0.5, 0.6, 0.6, 0.7: IQM drops one run at each
+    # end -> (0.5 + 0.6 + 0.6) / 3 = 0.567; the mean is 2.4 / 5 = 0.480
+    runs = [
+        make_run([{"step": 0, "eval/accuracy": 0.3}, {"step": 10, "eval/accuracy": final}], seed)
+        for seed, final in enumerate([0.5, 0.6, 0.0, 0.6, 0.7])
+    ]
+    runs[2].finished = False
+    markdown = summary_table(runs, threshold=0.6)
+    runs_cell, iqm, _, mean_std = statistics_rows(markdown, "## Interquartile mean")[("grpo", "final")]
+    assert (runs_cell, iqm) == ("5 (1 unfinished)", "0.567")
+    assert mean_std.startswith("0.480 ± ")
+    # one algorithm: no pair to compare
+    assert statistics_rows(markdown, "## Probability of improvement") == {("—", "—"): ["—", "—", "—"]}
+
+
 def test_threshold_never_reached_is_na(sweep):
     rows = table_rows(summary_table(find_runs([sweep]), threshold=0.95))
     assert rows["dapo"][4:6] == ["n/a (0/2)", "n/a (0/2)"]
@@ -295,6 +376,16 @@ def test_main_writes_both_files_and_prints_the_table(sweep, capsys):
     assert "| ppo |" in md.read_text() and "| ppo |" in out.out
     assert f"wrote {png}" in out.out and f"wrote {md}" in out.out
     assert "truncated" in out.err
+    for section in ("## Interquartile mean", "## Probability of improvement"):
+        assert section in md.read_text() and section in out.out
+
+
+def test_main_bootstrap_flags(sweep, capsys):
+    compare.main([str(sweep), "--bootstrap-reps", "200", "--seed", "7"])
+    assert "200 resamples of the runs, seed 7" in (sweep / "comparison.md").read_text()
+    with pytest.raises(SystemExit):
+        compare.main([str(sweep), "--bootstrap-reps", "0"])
+    assert "--bootstrap-reps must be at least 1 (got 0)" in capsys.readouterr().err
 
 
 def test_cli_missing_path_is_one_line_without_traceback(tmp_path):

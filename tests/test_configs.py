@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
-from scripts.build import ConfigError, build_algorithm, build_settings, validate
+from scripts.build import ConfigError, build_algorithm, build_settings, build_task_from, validate
 from tests.conftest import CONFIGS, compose_train
 
 
@@ -160,3 +162,13 @@ def test_compare_presets_keep_a_weights_only_final_checkpoint():
         settings = build_settings(cfg)
         assert settings.save_only_model and not settings.keep_step_checkpoints, preset
     assert not build_settings(compose_train()).save_only_model  # the default run stays resumable
+
+
+def test_addition_5_40_is_the_default_task_with_wider_operands():
+    base = OmegaConf.to_container(compose_train().task)
+    task = OmegaConf.to_container(compose_train("experiment=compare", "task=addition_5_40").task)
+    assert {**base, "min_operand": 5, "max_operand": 40} == task
+    built = build_task_from(compose_train("task=addition_5_40"))
+    # "What is 12 + 37? Put ..." -> 12, 37
+    operands = [int(n) for e in built.train + built.test for n in re.findall(r"\d+", e.prompt.split("?")[0])]
+    assert min(operands) == 5 and max(operands) == 40 and len(operands) == 2 * (300 + 100)

@@ -1,0 +1,136 @@
+"""scripts/stats.py: IQM, probability of improvement and their bootstrap intervals on tiny tables
+whose values are worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scripts.stats import (
+    improvement_interval,
+    iqm,
+    iqm_curve,
+    iqm_interval,
+    probability_of_improvement,
+    runs_by_tasks,
+)
+
+REPS = 10_000
+
+
+# --- point estimates -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "scores, expected",
+    [
+        # 8 scores: sorted 1 2 3 4 5 6 7 100, drop 2 at each end -> mean(3, 4, 5, 6) = 4.5 (the mean is 16)
+        ([1, 2, 3, 4, 100, 7, 5, 6], 4.5),
+        # 5 scores: sorted 0 1 2 3 10, drop floor(5/4) = 1 at each end -> mean(1, 2, 3) = 2
+        ([10, 0, 3, 1, 2], 2.0),
+        # 3 scores: floor(3/4) = 0, nothing dropped -> the mean, 3
+        ([1, 2, 6], 3.0),
+        # 2 runs x 2 tasks pooled: sorted 1 3 5 9, drop 1 at each end -> mean(3, 5) = 4
+        ([[1, 9], [3, 5]], 4.0),
+    ],
+)
+def test_iqm_hand_values(scores, expected):
+    assert iqm(runs_by_tasks(scores)) == pytest.approx(expected)
+
+
+def test_iqm_is_batched_over_leading_axes():
+    # two resamples of 4 runs: sorted (0 1 2 9) -> 1.5 and (4 4 5 6) -> 4.5
+    batch = np.array([[0, 9, 1, 2], [6, 4, 5, 4]], dtype=float)[..., None]  # (2, 4 runs, 1 task)
+    np.testing.assert_allclose(iqm(batch), [1.5, 4.5])
+
+
+@pytest.mark.parametrize(
+    "x, y, expected",
+    [
+        # pairs: 3>1 1, 3=3 1/2, 3<4 0, 5>1 1, 5>3 1, 5>4 1 -> 4.5 / 6
+        ([3, 5], [1, 3, 4], 0.75),
+        # the other way round: 1.5 / 6
+        ([1, 3, 4], [3, 5], 0.25),
+        # 1 vs 2: 0, 0; 2 vs 2: 1/2, 1/2; 3 vs 2: 1, 1 -> 3 / 6
+        ([1, 2, 3], [2, 2], 0.5),
+        # identical runs: every comparison is a tie or cancels out
+        ([0.2, 0.7, 0.4], [0.2, 0.7, 0.4], 0.5),
+        # two tasks, averaged: task 0 (1, 2) vs (0, 0) -> 1; task 1 (1, 0) vs (1, 1) -> (1/2 + 1/2) / 4 = 0.25
+        ([[1, 1], [2, 0]], [[0, 1], [0, 1]], 0.625),
+    ],
+)
+def test_probability_of_improvement_hand_values(x, y, expected):
+    assert probability_of_improvement(runs_by_tasks(x), runs_by_tasks(y)) == pytest.approx(expected)
+
+
+def test_probability_of_improvement_is_batched():
+    x = np.array([[3, 5], [1, 1]], dtype=float)[..., None]  # (2 resamples, 2 runs, 1 task)
+    y = np.array([[1, 3, 4], [1, 3, 4]], dtype=float)[..., None]  # (2, 3, 1)
+    # second entry: 1 vs (1, 3, 4) twice -> (1/2 + 0 + 0) * 2 / 6
+    np.testing.assert_allclose(probability_of_improvement(x, y), [0.75, 1 / 6])
+
+
+@pytest.mark.parametrize("scores", [[], [0.1, np.nan], [[[0.1]]]])
+def test_runs_by_tasks_rejects_empty_missing_or_3d(scores):
+    with pytest.raises(ValueError, match="scores must be"):
+        runs_by_tasks(scores)
+
+
+# --- bootstrap intervals ---------------------------------------------------------------------------
+
+
+def test_iqm_interval_contains_the_estimate_and_is_deterministic():
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # symmetric around 0.5
+    estimate, low, high = iqm_interval(scores, reps=REPS, seed=3)
+    assert estimate == pytest.approx(0.5)  # drop 2 at each end: mean(0.3 .. 0.7)
+    assert 0.1 <= low < estimate < high <= 0.9
+    assert iqm_interval(scores, reps=REPS, seed=3) == (estimate, low, high)
+
+
+def test_identical_runs_give_a_degenerate_interval():
+    estimate, low, high = iqm_interval([0.3] * 5, reps=REPS, seed=0)
+    assert low == estimate == high == pytest.approx(0.3)
+    assert improvement_interval([0.4, 0.4], [0.4, 0.4, 0.4], reps=REPS, seed=0) == (0.5, 0.5, 0.5)
+
+
+def test_interval_shrinks_with_more_runs():
+    # the same spread (half 0, half 1), 4 runs vs 64: with 4, a resample of only zeros has chance
+    # 1/16 > 2.5%, so the interval spans [0, 1]; with 64 the IQM's resamples stay near 0.5
+    _, low_few, high_few = iqm_interval([0, 0, 1, 1], reps=REPS, seed=0)
+    _, low_many, high_many = iqm_interval([0, 0, 1, 1] * 16, reps=REPS, seed=0)
+    assert (low_few, high_few) == (0.0, 1.0)
+    assert high_many - low_many < 0.6 * (high_few - low_few)
+    assert low_many <= 0.5 <= high_many
+
+
+def test_bootstrap_resamples_runs_within_each_task():
+    # task 0 is always 0, task 1 always 1: every stratified resample holds three 0s and three 1s,
+    # so its IQM is 0.5 and the interval is a point. Pooled into one task the same six values vary.
+    stratified = iqm_interval([[0, 1], [0, 1], [0, 1]], reps=REPS, seed=0)
+    assert stratified == (0.5, 0.5, 0.5)
+    _, low, high = iqm_interval([0, 1, 0, 1, 0, 1], reps=REPS, seed=0)
+    assert low < 0.5 < high
+
+
+def test_improvement_interval_hand_cases():
+    # every run of X beats every run of Y: P = 1 in every resample
+    assert improvement_interval([0.8, 0.9], [0.1, 0.2, 0.3], reps=REPS, seed=0) == (1.0, 1.0, 1.0)
+    # x (0.5, 0.7), y (0.8, 0.5): P = (0 + 1/2 + 0 + 1) / 4; a resample of x = (0.5, 0.5) with
+    # y = (0.8, 0.8) gives 0, x = (0.7, 0.7) with y = (0.5, 0.5) gives 1, each with chance 1/16 > 2.5%
+    assert improvement_interval([0.5, 0.7], [0.8, 0.5], reps=REPS, seed=0) == (0.375, 0.0, 1.0)
+    with pytest.raises(ValueError, match="same tasks"):
+        improvement_interval([[0.1, 0.2]], [0.3], reps=10, seed=0)
+
+
+# --- learning curves -------------------------------------------------------------------------------
+
+
+def test_iqm_curve_uses_the_runs_present_at_each_x():
+    values = [[0.1, 0.3, np.nan], [0.3, np.nan, np.nan], [0.2, 0.5, np.nan]]  # (3 runs, 3 x)
+    centre, low, high = iqm_curve(values, reps=REPS, seed=0)
+    # x 0: mean(0.1, 0.3, 0.2) = 0.2 (3 runs: nothing trimmed); x 1: runs 0 and 2 -> 0.4; x 2: none
+    np.testing.assert_allclose(centre[:2], [0.2, 0.4])
+    assert np.isnan(centre[2]) and np.isnan(low[2]) and np.isnan(high[2])
+    # a resample of x 1 holds (0.3, 0.3), (0.3, 0.5) or (0.5, 0.5): 0.3 and 0.5 each have chance 1/4
+    np.testing.assert_allclose([low[1], high[1]], [0.3, 0.5])
+    assert np.all(low[:2] <= centre[:2]) and np.all(centre[:2] <= high[:2])
