@@ -417,7 +417,8 @@ def accumulate_gradients(
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
     Each micro-batch loss is normalised by the *mini-batch's* denominator (token count for
-    token-mean, sequence count for the seq-mean modes), so the accumulated gradient equals the
+    token-mean, count of sequences with loss tokens for the seq-mean modes, times C =
+    algo.loss_scale_factor for seq-mean-token-sum-norm), so the accumulated gradient equals the
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
     fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
@@ -438,7 +439,9 @@ def accumulate_gradients(
         (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
         loss tokens)
     """
-    denominator = dist.all_reduce(aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg))
+    # summed over ranks first, then clamped: an empty mini-batch (all rows masked) trains on nothing
+    part = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg, algo.loss_scale_factor)
+    denominator = dist.all_reduce(part) or 1.0
     total, means, n_total = 0.0, WeightedMeans(), 0.0
     rows = micro_batch_order(batch, rows)
     micros = list(rows.split(micro_batch_size))

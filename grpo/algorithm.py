@@ -34,6 +34,7 @@ class GRPO:
     clip_high: float
     dual_clip: float | None
     loss_agg: str
+    loss_scale_factor: int
     kl_coef: float
     kl_kind: str
     num_iterations: int
@@ -100,8 +101,9 @@ class GRPO:
             batch: rows of one micro-batch: "advantages" (B,), "loss_mask" (B, T), optionally
                 "old_logprob" (B, T) (only when epochs > 1) and "ref_logprob" (B, T) (when kl_coef > 0).
             logprob: (B, T) log-probs of the taken tokens under the current policy, with grad.
-            denominator: the normaliser of the whole mini-batch (tokens or sequences, see
-                common.losses.aggregation_denominator), so micro-batch losses add up to the mini-batch loss.
+            denominator: the normaliser of the whole mini-batch (tokens, or sequences times
+                loss_scale_factor for seq-mean-token-sum-norm, see common.losses.aggregation_denominator),
+                so micro-batch losses add up to the mini-batch loss.
             entropy, values: (B, T) token entropies and critic values; unused by GRPO (PPO's loss takes them).
         """
         mask = batch["loss_mask"]

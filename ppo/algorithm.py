@@ -99,6 +99,7 @@ class PPO:
     clip_high: float
     dual_clip: float | None
     loss_agg: str
+    loss_scale_factor: int
     kl_coef: float
     kl_kind: str
     kl_ctl: str

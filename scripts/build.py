@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.distributed import DistContext, launched_world_size
+from common.losses import AGG_MODES
 from common.models import apply_lora, load_policy, save_hf
 from common.rollout import HFRollout
 from common.rollout_vllm import vllm_available
@@ -25,7 +26,6 @@ from ppo import PPO, build_critic
 
 ALGORITHMS = {"ppo": PPO, "grpo": GRPO, "dapo": DAPO}
 GROUP_ALGORITHMS = {"grpo", "dapo"}
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
@@ -206,9 +206,14 @@ def validate(cfg: DictConfig) -> None:
         f"must be > 1 or null (got {algo.dual_clip})",
     )
     _require(
-        algo.loss_agg in LOSS_AGG_MODES,
+        algo.loss_agg in AGG_MODES,
         "algorithm.loss_agg",
-        f"{algo.loss_agg!r}; options: {', '.join(LOSS_AGG_MODES)}",
+        f"{algo.loss_agg!r}; options: {', '.join(AGG_MODES)}",
+    )
+    _require(
+        isinstance(algo.loss_scale_factor, int) and algo.loss_scale_factor >= 1,
+        "algorithm.loss_scale_factor",
+        f"must be an integer >= 1, in tokens (got {algo.loss_scale_factor})",
     )
     _require(
         algo.kl_kind in KL_KINDS, "algorithm.kl_kind", f"{algo.kl_kind!r}; options: {', '.join(KL_KINDS)}"

@@ -92,6 +92,8 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
         ("trainer.mini_batch_size=3", "trainer.mini_batch_size"),
         ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
+        ("algorithm.loss_scale_factor=0", "algorithm.loss_scale_factor"),
+        ("algorithm.loss_scale_factor=null", "algorithm.loss_scale_factor"),
         ("algorithm.kl_kind=k4", "algorithm.kl_kind"),
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
         ("algorithm.name=reinforce", "algorithm"),
