@@ -119,7 +119,7 @@ class GRPO:
         # stats are means over this micro-batch's tokens; the trainer averages them weighted by tokens
         metrics = {f"policy/{k}": v for k, v in stats.items()}
         if self.kl_coef > 0:
-            kl = kl_penalty(logprob, batch["ref_logprob"], self.kl_kind)  # (B, T)
+            kl = kl_penalty(logprob, batch["ref_logprob"], self.kl_kind, mask=mask)  # (B, T), 0 under mask 0
             loss = loss + self.kl_coef * aggregate_loss(kl, mask, self.loss_agg, denominator=denominator)
             metrics["kl/value"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
         return loss, metrics

@@ -193,8 +193,7 @@ class PPO:
         stats: dict[str, float] = {}
         kl, beta = None, self.kl_controller.value
         if self.kl_coef > 0:
-            kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], self.kl_kind)  # (N, T)
-            kl = torch.where(mask.bool(), kl, 0.0)
+            kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], self.kl_kind, mask=mask)  # (N, T)
         token_rewards = token_level_rewards(batch["rewards"], mask, kl, beta)  # (N, T)
         advantages, returns = compute_gae(token_rewards, batch["values"], mask, self.gamma, self.lam)
         if self.whiten_advantages:
