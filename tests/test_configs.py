@@ -113,7 +113,8 @@ def test_algorithm_fields_come_from_yaml_only():
     algo = build_algorithm(cfg.algorithm)
     assert algo.clip_high == 0.28 and algo.overlong_buffer_len == cfg.algorithm.overlong_buffer_len
     settings = build_settings(cfg)
-    assert settings.mini_batch_size == cfg.trainer.batch_size
+    # the DAPO preset takes several optimizer steps per rollout batch (configs/algorithm/dapo.yaml)
+    assert settings.mini_batch_size == cfg.trainer.mini_batch_size == 2 < cfg.trainer.batch_size
     assert settings.max_num_gen_batches == cfg.dynamic_sampling.max_num_gen_batches
 
 
@@ -143,12 +144,28 @@ def test_compare_presets_match_budgets_across_algorithms():
         for algorithm in ("ppo", "grpo", "dapo"):
             cfg = compose_train(f"algorithm={algorithm}", f"experiment={preset}")
             assert cfg.algorithm.name == algorithm
+            validate(cfg)
+            settings = build_settings(cfg)
+            # passes (ppo_epochs / num_iterations) x mini-batches per pass
+            optimizer_steps = build_algorithm(cfg.algorithm).epochs * (
+                settings.batch_size // settings.mini_batch_size
+            )
             budgets.add(
                 (
                     cfg.trainer.batch_size,
                     cfg.rollout.group_size,
                     cfg.rollout.max_new_tokens,
                     cfg.trainer.max_steps,
+                    optimizer_steps,
                 )
             )
         assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"
+        assert optimizer_steps > 1, "one optimizer step per rollout batch never moves the ratio"
+
+
+def test_algorithm_presets_keep_their_own_optimizer_steps_outside_the_comparison():
+    # experiment_algorithm/compare_ppo.yaml applies only under experiment=compare
+    assert compose_train("algorithm=ppo").algorithm.ppo_epochs == 2
+    assert compose_train("algorithm=ppo", "experiment=compare").algorithm.ppo_epochs == 1
+    assert compose_train("algorithm=grpo").trainer.mini_batch_size is None
+    assert compose_train("algorithm=dapo", "trainer.mini_batch_size=4").trainer.mini_batch_size == 4
