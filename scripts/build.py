@@ -6,6 +6,7 @@ Every check here fails at start-up with a ConfigError that names the key, before
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,8 @@ GROUP_ALGORITHMS = {"grpo", "dapo"}
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
+# dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
+ON_EXHAUSTED = ("partial", "skip", "error")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 # accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
@@ -238,7 +241,7 @@ def validate(cfg: DictConfig) -> None:
             f"{ds.mode} needs a group algorithm, not {algo.name}",
         )
     if ds.mode == "filter":
-        _require(ds.max_num_gen_batches >= 1, "dynamic_sampling.max_num_gen_batches", "must be >= 1")
+        validate_filter(ds, t.batch_size, world)
     if ds.mode == "resample":
         _require(
             ds.max_samples > G,
@@ -253,6 +256,29 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.model.lora.enabled:
         validate_lora(cfg.model.lora)
+
+
+def validate_filter(ds: DictConfig, batch_size: int, world: int) -> None:
+    """dynamic_sampling=filter: rounds, the oversampling factor and what happens at the bound."""
+    _require(
+        ds.max_num_gen_batches >= 1,
+        "dynamic_sampling.max_num_gen_batches",
+        f"must be >= 1 (got {ds.max_num_gen_batches})",
+    )
+    factor = ds.gen_batch_size_factor
+    _require(factor >= 1, "dynamic_sampling.gen_batch_size_factor", f"must be >= 1 (got {factor})")
+    gen_batch_size = math.ceil(factor * batch_size)
+    _require(
+        gen_batch_size % world == 0,
+        "dynamic_sampling.gen_batch_size_factor",
+        f"{factor} x trainer.batch_size={batch_size} = {gen_batch_size} prompts per round must be a multiple "
+        f"of the {world} data-parallel processes",
+    )
+    _require(
+        ds.on_exhausted in ON_EXHAUSTED,
+        "dynamic_sampling.on_exhausted",
+        f"{ds.on_exhausted!r}; options: {', '.join(ON_EXHAUSTED)}",
+    )
 
 
 def validate_ppo(algo: DictConfig) -> None:
@@ -314,6 +340,7 @@ def build_flat_groups(cfg: DictConfig) -> Any:
 def build_settings(cfg: DictConfig) -> TrainSettings:
     t = cfg.trainer
     ds = cfg.dynamic_sampling
+    filtering = ds.mode == "filter"
     return TrainSettings(
         max_steps=t.max_steps,
         batch_size=t.batch_size,
@@ -330,7 +357,9 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         max_bad_steps=t.max_bad_steps,
         bf16=t.bf16,
         fail_on_reward_error=t.fail_on_reward_error,
-        max_num_gen_batches=ds.max_num_gen_batches if ds.mode == "filter" else 1,
+        max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
+        gen_batch_size=math.ceil(ds.gen_batch_size_factor * t.batch_size) if filtering else t.batch_size,
+        on_exhausted=ds.on_exhausted if filtering else "partial",
         max_samples=ds.max_samples if ds.mode == "resample" else 0,
         seed=cfg.seed,
     )

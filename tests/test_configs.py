@@ -169,3 +169,29 @@ def test_algorithm_presets_keep_their_own_optimizer_steps_outside_the_comparison
     assert compose_train("algorithm=ppo", "experiment=compare").algorithm.ppo_epochs == 1
     assert compose_train("algorithm=grpo").trainer.mini_batch_size is None
     assert compose_train("algorithm=dapo", "trainer.mini_batch_size=4").trainer.mini_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dynamic_sampling.gen_batch_size_factor=0.5", "dynamic_sampling.gen_batch_size_factor"),
+        ("dynamic_sampling.max_num_gen_batches=0", "dynamic_sampling.max_num_gen_batches"),
+        ("dynamic_sampling.on_exhausted=retry", "dynamic_sampling.on_exhausted"),
+    ],
+)
+def test_bad_dynamic_sampling_settings_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train("algorithm=dapo", override))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_oversampled_rounds_must_split_over_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_train(
+        "algorithm=dapo", "dynamic_sampling.gen_batch_size_factor=1.5", "trainer.batch_size=2"
+    )
+    assert build_settings(cfg).gen_batch_size == 3
+    with pytest.raises(
+        ConfigError, match="^dynamic_sampling.gen_batch_size_factor: 1.5 x trainer.batch_size=2"
+    ):
+        validate(cfg)
