@@ -54,7 +54,7 @@ from common.distributed import (
 from common.logging import RunLogger, peak_rss_mb
 from common.losses import aggregation_denominator
 from common.reward_fn import score_responses
-from common.rollout import HFRollout, RolloutBatch, sequence_logprobs
+from common.rollout import HFRollout, RolloutBatch, eval_mode, sequence_logprobs
 from common.tasks import Example, Task
 
 log = logging.getLogger("rl_lab")
@@ -816,9 +816,10 @@ def add_logprobs_and_values(
     micro = settings.micro_batch_size
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
-        # several mini-batches make all but the first off-policy: their ratio needs pi_old
+        # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
+        # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
         if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-            with gathered([model], dist):
+            with gathered([model], dist), eval_mode(unwrap(model)):
                 batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
         if reference is not None:
             with gathered([reference], dist):

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.distributed import DistContext, launched_world_size
 from common.losses import AGG_MODES
-from common.models import apply_lora, load_policy, save_hf
+from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout import HFRollout
 from common.rollout_vllm import vllm_available
 from common.tasks import Task, build_task
@@ -254,6 +254,11 @@ def validate(cfg: DictConfig) -> None:
             "algorithm.overlong_buffer_len",
             f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
         )
+    _require(
+        isinstance(cfg.model.disable_dropout, bool),
+        "model.disable_dropout",
+        f"must be true or false (got {cfg.model.disable_dropout})",
+    )
     if cfg.model.lora.enabled:
         validate_lora(cfg.model.lora)
 
@@ -418,8 +423,9 @@ def build_task_from(cfg: DictConfig) -> Task:
 
 def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path),
-    with gradient checkpointing when model.gradient_checkpointing is set, wrapped in LoRA adapters
-    (only they train) when model.lora.enabled is set."""
+    without dropout when model.disable_dropout is set, with gradient checkpointing when
+    model.gradient_checkpointing is set, wrapped in LoRA adapters (only they train) when
+    model.lora.enabled is set."""
     model, tokenizer = load_policy(
         cfg.model.source,
         name_or_path=cfg.model.name_or_path,
@@ -428,6 +434,8 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
         dtype=cfg.model.dtype,
         seed=cfg.seed,
     )
+    if cfg.model.disable_dropout:
+        disable_dropout(model)  # before LoRA: the adapters' dropout is model.lora.dropout
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works with inputs that need no grad and with torch.no_grad passes
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from common.rollout import HFRollout
@@ -76,3 +77,85 @@ def test_clip_higher_acts_under_the_dapo_preset(cache_dir):
     # the same first step; on the second, tokens above the clip count min(ratio, 1 + clip_high) * A:
     # a ceiling of 1.28 instead of 1.2 lowers the loss by 0.08 per such token
     assert metrics["policy/loss"] < metrics_symmetric["policy/loss"] - 0.01
+
+
+class DropoutEverywhere(torch.nn.Module):
+    """Both kinds of dropout a hub model may hold: a torch Dropout module and a float attribute
+    passed to an attention kernel (Llama's `attention_dropout`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.1)
+        self.attention_dropout = 0.3
+        self.inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))
+
+
+def test_disable_dropout_zeroes_modules_and_attention_attributes():
+    from common.models import disable_dropout
+
+    model = DropoutEverywhere()
+    assert disable_dropout(model) == 2  # the Dropout(0.0) was already off
+    assert model.drop.p == 0.0 and model.attention_dropout == 0.0 and model.inner[1].p == 0.0
+    assert isinstance(model.attention_dropout, float)
+
+
+def dropout_policy(cache_dir: str, disable: bool):
+    """The tiny policy with attention dropout 0.5 (a hub model with dropout, in small)."""
+    cfg = compose_train(
+        *TINY,
+        "+model.tiny.attention_dropout=0.5",
+        f"model.disable_dropout={disable}",
+        f"paths.cache_dir={cache_dir}",
+    )
+    model, tokenizer = build_policy(cfg)
+    return cfg, model, HFRollout(model, tokenizer, group_size=4, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_first_step_is_on_policy_with_a_dropout_model(cache_dir, disable):
+    """model.disable_dropout (the default): the old log-probs (eval mode, as in generation) and the
+    update's forward (train mode) are the same function, so the ratio is 1 and the KL to an identical
+    reference 0. Without it the update's forward drops attention weights: ratio and KL move."""
+    from common.models import make_reference
+    from common.trainer import accumulate_gradients
+
+    cfg, model, engine = dropout_policy(cache_dir, disable)
+    overrides = (
+        "algorithm=grpo",
+        "trainer.batch_size=2",
+        "trainer.mini_batch_size=1",
+        "algorithm.kl_coef=0.04",
+    )
+    cfg = compose_train(*TINY, *overrides)
+    algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+    batch = dict(fixed_batch(engine, 8, " a e i o u a e"), advantages=torch.ones(8))
+    model.train()
+    add_logprobs_and_values(
+        batch, model, make_reference(model), None, algo, settings, 1.0, torch.device("cpu")
+    )
+    assert model.training  # the eval-mode log-prob pass restores the mode
+    torch.manual_seed(0)
+    _, stats, _ = accumulate_gradients(model, algo, batch, torch.arange(8), 8, temperature=1.0)
+    if disable:
+        assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+        assert abs(stats["kl/value"]) < 1e-6
+    else:
+        assert stats["policy/ratio_max"] > 1.01 and stats["kl/value"] > 1e-4
+
+
+def test_old_log_probs_come_from_eval_mode_even_without_disable_dropout(cache_dir):
+    from common.rollout import sequence_logprobs
+
+    _, model, engine = dropout_policy(cache_dir, disable=False)
+    cfg = compose_train(*TINY, "algorithm=grpo", "trainer.batch_size=2", "trainer.mini_batch_size=1")
+    algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
+    batch = fixed_batch(engine, 4, " a e i o u")
+    model.train()
+    add_logprobs_and_values(batch, model, None, None, algo, settings, 1.0, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        expected, _ = sequence_logprobs(
+            model, batch["input_ids"], batch["attention_mask"], batch["prompt_len"]
+        )
+    # the same eval-mode function, one forward against another (shared-prompt cache or not): float rounding
+    torch.testing.assert_close(batch["old_logprob"], expected, atol=1e-5, rtol=1e-5)
