@@ -6,6 +6,7 @@ Every check here fails at start-up with a ConfigError that names the key, before
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 # accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
 FSDP_STRATEGIES = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
 ROLLOUT_ENGINES = ("hf", "vllm")
+
+log = logging.getLogger("rl_lab")
 
 
 class ConfigError(ValueError):
@@ -139,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
         cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
     )
     _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
+    _require(cfg.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, 0 = off (got {cfg.rollout.top_k})")
     _require(
         cfg.rollout.engine in ROLLOUT_ENGINES,
         "rollout.engine",
@@ -450,9 +454,32 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
+def truncated_sampling_warning(rollout: DictConfig) -> str | None:
+    """The start-up warning for rollout.top_p < 1 or rollout.top_k > 0, else None.
+
+    Truncated sampling draws tokens from the renormalised top-p / top-k distribution q, while every
+    log-prob the update uses (old, reference, the ratio, the KL) is the full softmax p at the
+    temperature. The importance ratio then corrects for nothing of the truncation: the samples are
+    off-policy by q / p, which the surrogate ignores, and tokens outside the kept set never appear.
+    """
+    settings = [f"rollout.top_p={rollout.top_p}"] if rollout.top_p < 1 else []
+    settings += [f"rollout.top_k={rollout.top_k}"] if rollout.top_k > 0 else []
+    if not settings:
+        return None
+    return (
+        f"{' and '.join(settings)}: responses are sampled from the truncated distribution, but the log-probs "
+        "of the update (old, reference, ratio, KL) come from the full softmax at rollout.temperature, so "
+        "the samples are off-policy by the truncation; top_p=1.0 and top_k=0 keep sampling and training on "
+        "the same distribution"
+    )
+
+
 def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
-    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings."""
+    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings;
+    warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
     r = cfg.rollout
+    if (warning := truncated_sampling_warning(r)) is not None:
+        log.warning(warning)
     sampling = dict(
         group_size=r.group_size,
         max_new_tokens=r.max_new_tokens,

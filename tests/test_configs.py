@@ -90,6 +90,7 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("algorithm.clip_high=0", "algorithm.clip_high"),
         ("optim.lr=-1e-5", "optim.lr"),
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("rollout.top_k=-1", "rollout.top_k"),
         ("trainer.mini_batch_size=3", "trainer.mini_batch_size"),
         ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
         ("algorithm.loss_scale_factor=0", "algorithm.loss_scale_factor"),
@@ -195,3 +196,15 @@ def test_oversampled_rounds_must_split_over_the_processes(monkeypatch):
         ConfigError, match="^dynamic_sampling.gen_batch_size_factor: 1.5 x trainer.batch_size=2"
     ):
         validate(cfg)
+
+
+def test_truncated_sampling_is_warned_at_start_up(cache_dir, caplog):
+    from scripts.build import build_policy, build_rollout, truncated_sampling_warning
+
+    assert truncated_sampling_warning(compose_train().rollout) is None
+    cfg = compose_train("model=tiny", "rollout.top_p=0.9", "rollout.top_k=50", f"paths.cache_dir={cache_dir}")
+    validate(cfg)
+    model, tokenizer = build_policy(cfg)
+    with caplog.at_level("WARNING", logger="rl_lab"):
+        build_rollout(cfg, model, tokenizer)
+    assert "rollout.top_p=0.9 and rollout.top_k=50" in caplog.text and "full softmax" in caplog.text
