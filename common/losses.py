@@ -2,8 +2,9 @@
 
 Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 1 PPO clipped objective, Eq. 5
 GRPO objective (sample-level mean), Eq. 10 Clip-Higher, Eq. 12 token-level loss. Dual-clip PPO
-is arXiv:1912.09729. Every function is pure and returns float32; stats come back as a dict of
-Python floats.
+is arXiv:1912.09729; the constant-normaliser aggregation is Dr. GRPO's (arXiv:2503.20783). The
+four aggregation modes are verl's (`agg_loss`), including its handling of fully masked rows.
+Every function is pure and returns float32; stats come back as a dict of Python floats.
 """
 
 import torch
