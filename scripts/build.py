@@ -281,7 +281,7 @@ def validate_filter(ds: DictConfig, batch_size: int, world: int) -> None:
         gen_batch_size % world == 0,
         "dynamic_sampling.gen_batch_size_factor",
         f"{factor} x trainer.batch_size={batch_size} = {gen_batch_size} prompts per round must be a multiple "
-        f"of the {world} data-parallel processes",
+        f"of the {world} data-parallel processes (got {factor})",
     )
     _require(
         ds.on_exhausted in ON_EXHAUSTED,
