@@ -11,7 +11,7 @@ from torch import Tensor
 KL_KINDS = ("k1", "k2", "k3")
 
 
-def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str) -> Tensor:
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str, mask: Tensor | None = None) -> Tensor:
     """Elementwise KL estimate between the policy and the reference policy (Schulman 2020).
 
     With log r = ref_logprob - logprob, for tokens sampled from the policy:
@@ -23,6 +23,11 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str) -> Tensor:
 
     All three are 0 where the two log-probs are equal. k3 is computed exactly as written, with no
     clamping of log r (verl's "low_var_kl" clamps to [-10, 10]; this function does not).
+
+    With `mask`, log r is set to 0 under mask 0 *before* exp (as policy_loss does with its ratio), so
+    the estimate there is exactly 0 and junk at padded positions (say ref - logp = 1e4, exp = inf)
+    can never turn into a NaN gradient; masking the result afterwards would be too late
+    (0 * inf = NaN in the backward of exp).
     GRPO puts k3 in the loss (DeepSeekMath); PPO puts k1 into the reward (InstructGPT).
 
     Example (logprob = log 2, ref_logprob = 0, so log r = -log 2):
@@ -32,15 +37,18 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kind: str) -> Tensor:
         logprob: (N, T) per-token log-probs under the current policy.
         ref_logprob: (N, T) per-token log-probs under the reference policy.
         kind: "k1", "k2" or "k3".
+        mask: optional (N, T) response mask; positions under 0 give 0 with zero gradient.
 
     Returns:
-        (N, T) float32 per-token estimate; apply the response mask when reducing it.
+        (N, T) float32 per-token estimate; reduce it over the mask (aggregate_loss, masked_mean).
     """
     if kind not in KL_KINDS:
         raise ValueError(f"unknown KL estimator {kind!r}; expected one of {', '.join(KL_KINDS)}")
     logprob = torch.as_tensor(logprob, dtype=torch.float32)
     ref_logprob = torch.as_tensor(ref_logprob, dtype=torch.float32, device=logprob.device)
     diff = logprob - ref_logprob  # log(pi / pi_ref) = -log r
+    if mask is not None:
+        diff = torch.where(torch.as_tensor(mask, device=diff.device).bool(), diff, 0.0)  # junk -> log r = 0
     if kind == "k1":
         return diff
     if kind == "k2":

@@ -2,8 +2,9 @@
 
 Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 1 PPO clipped objective, Eq. 5
 GRPO objective (sample-level mean), Eq. 10 Clip-Higher, Eq. 12 token-level loss. Dual-clip PPO
-is arXiv:1912.09729. Every function is pure and returns float32; stats come back as a dict of
-Python floats.
+is arXiv:1912.09729; the constant-normaliser aggregation is Dr. GRPO's (arXiv:2503.20783). The
+four aggregation modes are verl's (`agg_loss`), including its handling of fully masked rows.
+Every function is pure and returns float32; stats come back as a dict of Python floats.
 """
 
 import torch
@@ -11,41 +12,65 @@ from torch import Tensor
 
 from common.advantage import masked_mean
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str, denominator: float | None = None) -> Tensor:
-    """Reduce a (B, T) per-token loss to a scalar (DAPO Eq. 12 / GRPO Eq. 5).
+def _check_mode(mode: str) -> None:
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
 
-        token-mean           sum(L * m) / sum(m)                     DAPO token-level loss, Eq. 12
-        seq-mean-token-mean  mean_i( sum_t(L * m) / sum_t(m) )        original GRPO, Eq. 5
-        seq-mean-token-sum   mean_i( sum_t(L * m) )                   sum over tokens, mean over rows
 
-    Entries under mask 0 are never read. A row with no masked-in token adds 0 and, in the seq-mean
-    modes, still counts as a row; nothing divides by zero.
+def aggregate_loss(
+    loss_mat: Tensor,
+    mask: Tensor,
+    mode: str,
+    denominator: float | None = None,
+    loss_scale_factor: float | None = None,
+) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar (DAPO Eq. 12 / GRPO Eq. 5 / Dr. GRPO).
 
-    Gradient accumulation: pass `denominator` to replace the normaliser (sum(m) for token-mean, the
-    number of rows B for the seq-mean modes) by the one of the whole update batch. The losses of
-    the micro-batches then add up exactly to the loss of the full batch.
+        token-mean               sum(L * m) / sum(m)                    DAPO token-level loss, Eq. 12
+        seq-mean-token-mean      mean_i( sum_t(L * m) / sum_t(m) )       original GRPO, Eq. 5
+        seq-mean-token-sum       mean_i( sum_t(L * m) )                  sum over tokens, mean over rows
+        seq-mean-token-sum-norm  mean_i( sum_t(L * m) ) / C              Dr. GRPO (arXiv:2503.20783)
 
-    Example (x = masked):
+    mean_i runs over the rows with at least one token under the mask, as in verl's agg_loss (0.5
+    and later): a fully masked row (e.g. a truncated response under overlong filtering) neither adds
+    to nor dilutes the loss. Entries under mask 0 are never read; nothing divides by zero.
+
+    C = loss_scale_factor is a constant: the generation budget (verl: actor.loss_scale_factor, whose
+    null means the padded response width, i.e. the budget). Every response is divided by the same C,
+    so the gradient has no length bias (Dr. GRPO), and at C = max_new_tokens the loss is on the scale
+    of token-mean, where seq-mean-token-sum is C times larger. TRL's loss_type="dr_grpo" is this mode
+    with C = max_completion_length (TRL also counts fully masked rows); verl's seq-mean-token-sum-norm
+    sums its micro-batch's rows instead of averaging them (micro-batch-size times this value).
+
+    Gradient accumulation: `denominator` replaces the whole normaliser, sum(m) for token-mean, the
+    number of non-empty rows for seq-mean-token-mean / -sum, that number times C for -norm, by the
+    one of the whole update batch (`aggregation_denominator`). The micro-batch losses then add up
+    exactly to the loss of the full batch.
+
+    Example (x = masked; the third row is fully masked):
         L = [[1, 1, x],
-             [2, x, x]]
-        token-mean           (1 + 1 + 2) / 3       = 4/3
-        seq-mean-token-mean  (2/2 + 2/1) / 2       = 1.5
-        seq-mean-token-sum   (2 + 2) / 2           = 2.0
+             [2, x, x],
+             [x, x, x]]
+        token-mean               (1 + 1 + 2) / 3          = 4/3
+        seq-mean-token-mean      (2/2 + 2/1) / 2          = 1.5
+        seq-mean-token-sum       (2 + 2) / 2              = 2.0
+        seq-mean-token-sum-norm  (2 + 2) / (2 * C), C = 4 = 0.5
 
     Args:
         loss_mat: (B, T) per-token loss.
         mask: (B, T) response mask, 1 on response tokens.
-        mode: one of "token-mean", "seq-mean-token-mean", "seq-mean-token-sum".
-        denominator: optional normaliser of the full batch (token count or row count, by mode).
+        mode: one of AGG_MODES.
+        denominator: optional normaliser of the full batch, see above; it includes C.
+        loss_scale_factor: C of the -norm mode when no denominator is given; None = T, the mask's
+            width (verl's fallback).
 
     Returns:
         Scalar float32 loss.
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+    _check_mode(mode)
     if denominator is not None and denominator <= 0:
         raise ValueError(f"denominator must be positive, got {denominator}")
     loss_mat = torch.as_tensor(loss_mat, dtype=torch.float32)
@@ -54,30 +79,37 @@ def aggregate_loss(loss_mat: Tensor, mask: Tensor, mode: str, denominator: float
         raise ValueError(
             f"loss_mat and mask must both be (B, T), got {tuple(loss_mat.shape)} and {tuple(keep.shape)}"
         )
+    if denominator is None:
+        scale = loss_scale_factor if loss_scale_factor is not None else keep.shape[1]
+        denominator = aggregation_denominator(keep, mode, scale) or 1.0  # empty: the sum below is 0
     masked = torch.where(keep, loss_mat, 0.0)  # (B, T)
     if mode == "token-mean":
-        norm = denominator if denominator is not None else keep.sum().clamp(min=1)
-        return masked.sum() / norm
-    row_sum = masked.sum(dim=1)  # (B,)
-    row_loss = row_sum  # (B,), seq-mean-token-sum
+        return masked.sum() / denominator
+    row_loss = masked.sum(dim=1)  # (B,), token sums
     if mode == "seq-mean-token-mean":
-        row_loss = row_sum / keep.sum(dim=1).clamp(min=1)  # (B,), an empty row gives 0 / 1
-    norm = denominator if denominator is not None else loss_mat.shape[0]
-    return row_loss.sum() / norm
+        row_loss = row_loss / keep.sum(dim=1).clamp(min=1)  # (B,), an empty row gives 0 / 1
+    return row_loss.sum() / denominator
 
 
-def aggregation_denominator(mask: Tensor, mode: str) -> float:
+def aggregation_denominator(mask: Tensor, mode: str, loss_scale_factor: float | None = None) -> float:
     """The normaliser `aggregate_loss` uses for a whole update batch: its masked token count for
-    token-mean, its row count for the seq-mean modes. Passing it as `denominator` to every
-    micro-batch makes the accumulated gradient equal the full batch's (DAPO Eq. 12 across micro-batches).
+    token-mean, its number of rows with at least one masked-in token for seq-mean-token-mean /
+    -sum, that number times C = loss_scale_factor for seq-mean-token-sum-norm. Passing it as
+    `denominator` to every micro-batch makes the accumulated gradient equal the full batch's (DAPO
+    Eq. 12 across micro-batches). It is 0 when nothing is left to train on: a caller that sums it
+    over data-parallel ranks clamps the sum, not each rank's part.
 
-    Example: mask [[1, 1, 0], [1, 0, 0]] gives 3.0 for token-mean and 2.0 for the seq-mean modes.
+    Example: mask [[1, 1, 0], [1, 0, 0], [0, 0, 0]] gives 3.0 for token-mean, 2.0 for the
+    seq-mean modes and 2 C for seq-mean-token-sum-norm.
     """
-    if mode not in AGG_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+    _check_mode(mode)
+    if mode == "seq-mean-token-sum-norm" and (loss_scale_factor is None or loss_scale_factor <= 0):
+        raise ValueError(f"{mode} needs a positive loss_scale_factor, got {loss_scale_factor}")
+    keep = torch.as_tensor(mask).bool()  # (B, T)
     if mode == "token-mean":
-        return max(float(torch.as_tensor(mask).bool().sum()), 1.0)
-    return float(max(mask.shape[0], 1))
+        return float(keep.sum())
+    rows = float(keep.any(dim=1).sum())
+    return rows * loss_scale_factor if mode == "seq-mean-token-sum-norm" else rows
 
 
 def policy_loss(

@@ -71,6 +71,7 @@ TINY_DEFAULTS = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
     "initializer_range": 0.02,
+    "attention_dropout": 0.0,
 }
 
 
@@ -274,6 +275,30 @@ def load_policy(
     model.generation_config = _generation_config(tokenizer, model)
     model.train()
     return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout probability of `model` to 0, in place (TRL: disable_dropout); returns how
+    many were non-zero.
+
+    RL needs the policy that samples (generation runs in eval mode), the one that scores the
+    old log-probs and the one that is trained to be the same function: with dropout on in the
+    update, the ratio at the first optimizer step is not 1 and the KL to an identical reference not
+    0, and both measure dropout noise. Two kinds are zeroed: torch Dropout modules (GPT-2, OPT,
+    ...) and float attributes named `*dropout` that attention modules pass to their kernels
+    (Llama, Qwen2: `attention_dropout`). Call it before `apply_lora`: the adapters' own dropout
+    (model.lora.dropout) is an explicit setting and stays.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p > 0
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if name.endswith("dropout") and type(value) is float:
+                changed += value > 0
+                setattr(module, name, 0.0)
+    return changed
 
 
 def apply_lora(

@@ -61,7 +61,7 @@ from common.distributed import (
 from common.logging import RunLogger, peak_rss_mb
 from common.losses import aggregation_denominator
 from common.reward_fn import score_responses
-from common.rollout import HFRollout, RolloutBatch, sequence_logprobs
+from common.rollout import HFRollout, RolloutBatch, eval_mode, sequence_logprobs
 from common.tasks import Example, Task
 
 log = logging.getLogger("rl_lab")
@@ -89,6 +89,8 @@ class TrainSettings:
     save_every: int
     fail_on_reward_error: bool
     max_num_gen_batches: int = 1
+    gen_batch_size: int = 0  # prompts per dynamic-sampling round (filter mode); 0 = batch_size
+    on_exhausted: str = "partial"  # filter mode after max_num_gen_batches: partial, skip or error
     max_samples: int = 0
     keep_last_checkpoints: int = 2
     keep_step_checkpoints: bool = False
@@ -220,38 +222,61 @@ def collect(
     flat_groups: FlatGroups | None = None,
     dist: DistContext = SINGLE,
 ) -> tuple[Samples | None, dict[str, float]]:
-    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept;
-    with `flat_groups`, grow all-equal groups instead (see `resample_flat_groups`).
+    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept
+    (see `fill_with_filtered_groups`); with `flat_groups`, grow all-equal groups instead (see
+    `resample_flat_groups`).
 
     Data parallel: every rank takes the same global batch from the stream and rolls out its own
     contiguous share (batch_size / world_size prompts), so groups never span ranks and the stream
     stays in step on all ranks; with a filter, generation rounds go on until every rank is full.
+    """
+    if group_filter is not None:
+        return fill_with_filtered_groups(engine, task, stream, algo, settings, group_filter, dist)
+    samples = generate_and_score(engine, task, dist.shard(stream.take(settings.batch_size)), algo, settings)
+    stats: dict[str, float] = {"sampling/gen_batches": 1}
+    if flat_groups is not None:
+        samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
+        stats.update(resample_stats)
+    stats["sampling/samples"] = len(samples.rollout)
+    stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
+    return samples, stats
 
-    Dynamic sampling (DAPO Algorithm 1, lines 3-8): groups whose *task correctness* is all equal
-    carry no signal (zero advantage) and are dropped. The filter reads the correctness term, not
-    the shaped total: the paper filters "prompts with accuracy equal to 1 and 0" (verl makes it a
-    setting). After max_num_gen_batches the step trains on what was kept (possibly fewer groups)
-    instead of failing; with nothing kept it returns None and the step skips its update.
+
+class DynamicSamplingError(RuntimeError):
+    """dynamic_sampling.on_exhausted=error: max_num_gen_batches rounds did not fill the batch."""
+
+
+def fill_with_filtered_groups(
+    engine: HFRollout,
+    task: Task,
+    stream: PromptStream,
+    algo: Any,
+    settings: TrainSettings,
+    group_filter: GroupFilter,
+    dist: DistContext = SINGLE,
+) -> tuple[Samples | None, dict[str, float]]:
+    """Dynamic sampling (DAPO Algorithm 1, lines 3-8), as verl's DAPO recipe runs it: each round
+    samples settings.gen_batch_size prompts (verl's gen_batch_size, an oversampling factor times
+    batch_size), drops the groups whose *task correctness* is all equal (no signal: zero advantage)
+    and keeps the first ones until batch_size groups are kept; the surplus is discarded. The filter
+    reads the correctness term, not the shaped total: the paper filters "prompts with accuracy equal
+    to 1 and 0" (verl makes it a setting).
+
+    After max_num_gen_batches rounds without a full batch, settings.on_exhausted decides: "partial"
+    trains on the kept groups (a warning; none kept: the update is skipped), "skip" skips the
+    update, "error" raises DynamicSamplingError (verl's behaviour). Under data parallel the
+    decision is the same on every rank. A partial batch is normalised by its own tokens (or rows):
+    the loss denominators count what is in the batch, never the nominal batch_size x G.
     """
     G = engine.group_size
     target = settings.batch_size // dist.world_size  # this rank's groups
-    if group_filter is None:
-        samples = generate_and_score(
-            engine, task, dist.shard(stream.take(settings.batch_size)), algo, settings
-        )
-        stats: dict[str, float] = {"sampling/gen_batches": 1}
-        if flat_groups is not None:
-            samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
-            stats.update(resample_stats)
-        stats["sampling/samples"] = len(samples.rollout)
-        stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
-        return samples, stats
+    gen_batch_size = settings.gen_batch_size or settings.batch_size
     kept: list[Samples] = []
-    n_kept = n_seen = n_generated = n_tokens = 0
-    gen_batch = 0
-    while gen_batch < settings.max_num_gen_batches:
+    n_kept = n_seen = n_generated = n_tokens = gen_batch = 0
+    short = True
+    while gen_batch < settings.max_num_gen_batches and short:
         gen_batch += 1
-        examples = dist.shard(stream.take(settings.batch_size))  # every rank advances the stream
+        examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
         if n_kept < target:
             samples = generate_and_score(engine, task, examples, algo, settings)
             keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
@@ -263,8 +288,7 @@ def collect(
                 rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
                 kept.append(samples.select(rows))
                 n_kept += take.numel()
-        if not dist.any(n_kept < target):
-            break
+        short = dist.any(n_kept < target)
     stats = {
         "sampling/gen_batches": gen_batch,
         "sampling/samples": n_generated,
@@ -273,15 +297,21 @@ def collect(
         "sampling/groups_dropped": n_seen - n_kept,
         "sampling/kept_group_frac": n_kept / max(n_seen, 1),
     }
-    if n_kept < target:
-        log.warning(
-            "dynamic sampling: %d of %d groups kept after %d generation batches (max_num_gen_batches); %s",
-            n_kept,
-            target,
-            gen_batch,
-            "training on the kept groups" if n_kept else "no group has mixed rewards, skipping this update",
+    shortfall = (
+        f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
+        "(dynamic_sampling.max_num_gen_batches)"
+    )
+    if short and settings.on_exhausted == "error":
+        raise DynamicSamplingError(
+            f"{shortfall}; the prompts are too easy or too hard for the policy: raise max_num_gen_batches "
+            "or gen_batch_size_factor, or set dynamic_sampling.on_exhausted=partial or skip"
         )
-    return (Samples.concat(kept) if kept else None), stats
+    if short and (settings.on_exhausted == "skip" or not kept):
+        log.warning("%s; skipping this update", shortfall)
+        return None, stats
+    if n_kept < target:
+        log.warning("%s; training on the kept groups", shortfall)
+    return Samples.concat(kept), stats
 
 
 def resample_flat_groups(
@@ -426,7 +456,8 @@ def accumulate_gradients(
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
     Each micro-batch loss is normalised by the *mini-batch's* denominator (token count for
-    token-mean, sequence count for the seq-mean modes), so the accumulated gradient equals the
+    token-mean, count of sequences with loss tokens for the seq-mean modes, times C =
+    algo.loss_scale_factor for seq-mean-token-sum-norm), so the accumulated gradient equals the
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
     fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
@@ -447,7 +478,9 @@ def accumulate_gradients(
         (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
         loss tokens)
     """
-    denominator = dist.all_reduce(aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg))
+    # summed over ranks first, then clamped: an empty mini-batch (all rows masked) trains on nothing
+    part = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg, algo.loss_scale_factor)
+    denominator = dist.all_reduce(part) or 1.0
     total, means, n_total = 0.0, WeightedMeans(), 0.0
     rows = micro_batch_order(batch, rows)
     micros = list(rows.split(micro_batch_size))
@@ -792,9 +825,10 @@ def add_logprobs_and_values(
     micro = settings.micro_batch_size
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
-        # several mini-batches make all but the first off-policy: their ratio needs pi_old
+        # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
+        # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
         if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
-            with gathered([model], dist):
+            with gathered([model], dist), eval_mode(unwrap(model)):
                 batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
         if reference is not None:
             with gathered([reference], dist):

@@ -37,8 +37,9 @@ class DAPO(GRPO):
 
     @property
     def buffer_len(self) -> int:
-        """L_cache of Eq. 13: overlong_buffer_len, or a quarter of max_len when that is null."""
-        return self.overlong_buffer_len or max(1, self.max_len // 4)
+        """L_cache of Eq. 13: overlong_buffer_len, or a fifth of max_len when that is null (the paper's
+        4,096 of L_max = 20,480 tokens, Sec. 4.1)."""
+        return self.overlong_buffer_len or max(1, self.max_len // 5)
 
     def loss_mask(self, response_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """Overlong filtering (DAPO Sec. 3.4): truncated responses contribute no tokens to the loss."""

@@ -34,6 +34,7 @@ class GRPO:
     clip_high: float
     dual_clip: float | None
     loss_agg: str
+    loss_scale_factor: int
     kl_coef: float
     kl_kind: str
     num_iterations: int
@@ -100,8 +101,9 @@ class GRPO:
             batch: rows of one micro-batch: "advantages" (B,), "loss_mask" (B, T), optionally
                 "old_logprob" (B, T) (only when epochs > 1) and "ref_logprob" (B, T) (when kl_coef > 0).
             logprob: (B, T) log-probs of the taken tokens under the current policy, with grad.
-            denominator: the normaliser of the whole mini-batch (tokens or sequences, see
-                common.losses.aggregation_denominator), so micro-batch losses add up to the mini-batch loss.
+            denominator: the normaliser of the whole mini-batch (tokens, or sequences times
+                loss_scale_factor for seq-mean-token-sum-norm, see common.losses.aggregation_denominator),
+                so micro-batch losses add up to the mini-batch loss.
             entropy, values: (B, T) token entropies and critic values; unused by GRPO (PPO's loss takes them).
         """
         mask = batch["loss_mask"]
@@ -117,7 +119,7 @@ class GRPO:
         # stats are means over this micro-batch's tokens; the trainer averages them weighted by tokens
         metrics = {f"policy/{k}": v for k, v in stats.items()}
         if self.kl_coef > 0:
-            kl = kl_penalty(logprob, batch["ref_logprob"], self.kl_kind)  # (B, T)
+            kl = kl_penalty(logprob, batch["ref_logprob"], self.kl_kind, mask=mask)  # (B, T), 0 under mask 0
             loss = loss + self.kl_coef * aggregate_loss(kl, mask, self.loss_agg, denominator=denominator)
             metrics["kl/value"] = ((kl.detach() * mask).sum() / mask.sum().clamp(min=1)).item()
         return loss, metrics

@@ -99,6 +99,7 @@ class PPO:
     clip_high: float
     dual_clip: float | None
     loss_agg: str
+    loss_scale_factor: int
     kl_coef: float
     kl_kind: str
     kl_ctl: str
@@ -192,8 +193,7 @@ class PPO:
         stats: dict[str, float] = {}
         kl, beta = None, self.kl_controller.value
         if self.kl_coef > 0:
-            kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], self.kl_kind)  # (N, T)
-            kl = torch.where(mask.bool(), kl, 0.0)
+            kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], self.kl_kind, mask=mask)  # (N, T)
         token_rewards = token_level_rewards(batch["rewards"], mask, kl, beta)  # (N, T)
         advantages, returns = compute_gae(token_rewards, batch["values"], mask, self.gamma, self.lam)
         if self.whiten_advantages:

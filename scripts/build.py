@@ -6,6 +6,8 @@ Every check here fails at start-up with a ConfigError that names the key, before
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.distributed import DistContext, launched_world_size
-from common.models import apply_lora, load_policy, save_hf
+from common.losses import AGG_MODES
+from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout import HFRollout
 from common.rollout_vllm import vllm_available
 from common.tasks import Task, build_task
@@ -25,15 +28,18 @@ from ppo import PPO, build_critic
 
 ALGORITHMS = {"ppo": PPO, "grpo": GRPO, "dapo": DAPO}
 GROUP_ALGORITHMS = {"grpo", "dapo"}
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_KINDS = ("k1", "k2", "k3")
 KL_CONTROLLERS = ("fixed", "adaptive")
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
+# dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
+ON_EXHAUSTED = ("partial", "skip", "error")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 # accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
 FSDP_STRATEGIES = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
 ROLLOUT_ENGINES = ("hf", "vllm")
+
+log = logging.getLogger("rl_lab")
 
 
 class ConfigError(ValueError):
@@ -136,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
         cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
     )
     _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
+    _require(cfg.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, 0 = off (got {cfg.rollout.top_k})")
     _require(
         cfg.rollout.engine in ROLLOUT_ENGINES,
         "rollout.engine",
@@ -208,9 +215,14 @@ def validate(cfg: DictConfig) -> None:
         f"must be > 1 or null (got {algo.dual_clip})",
     )
     _require(
-        algo.loss_agg in LOSS_AGG_MODES,
+        algo.loss_agg in AGG_MODES,
         "algorithm.loss_agg",
-        f"{algo.loss_agg!r}; options: {', '.join(LOSS_AGG_MODES)}",
+        f"{algo.loss_agg!r}; options: {', '.join(AGG_MODES)}",
+    )
+    _require(
+        isinstance(algo.loss_scale_factor, int) and algo.loss_scale_factor >= 1,
+        "algorithm.loss_scale_factor",
+        f"must be an integer >= 1, in tokens (got {algo.loss_scale_factor})",
     )
     _require(
         algo.kl_kind in KL_KINDS, "algorithm.kl_kind", f"{algo.kl_kind!r}; options: {', '.join(KL_KINDS)}"
@@ -235,7 +247,7 @@ def validate(cfg: DictConfig) -> None:
             f"{ds.mode} needs a group algorithm, not {algo.name}",
         )
     if ds.mode == "filter":
-        _require(ds.max_num_gen_batches >= 1, "dynamic_sampling.max_num_gen_batches", "must be >= 1")
+        validate_filter(ds, t.batch_size, world)
     if ds.mode == "resample":
         _require(
             ds.max_samples > G,
@@ -248,8 +260,36 @@ def validate(cfg: DictConfig) -> None:
             "algorithm.overlong_buffer_len",
             f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
         )
+    _require(
+        isinstance(cfg.model.disable_dropout, bool),
+        "model.disable_dropout",
+        f"must be true or false (got {cfg.model.disable_dropout})",
+    )
     if cfg.model.lora.enabled:
         validate_lora(cfg.model.lora)
+
+
+def validate_filter(ds: DictConfig, batch_size: int, world: int) -> None:
+    """dynamic_sampling=filter: rounds, the oversampling factor and what happens at the bound."""
+    _require(
+        ds.max_num_gen_batches >= 1,
+        "dynamic_sampling.max_num_gen_batches",
+        f"must be >= 1 (got {ds.max_num_gen_batches})",
+    )
+    factor = ds.gen_batch_size_factor
+    _require(factor >= 1, "dynamic_sampling.gen_batch_size_factor", f"must be >= 1 (got {factor})")
+    gen_batch_size = math.ceil(factor * batch_size)
+    _require(
+        gen_batch_size % world == 0,
+        "dynamic_sampling.gen_batch_size_factor",
+        f"{factor} x trainer.batch_size={batch_size} = {gen_batch_size} prompts per round must be a multiple "
+        f"of the {world} data-parallel processes (got {factor})",
+    )
+    _require(
+        ds.on_exhausted in ON_EXHAUSTED,
+        "dynamic_sampling.on_exhausted",
+        f"{ds.on_exhausted!r}; options: {', '.join(ON_EXHAUSTED)}",
+    )
 
 
 def validate_ppo(algo: DictConfig) -> None:
@@ -311,6 +351,7 @@ def build_flat_groups(cfg: DictConfig) -> Any:
 def build_settings(cfg: DictConfig) -> TrainSettings:
     t = cfg.trainer
     ds = cfg.dynamic_sampling
+    filtering = ds.mode == "filter"
     return TrainSettings(
         max_steps=t.max_steps,
         batch_size=t.batch_size,
@@ -329,7 +370,9 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         max_bad_steps=t.max_bad_steps,
         bf16=t.bf16,
         fail_on_reward_error=t.fail_on_reward_error,
-        max_num_gen_batches=ds.max_num_gen_batches if ds.mode == "filter" else 1,
+        max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
+        gen_batch_size=math.ceil(ds.gen_batch_size_factor * t.batch_size) if filtering else t.batch_size,
+        on_exhausted=ds.on_exhausted if filtering else "partial",
         max_samples=ds.max_samples if ds.mode == "resample" else 0,
         seed=cfg.seed,
     )
@@ -388,8 +431,9 @@ def build_task_from(cfg: DictConfig) -> Task:
 
 def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     """The policy and its tokenizer from cfg.model (the packaged GGUF, the tiny model or a hub id/path),
-    with gradient checkpointing when model.gradient_checkpointing is set, wrapped in LoRA adapters
-    (only they train) when model.lora.enabled is set."""
+    without dropout when model.disable_dropout is set, with gradient checkpointing when
+    model.gradient_checkpointing is set, wrapped in LoRA adapters (only they train) when
+    model.lora.enabled is set."""
     model, tokenizer = load_policy(
         cfg.model.source,
         name_or_path=cfg.model.name_or_path,
@@ -398,6 +442,8 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
         dtype=cfg.model.dtype,
         seed=cfg.seed,
     )
+    if cfg.model.disable_dropout:
+        disable_dropout(model)  # before LoRA: the adapters' dropout is model.lora.dropout
     if cfg.model.gradient_checkpointing:
         # non-reentrant: works with inputs that need no grad and with torch.no_grad passes
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -412,9 +458,32 @@ def build_policy(cfg: DictConfig) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
+def truncated_sampling_warning(rollout: DictConfig) -> str | None:
+    """The start-up warning for rollout.top_p < 1 or rollout.top_k > 0, else None.
+
+    Truncated sampling draws tokens from the renormalised top-p / top-k distribution q, while every
+    log-prob the update uses (old, reference, the ratio, the KL) is the full softmax p at the
+    temperature. The importance ratio then corrects for nothing of the truncation: the samples are
+    off-policy by q / p, which the surrogate ignores, and tokens outside the kept set never appear.
+    """
+    settings = [f"rollout.top_p={rollout.top_p}"] if rollout.top_p < 1 else []
+    settings += [f"rollout.top_k={rollout.top_k}"] if rollout.top_k > 0 else []
+    if not settings:
+        return None
+    return (
+        f"{' and '.join(settings)}: responses are sampled from the truncated distribution, but the log-probs "
+        "of the update (old, reference, ratio, KL) come from the full softmax at rollout.temperature, so "
+        "the samples are off-policy by the truncation; top_p=1.0 and top_k=0 keep sampling and training on "
+        "the same distribution"
+    )
+
+
 def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
-    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings."""
+    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings;
+    warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
     r = cfg.rollout
+    if (warning := truncated_sampling_warning(r)) is not None:
+        log.warning(warning)
     sampling = dict(
         group_size=r.group_size,
         max_new_tokens=r.max_new_tokens,

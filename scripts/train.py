@@ -38,7 +38,7 @@ from common.distributed import (
 from common.logging import RunLogger
 from common.models import ModelLoadError, make_reference
 from common.tasks import TaskError
-from common.trainer import RunAbortedError, RunInterruptedError, train
+from common.trainer import DynamicSamplingError, RunAbortedError, RunInterruptedError, train
 from scripts.build import (
     ConfigError,
     apply_launcher_settings,
@@ -234,7 +234,7 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except RunAbortedError as err:
+    except (RunAbortedError, DynamicSamplingError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except RunInterruptedError as err:

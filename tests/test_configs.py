@@ -92,8 +92,11 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("algorithm.clip_high=0", "algorithm.clip_high"),
         ("optim.lr=-1e-5", "optim.lr"),
         ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("rollout.top_k=-1", "rollout.top_k"),
         ("trainer.mini_batch_size=3", "trainer.mini_batch_size"),
         ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
+        ("algorithm.loss_scale_factor=0", "algorithm.loss_scale_factor"),
+        ("algorithm.loss_scale_factor=null", "algorithm.loss_scale_factor"),
         ("algorithm.kl_kind=k4", "algorithm.kl_kind"),
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
         ("algorithm.name=reinforce", "algorithm"),
@@ -115,7 +118,8 @@ def test_algorithm_fields_come_from_yaml_only():
     algo = build_algorithm(cfg.algorithm)
     assert algo.clip_high == 0.28 and algo.overlong_buffer_len == cfg.algorithm.overlong_buffer_len
     settings = build_settings(cfg)
-    assert settings.mini_batch_size == cfg.trainer.batch_size
+    # the DAPO preset takes several optimizer steps per rollout batch (configs/algorithm/dapo.yaml)
+    assert settings.mini_batch_size == cfg.trainer.mini_batch_size == 2 < cfg.trainer.batch_size
     assert settings.max_num_gen_batches == cfg.dynamic_sampling.max_num_gen_batches
 
 
@@ -145,15 +149,23 @@ def test_compare_presets_match_budgets_across_algorithms():
         for algorithm in ("ppo", "grpo", "dapo"):
             cfg = compose_train(f"algorithm={algorithm}", f"experiment={preset}")
             assert cfg.algorithm.name == algorithm
+            validate(cfg)
+            settings = build_settings(cfg)
+            # passes (ppo_epochs / num_iterations) x mini-batches per pass
+            optimizer_steps = build_algorithm(cfg.algorithm).epochs * (
+                settings.batch_size // settings.mini_batch_size
+            )
             budgets.add(
                 (
                     cfg.trainer.batch_size,
                     cfg.rollout.group_size,
                     cfg.rollout.max_new_tokens,
                     cfg.trainer.max_steps,
+                    optimizer_steps,
                 )
             )
         assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"
+        assert optimizer_steps > 1, "one optimizer step per rollout batch never moves the ratio"
 
 
 def test_compare_presets_keep_a_weights_only_final_checkpoint():
@@ -172,3 +184,51 @@ def test_addition_5_40_is_the_default_task_with_wider_operands():
     # "What is 12 + 37? Put ..." -> 12, 37
     operands = [int(n) for e in built.train + built.test for n in re.findall(r"\d+", e.prompt.split("?")[0])]
     assert min(operands) == 5 and max(operands) == 40 and len(operands) == 2 * (300 + 100)
+
+
+
+
+def test_algorithm_presets_keep_their_own_optimizer_steps_outside_the_comparison():
+    # experiment_algorithm/compare_ppo.yaml applies only under experiment=compare
+    assert compose_train("algorithm=ppo").algorithm.ppo_epochs == 2
+    assert compose_train("algorithm=ppo", "experiment=compare").algorithm.ppo_epochs == 1
+    assert compose_train("algorithm=grpo").trainer.mini_batch_size is None
+    assert compose_train("algorithm=dapo", "trainer.mini_batch_size=4").trainer.mini_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("dynamic_sampling.gen_batch_size_factor=0.5", "dynamic_sampling.gen_batch_size_factor"),
+        ("dynamic_sampling.max_num_gen_batches=0", "dynamic_sampling.max_num_gen_batches"),
+        ("dynamic_sampling.on_exhausted=retry", "dynamic_sampling.on_exhausted"),
+    ],
+)
+def test_bad_dynamic_sampling_settings_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train("algorithm=dapo", override))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_oversampled_rounds_must_split_over_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = compose_train(
+        "algorithm=dapo", "dynamic_sampling.gen_batch_size_factor=1.5", "trainer.batch_size=2"
+    )
+    assert build_settings(cfg).gen_batch_size == 3
+    with pytest.raises(
+        ConfigError, match="^dynamic_sampling.gen_batch_size_factor: 1.5 x trainer.batch_size=2"
+    ):
+        validate(cfg)
+
+
+def test_truncated_sampling_is_warned_at_start_up(cache_dir, caplog):
+    from scripts.build import build_policy, build_rollout, truncated_sampling_warning
+
+    assert truncated_sampling_warning(compose_train().rollout) is None
+    cfg = compose_train("model=tiny", "rollout.top_p=0.9", "rollout.top_k=50", f"paths.cache_dir={cache_dir}")
+    validate(cfg)
+    model, tokenizer = build_policy(cfg)
+    with caplog.at_level("WARNING", logger="rl_lab"):
+        build_rollout(cfg, model, tokenizer)
+    assert "rollout.top_p=0.9 and rollout.top_k=50" in caplog.text and "full softmax" in caplog.text

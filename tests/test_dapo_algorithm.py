@@ -20,11 +20,13 @@ def test_overlong_shaping_adds_the_soft_penalty_as_its_own_term():
     torch.testing.assert_close(terms["overlong"], torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
 
 
-def test_overlong_buffer_defaults_to_a_quarter_of_max_len():
+def test_overlong_buffer_defaults_to_a_fifth_of_max_len():
+    # the paper's L_cache = 4,096 of L_max = 20,480; here max_len 20 -> L_cache 4, penalty after 16
     algo = dapo()
-    assert algo.overlong_buffer_len is None and algo.buffer_len == 5
-    terms = algo.shape_rewards(torch.tensor([15, 16, 20]), torch.zeros(3, dtype=torch.bool))
-    torch.testing.assert_close(terms["overlong"], torch.tensor([0.0, -0.2, -1.0]))
+    assert algo.overlong_buffer_len is None and algo.buffer_len == 4
+    terms = algo.shape_rewards(torch.tensor([16, 17, 18, 20]), torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(terms["overlong"], torch.tensor([0.0, -0.25, -0.5, -1.0]))
+    assert dapo("rollout.max_new_tokens=20480").buffer_len == 4096
 
 
 def test_overlong_shaping_switch_off_adds_nothing():

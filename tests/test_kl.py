@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from common.kl import kl_penalty
+from common.kl import KL_KINDS, kl_penalty
+from common.losses import aggregate_loss
 
 
 @pytest.mark.parametrize(
@@ -57,3 +58,45 @@ def test_kl_accepts_lists_and_keeps_gradient():
 def test_kl_unknown_kind_lists_options():
     with pytest.raises(ValueError, match="k1, k2, k3"):
         kl_penalty(torch.zeros(1), torch.zeros(1), "mse")
+
+
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_junk_under_the_mask_gives_zero_and_a_finite_gradient(kind):
+    # padded positions hold junk log-probs (+-1e4): at [1, 1] log r = 2e4, so exp would be inf
+    logprob = torch.tensor([[-1.0, -2.0, 1e4], [-0.5, -1e4, 3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0, -1e4], [-0.25, 1e4, -3.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    kl = kl_penalty(logprob, ref, kind, mask=mask)
+    aggregate_loss(kl, mask, "token-mean").backward()
+    assert torch.isfinite(logprob.grad).all()
+    assert (logprob.grad[mask == 0] == 0).all() and (logprob.grad[mask == 1] != 0).all()
+    assert (kl[mask == 0] == 0).all()
+    keep = mask.bool()
+    torch.testing.assert_close(kl[keep], kl_penalty(logprob[keep], ref[keep], kind))
+
+
+def test_k3_masked_afterwards_is_too_late():
+    # the reason for the mask argument: exp(inf) in the forward, 0 * inf = NaN in the backward
+    logprob = torch.tensor([[-1.0, -1e4]], requires_grad=True)
+    ref = torch.tensor([[-1.5, 1e4]])  # log r = ref - logp = 2e4 at the padded position
+    mask = torch.tensor([[1, 0]])
+    aggregate_loss(kl_penalty(logprob, ref, "k3"), mask, "token-mean").backward()
+    assert torch.isnan(logprob.grad).any()
+
+
+def test_grpo_kl_term_is_finite_with_junk_reference_log_probs():
+    from scripts.build import build_algorithm
+    from tests.conftest import compose_train
+
+    algo = build_algorithm(compose_train("algorithm=grpo", "algorithm.kl_kind=k3").algorithm)
+    logprob = torch.tensor([[-1.0, -2.0, -1e4], [-0.5, -1e4, -1e4]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    batch = {
+        "advantages": torch.tensor([1.0, -1.0]),
+        "loss_mask": mask,
+        "ref_logprob": torch.tensor([[-1.5, -1.0, 1e4], [-0.25, 1e4, 1e4]]),
+    }
+    loss, metrics = algo.loss(batch, logprob, denominator=2.0)
+    loss.backward()
+    assert torch.isfinite(loss) and math.isfinite(metrics["kl/value"])
+    assert torch.isfinite(logprob.grad).all() and (logprob.grad[mask == 0] == 0).all()

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from common.losses import AGG_MODES, aggregate_loss, entropy_from_logits, policy_loss, value_loss
+from common.losses import (
+    AGG_MODES,
+    aggregate_loss,
+    aggregation_denominator,
+    entropy_from_logits,
+    policy_loss,
+    value_loss,
+)
 
 X = 99.0  # junk under mask 0
 
@@ -16,12 +23,13 @@ X = 99.0  # junk under mask 0
         ("token-mean", 4 / 3),  # (1 + 1 + 2) / 3 tokens
         ("seq-mean-token-mean", 1.5),  # (2/2 + 2/1) / 2 rows
         ("seq-mean-token-sum", 2.0),  # (2 + 2) / 2 rows
+        ("seq-mean-token-sum-norm", 0.5),  # (2 + 2) / (2 rows * C), C = 4
     ],
 )
 def test_aggregate_loss_hand_values(mode, expected):
     loss_mat = torch.tensor([[1.0, 1.0, X], [2.0, X, X]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    out = aggregate_loss(loss_mat, mask, mode)
+    out = aggregate_loss(loss_mat, mask, mode, loss_scale_factor=4)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor(expected))
 
@@ -30,14 +38,45 @@ def test_aggregate_loss_hand_values(mode, expected):
     "mode, expected",
     [
         ("token-mean", 1.0),  # (1 + 1) / 2 tokens
-        ("seq-mean-token-mean", 0.5),  # (2/2 + 0) / 2 rows: the empty row adds 0 and still counts
-        ("seq-mean-token-sum", 1.0),  # (2 + 0) / 2 rows
+        ("seq-mean-token-mean", 1.0),  # (2/2) / 1 row: the empty row is left out, as in verl's agg_loss
+        ("seq-mean-token-sum", 2.0),  # 2 / 1 row
+        ("seq-mean-token-sum-norm", 1.0),  # 2 / (1 row * C), C = 2 (the mask's width when not given)
     ],
 )
 def test_aggregate_loss_fully_masked_row(mode, expected):
     loss_mat = torch.tensor([[1.0, 1.0], [float("nan"), float("inf")]])
     mask = torch.tensor([[1, 1], [0, 0]])
     torch.testing.assert_close(aggregate_loss(loss_mat, mask, mode), torch.tensor(expected))
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_fully_masked_rows_change_neither_loss_nor_gradient(mode):
+    # the same two rows with and without three fully masked rows (overlong filtering): equal loss
+    # and gradient; the old rule (empty rows count as rows) gave 2/5 of both in the seq-mean modes
+    g = torch.Generator().manual_seed(0)
+    loss_mat = torch.randn(2, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    leaf = loss_mat.clone().requires_grad_(True)
+    loss = aggregate_loss(leaf, mask, mode, loss_scale_factor=4)
+    loss.backward()
+    padded = torch.cat([leaf, torch.randn(3, 4, generator=g)])
+    padded_mask = torch.cat([mask, torch.zeros(3, 4, dtype=mask.dtype)])
+    leaf_grad = leaf.grad.clone()
+    leaf.grad = None
+    loss_padded = aggregate_loss(padded, padded_mask, mode, loss_scale_factor=4)
+    loss_padded.backward()
+    torch.testing.assert_close(loss_padded, loss)
+    torch.testing.assert_close(leaf.grad, leaf_grad)
+
+
+def test_dr_grpo_norm_is_trl_dr_grpo_and_a_constant_times_token_sum():
+    # TRL loss_type="dr_grpo": sum(L * m) / (B * max_completion_length); here C = max_new_tokens = 8
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0, X], [4.0, X, X, X], [0.5, 0.5, X, X]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    norm = aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm", loss_scale_factor=8)
+    torch.testing.assert_close(norm, torch.tensor((6.0 + 4.0 + 1.0) / (3 * 8)))
+    token_sum = aggregate_loss(loss_mat, mask, "seq-mean-token-sum")
+    torch.testing.assert_close(norm * 8, token_sum)  # seq-mean-token-sum is C times larger
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -52,6 +91,7 @@ def test_aggregate_loss_all_masked_is_zero(mode):
         ("token-mean", 8.0, 0.5),  # (1 + 1 + 2) / 8
         ("seq-mean-token-mean", 4.0, 0.75),  # (1 + 2) / 4
         ("seq-mean-token-sum", 4.0, 1.0),  # (2 + 2) / 4
+        ("seq-mean-token-sum-norm", 16.0, 0.25),  # (2 + 2) / 16: the denominator includes C
     ],
 )
 def test_aggregate_loss_denominator_replaces_normaliser(mode, denominator, expected):
@@ -61,7 +101,7 @@ def test_aggregate_loss_denominator_replaces_normaliser(mode, denominator, expec
 
 
 def test_aggregate_loss_rejects_unknown_mode_and_bad_denominator():
-    with pytest.raises(ValueError, match="token-mean, seq-mean-token-mean, seq-mean-token-sum"):
+    with pytest.raises(ValueError, match="token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-tok"):
         aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "mean")
     with pytest.raises(ValueError, match="denominator"):
         aggregate_loss(torch.ones(1, 1), torch.ones(1, 1), "token-mean", denominator=0.0)
@@ -81,7 +121,11 @@ def ragged_batch(seed):
 
 
 def full_batch_denominator(mask, mode):
-    return float(mask.sum()) if mode == "token-mean" else float(mask.shape[0])
+    # by hand: tokens, or rows holding a token (times C = T for the -norm mode, its fallback)
+    if mode == "token-mean":
+        return float(mask.sum())
+    rows = float(mask.any(dim=1).sum())
+    return rows * mask.shape[1] if mode == "seq-mean-token-sum-norm" else rows
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -285,14 +329,15 @@ def test_entropy_matches_definition():
 
 
 def test_aggregation_denominator_counts_tokens_or_rows():
-    from common.losses import aggregation_denominator
-
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-    # 3 masked-in tokens; 2 rows
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # 3 masked-in tokens; 2 rows that hold a token (the empty third row does not count)
     assert aggregation_denominator(mask, "token-mean") == 3.0
     assert aggregation_denominator(mask, "seq-mean-token-mean") == 2.0
     assert aggregation_denominator(mask, "seq-mean-token-sum") == 2.0
-    # an all-masked batch never divides by zero
-    assert aggregation_denominator(torch.zeros(2, 3), "token-mean") == 1.0
+    assert aggregation_denominator(mask, "seq-mean-token-sum-norm", loss_scale_factor=48) == 96.0
+    # an all-masked batch counts 0 (the trainer clamps the sum over ranks); aggregate_loss gives 0
+    assert aggregation_denominator(torch.zeros(2, 3), "token-mean") == 0.0
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        aggregation_denominator(mask, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="token-mean"):
         aggregation_denominator(mask, "mean")

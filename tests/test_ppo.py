@@ -306,3 +306,19 @@ def test_explained_variance_is_undefined_for_constant_returns():
         torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 3.0, 5.0]]), torch.ones(1, 3)
     )
     assert ev == pytest.approx(0.75)
+
+
+def test_preset_horizon_lets_beta_move_within_a_default_run():
+    """30 steps of 8 responses (the default PPO run) with the KL far below target: at the preset's
+    horizon beta falls to 0.05 * (1 - 0.2 * 8 / 80)^30 = 0.027; at Ziegler's 10000 it stays at 0.0498."""
+    cfg = compose_train("algorithm=ppo", "algorithm.kl_ctl=adaptive")
+    samples_per_step = cfg.trainer.batch_size * cfg.rollout.group_size
+    assert (cfg.trainer.max_steps, samples_per_step) == (30, 8)
+    betas = {}
+    for horizon in (cfg.algorithm.kl_horizon, 10_000):
+        ppo = make_ppo(kl_ctl="adaptive", kl_horizon=horizon)
+        for _ in range(cfg.trainer.max_steps):
+            ppo.kl_controller.update(0.0, n_steps=samples_per_step)
+        betas[horizon] = ppo.kl_controller.value
+    assert betas[cfg.algorithm.kl_horizon] == pytest.approx(0.05 * 0.98**30, rel=1e-9)
+    assert betas[cfg.algorithm.kl_horizon] < 0.6 * 0.05 and betas[10_000] > 0.99 * 0.05

@@ -36,18 +36,23 @@ def rollout(tiny):
 
 
 class GenerateSpy:
-    """Wraps model.generate: counts calls, records the batch size, and can cut responses short by
-    writing EOS at a given response column per row. The model itself never samples EOS here (its
-    logit is suppressed), so a response ends exactly where `eos_at` says, whatever the draws."""
+    """Wraps model.generate: counts calls, records the batch size, the keyword arguments and the
+    generated ids as sampled, and can cut responses short by writing EOS at a given response column
+    per row. The model itself never samples EOS here (its logit is suppressed), so a response ends
+    exactly where `eos_at` says, whatever the draws."""
 
     def __init__(self, model, eos_at=None):
         self.generate = model.generate
         self.eos_at = eos_at
         self.calls = []
+        self.kwargs = []
+        self.sampled = []
 
     def __call__(self, input_ids, **kwargs):
         self.calls.append(input_ids.shape[0])
+        self.kwargs.append(kwargs)
         out = self.generate(input_ids=input_ids, suppress_tokens=[EOS], **kwargs)
+        self.sampled.append(out[:, input_ids.shape[1] :].clone())  # (N, T) before any EOS is written
         if self.eos_at is not None:
             out = out.clone()
             P = input_ids.shape[1]
@@ -70,6 +75,22 @@ def test_seed_contract_two_prompts_group_of_four(rollout, monkeypatch):
     assert (log_probs[batch.response_mask == 0] == 0).all()
     assert (log_probs[batch.response_mask == 1] < 0).all()  # a random model is never certain
     assert spy.calls == [8]
+    # sampling, not greedy decoding, reaches generate, and the G responses of a group differ
+    assert spy.kwargs[0]["do_sample"] is True and spy.kwargs[0]["temperature"] == rollout.temperature
+    # identical rows need identical first tokens: P(all G alike) <= sum_v p_v^G <= p_max^(G-1), with
+    # p the first response token's distribution (the same for every row of a group: same prompt)
+    for g, prompt in enumerate(["q1", "q2"]):
+        assert first_token_max_prob(rollout, prompt) ** 3 < 1e-6  # so the check below cannot be luck
+        rows = spy.sampled[0][4 * g : 4 * g + 4]  # (G, T)
+        assert not (rows == rows[0]).all(), f"the 4 responses to {prompt} are identical"
+
+
+def first_token_max_prob(rollout: HFRollout, prompt: str) -> float:
+    """max_v p(v | prompt) of the first response token at the sampling temperature."""
+    enc = rollout.encode_prompts([prompt], rollout.max_new_tokens)
+    with torch.no_grad():
+        logits = rollout.model(**enc).logits[0, -1] / rollout.temperature  # (V,)
+    return float(torch.softmax(logits.float(), dim=-1).max())
 
 
 def test_one_generate_call_with_all_rows_grouped_by_prompt(rollout, monkeypatch):
