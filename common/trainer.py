@@ -1,8 +1,7 @@
 """The one training loop: rollout -> reward -> advantage -> update -> log -> checkpoint.
 
 Every algorithm (grpo/, dapo/, ppo/) runs through `train`. Differences enter only through the
-algorithm object (`shape_rewards`, `loss_mask`, `compute_advantages`, `loss`, `state_dict`,
-`needs_reference`, `needs_critic`, `needs_old_logprob`, `epochs`), PPO's `Critic`, and the optional
+algorithm object (typed by the protocol common.algorithm.Algorithm), PPO's `Critic`, and the optional
 dynamic sampling functions (`group_filter`: DAPO Eq. 11; `flat_groups`: the resample mode), so the
 rollout and reward code is identical under all three and differences in results are the algorithm's.
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.algorithm import Algorithm
 from common.checkpoint import CheckpointError, prune_checkpoints, save_checkpoint
 from common.distributed import (
     SINGLE,
@@ -168,7 +168,7 @@ class Samples:
 
 
 def score_samples(
-    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Any, settings: TrainSettings
+    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Algorithm, settings: TrainSettings
 ) -> Samples:
     """Score every response of `rollout` against its own prompt; `examples` are the per-prompt
     examples, expanded here in the rollout's [q1]*G + [q2]*G + ... order."""
@@ -192,7 +192,7 @@ def generate_and_score(
     engine: HFRollout,
     task: Task,
     examples: list[Example],
-    algo: Any,
+    algo: Algorithm,
     settings: TrainSettings,
     group_size: int | None = None,
 ) -> Samples:
@@ -205,7 +205,7 @@ def collect(
     engine: HFRollout,
     task: Task,
     stream: PromptStream,
-    algo: Any,
+    algo: Algorithm,
     settings: TrainSettings,
     group_filter: GroupFilter | None,
     flat_groups: FlatGroups | None = None,
@@ -279,7 +279,7 @@ def resample_flat_groups(
     engine: HFRollout,
     task: Task,
     samples: Samples,
-    algo: Any,
+    algo: Algorithm,
     settings: TrainSettings,
     flat_groups: FlatGroups,
 ) -> tuple[Samples, dict[str, float]]:
@@ -405,7 +405,7 @@ def micro_batch_order(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor
 
 def accumulate_gradients(
     model: torch.nn.Module,
-    algo: Any,
+    algo: Algorithm,
     batch: dict[str, Any],
     rows: torch.Tensor,
     micro_batch_size: int,
@@ -478,7 +478,7 @@ def update_policy(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    algo: Any,
+    algo: Algorithm,
     batch: dict[str, Any],
     settings: TrainSettings,
     temperature: float,
@@ -621,7 +621,7 @@ def sample_rows(samples: Samples, n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_batch(samples: Samples, algo: Any, device: torch.device) -> dict[str, Any]:
+def build_batch(samples: Samples, algo: Algorithm, device: torch.device) -> dict[str, Any]:
     """Tensors of the training batch (see the module docstring), on `device`."""
     r = samples.rollout
     batch = {
@@ -696,7 +696,7 @@ class Resumable:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stream: PromptStream
-    algo: Any
+    algo: Algorithm
     critic: Critic | None
     generator: torch.Generator
     dist: DistContext = SINGLE
@@ -772,7 +772,7 @@ def add_logprobs_and_values(
     model: torch.nn.Module,
     reference: torch.nn.Module | None,
     critic: Critic | None,
-    algo: Any,
+    algo: Algorithm,
     settings: TrainSettings,
     temperature: float,
     device: torch.device,
@@ -802,7 +802,7 @@ def train_step(
     model: torch.nn.Module,
     reference: torch.nn.Module | None,
     engine: HFRollout,
-    algo: Any,
+    algo: Algorithm,
     task: Task,
     stream: PromptStream,
     optimizer: torch.optim.Optimizer,
@@ -893,7 +893,7 @@ def train(
     tokenizer: Any,
     reference: torch.nn.Module | None,
     engine: HFRollout,
-    algo: Any,
+    algo: Algorithm,
     task: Task,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,

@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.algorithm import Algorithm
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, load_policy, save_hf
 from common.rollout import HFRollout
 from common.rollout_vllm import vllm_available
 from common.tasks import Task, build_task
-from common.trainer import Critic, TrainSettings
+from common.trainer import Critic, FlatGroups, GroupFilter, TrainSettings
 from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
 from ppo import PPO, build_critic
@@ -248,6 +249,7 @@ def validate(cfg: DictConfig) -> None:
         )
     if cfg.model.lora.enabled:
         validate_lora(cfg.model.lora)
+    _require(cfg.critic.lr > 0, "critic.lr", f"must be > 0 (got {cfg.critic.lr})")
 
 
 def validate_ppo(algo: DictConfig) -> None:
@@ -261,7 +263,6 @@ def validate_ppo(algo: DictConfig) -> None:
         f"must be > 0 or null (got {algo.cliprange_value})",
     )
     _require(algo.vf_coef >= 0, "algorithm.vf_coef", f"must be >= 0 (got {algo.vf_coef})")
-    _require(algo.critic_lr > 0, "algorithm.critic_lr", f"must be > 0 (got {algo.critic_lr})")
     if algo.kl_ctl == "adaptive":
         _require(algo.kl_target > 0, "algorithm.kl_target", f"must be > 0 (got {algo.kl_target})")
         _require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be > 0 (got {algo.kl_horizon})")
@@ -284,7 +285,7 @@ def validate_lora(lora: DictConfig) -> None:
     )
 
 
-def build_algorithm(cfg: DictConfig) -> Any:
+def build_algorithm(cfg: DictConfig) -> Algorithm:
     """The algorithm dataclass from cfg.algorithm; a missing or unknown key fails here, named."""
     fields = OmegaConf.to_container(cfg, resolve=True)
     cls = ALGORITHMS[fields["name"]]
@@ -296,12 +297,12 @@ def build_algorithm(cfg: DictConfig) -> Any:
     return cls(**fields)
 
 
-def build_group_filter(cfg: DictConfig) -> Any:
+def build_group_filter(cfg: DictConfig) -> GroupFilter | None:
     """DAPO's group filter (Eq. 11) when dynamic_sampling.mode is filter, else None."""
     return filter_groups if cfg.dynamic_sampling.mode == "filter" else None
 
 
-def build_flat_groups(cfg: DictConfig) -> Any:
+def build_flat_groups(cfg: DictConfig) -> FlatGroups | None:
     """The all-equal-group finder of the resample mode, else None."""
     return groups_to_resample if cfg.dynamic_sampling.mode == "resample" else None
 
@@ -356,24 +357,23 @@ def build_optimizer(
 
 
 def build_critic_for(
-    algo: object,
+    algo: Algorithm,
     model: torch.nn.Module,
     cfg: DictConfig,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
 ) -> Critic | None:
-    """PPO's value model (a copy of the policy's backbone unless critic_name_or_path is set), passed
+    """PPO's value model (a copy of the policy's backbone unless critic.name_or_path is set), passed
     through `wrap` (data parallel: common.distributed.wrap_model), and its AdamW on the wrapped
-    parameters (FSDP replaces them with shards)."""
+    parameters (FSDP replaces them with shards), from the config's `critic:` block."""
     if not algo.needs_critic:
         return None
+    c = cfg.critic
     try:
-        value_model = wrap(build_critic(model, algo.critic_name_or_path))
+        value_model = wrap(build_critic(model, c.name_or_path))
     except ValueError as err:
-        raise ConfigError(f"algorithm.critic_name_or_path: {err}") from err
-    optimizer = torch.optim.AdamW(value_model.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.betas))
-    return Critic(
-        value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=algo.critic_warmup_steps
-    )
+        raise ConfigError(f"critic.name_or_path: {err}") from err
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=c.lr, betas=tuple(cfg.optim.betas))
+    return Critic(value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=c.warmup_steps)
 
 
 def build_task_from(cfg: DictConfig) -> Task:

@@ -347,7 +347,7 @@ def test_torchrun_fsdp_resume_continues_exactly(tmp_path, cache_dir):
     state (keyed by parameter name) round-trip through the checkpoint."""
     common = (
         "algorithm=ppo",
-        "algorithm.critic_warmup_steps=0",
+        "critic.warmup_steps=0",
         "trainer.zero_stage=3",
         "trainer.max_steps=2",
     )

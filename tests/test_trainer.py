@@ -37,8 +37,8 @@ LEARNING_RUNS = {
         "algorithm=ppo",
         "trainer.max_steps=40",
         "trainer.batch_size=32",
-        "algorithm.critic_lr=3e-2",
-        "algorithm.critic_warmup_steps=2",
+        "critic.lr=3e-2",
+        "critic.warmup_steps=2",
     ),
 }
 
