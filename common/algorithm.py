@@ -14,7 +14,9 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from common.losses import batch_policy_loss
+from common.config import require, require_option
+from common.kl import KL_KINDS
+from common.losses import AGG_MODES, batch_policy_loss
 
 # sums a tensor over data-parallel ranks (DistContext.sum); None: this rank's batch is the batch
 Reduce = Callable[[Tensor], Tensor]
@@ -71,8 +73,10 @@ class BaseAlgorithm:
     """The clipped surrogate's and the KL term's settings, shared by every algorithm here, and the
     `Algorithm` defaults: no critic, no extra reward terms, every response token trains, no state.
 
-    Field values come from configs/algorithm/*.yaml; there are deliberately no defaults here.
-    Subclasses add their own fields and `compute_advantages`, `loss`, `epochs`, `needs_old_logprob`.
+    Field values come from configs/algorithm/*.yaml; there are deliberately no defaults here. The
+    dataclass is also the YAML's schema (scripts/build.py registers it), and `__post_init__` holds
+    the checks of the shared keys; subclasses add their own fields and checks, and
+    `compute_advantages`, `loss`, `epochs`, `needs_old_logprob`.
     """
 
     name: str
@@ -87,6 +91,21 @@ class BaseAlgorithm:
     needs_critic: ClassVar[bool] = False
     # advantages compare the responses of a group (so dynamic sampling can drop flat groups)
     group_relative: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """Raise ConfigError naming the key (algorithm.<field>) of a value out of range."""
+        for key in ("clip_low", "clip_high"):
+            value = getattr(self, key)
+            require(0 < value < 1, f"algorithm.{key}", "must be in (0, 1)", value)
+        require(
+            self.dual_clip is None or self.dual_clip > 1,
+            "algorithm.dual_clip",
+            "must be > 1 or null",
+            self.dual_clip,
+        )
+        require_option("algorithm.loss_agg", self.loss_agg, AGG_MODES)
+        require_option("algorithm.kl_kind", self.kl_kind, KL_KINDS)
+        require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", self.kl_coef)
 
     @property
     def needs_reference(self) -> bool:

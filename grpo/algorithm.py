@@ -15,6 +15,7 @@ import torch
 
 from common.advantage import compute_group_relative_advantages
 from common.algorithm import BaseAlgorithm, Reduce
+from common.config import require
 from common.kl import kl_penalty
 from common.losses import aggregate_loss
 
@@ -31,6 +32,16 @@ class GRPO(BaseAlgorithm):
     num_iterations: int
 
     group_relative: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.group_size >= 2,
+            "rollout.group_size",
+            f"{self.name} compares responses within a group and needs group_size >= 2",
+            self.group_size,
+        )
+        require(self.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1", self.num_iterations)
 
     @property
     def epochs(self) -> int:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from common.advantage import compute_gae, masked_mean, masked_whiten
 from common.algorithm import BaseAlgorithm, Reduce
+from common.config import require, require_option
 from common.kl import kl_penalty
 from common.losses import aggregate_loss, value_loss
 from ppo.kl_control import AdaptiveKLController, FixedKLController
@@ -108,9 +109,22 @@ class PPO(BaseAlgorithm):
     needs_critic: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.kl_ctl not in KL_CONTROLLERS:
-            raise ValueError(f"unknown kl_ctl {self.kl_ctl!r}; expected one of {', '.join(KL_CONTROLLERS)}")
+        """Check PPO's own keys (a ConfigError names algorithm.<key>), then make the KL controller."""
+        super().__post_init__()
+        require(self.ppo_epochs >= 1, "algorithm.ppo_epochs", "must be >= 1", self.ppo_epochs)
+        require_option("algorithm.kl_ctl", self.kl_ctl, KL_CONTROLLERS)
+        for key in ("gamma", "lam"):
+            require(0 <= getattr(self, key) <= 1, f"algorithm.{key}", "must be in [0, 1]", getattr(self, key))
+        require(
+            self.cliprange_value is None or self.cliprange_value > 0,
+            "algorithm.cliprange_value",
+            "must be > 0 or null",
+            self.cliprange_value,
+        )
+        require(self.vf_coef >= 0, "algorithm.vf_coef", "must be >= 0", self.vf_coef)
         if self.kl_ctl == "adaptive":
+            require(self.kl_target > 0, "algorithm.kl_target", "must be > 0", self.kl_target)
+            require(self.kl_horizon > 0, "algorithm.kl_horizon", "must be > 0", self.kl_horizon)
             controller = AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
         else:
             controller = FixedKLController(self.kl_coef)

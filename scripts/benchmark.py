@@ -49,6 +49,7 @@ from scripts.build import (
     build_rollout,
     build_settings,
     build_task_from,
+    store_schemas,
     validate,
 )
 from scripts.report import aligned, workload_row
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--naive-prompts", type=int, default=2, help="prompts for the per-sample loop")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON")
     args = parser.parse_args(argv)
+    store_schemas()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[*WORKLOAD, *args.overrides])
     result = run_benchmark(cfg, args.steps, args.naive_prompts)

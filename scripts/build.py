@@ -1,49 +1,49 @@
 """Config -> objects. The one place that reads `cfg`; everything below it takes keyword arguments.
 
-Every check here fails at start-up with a ConfigError that names the key, before any model loads.
+The schemas of the config groups (common.config, the algorithm dataclasses, common.tasks.task_schema)
+are registered in Hydra's ConfigStore here (`store_schemas`); `validate` runs their checks. Every
+check fails at start-up with a ConfigError that names the key, before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from common.algorithm import Algorithm
+from common.config import (
+    ConfigError,
+    DynamicSampling,
+    FilterSampling,
+    ResampleSampling,
+    TrainConfig,
+    as_config_error,
+    require,
+    require_option,
+    schema_node,
+)
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, load_policy, save_hf
 from common.rollout import HFRollout
-from common.rollout_vllm import vllm_available
-from common.tasks import Task, build_task
+from common.tasks import TASKS, Task, build_task, task_schema
 from common.trainer import Critic, FlatGroups, GroupFilter, TrainSettings
 from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
 from ppo import PPO, build_critic
 
 ALGORITHMS = {"ppo": PPO, "grpo": GRPO, "dapo": DAPO}
-GROUP_ALGORITHMS = {"grpo", "dapo"}
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
-KL_KINDS = ("k1", "k2", "k3")
-KL_CONTROLLERS = ("fixed", "adaptive")
-DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
-DDP_BACKENDS = ("auto", "gloo", "nccl")
-ZERO_STAGES = (0, 1, 2, 3)
+DYNAMIC_SAMPLING = {"disabled": DynamicSampling, "filter": FilterSampling, "resample": ResampleSampling}
 # accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
 FSDP_STRATEGIES = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
-ROLLOUT_ENGINES = ("hf", "vllm")
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory setting; the message names the key and the allowed values."""
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 def launcher_settings(env: Mapping[str, str]) -> dict[str, Any]:
@@ -114,175 +114,44 @@ def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject settings that would fail (or silently mislead) later, naming the key."""
-    algo = cfg.algorithm
-    _require(
-        algo.name in ALGORITHMS,
-        "algorithm",
-        f"unknown algorithm {algo.name!r}; options: {', '.join(ALGORITHMS)}",
-    )
-    G = cfg.rollout.group_size
-    if algo.name in GROUP_ALGORITHMS:
-        _require(
-            G >= 2,
-            "rollout.group_size",
-            f"{algo.name} compares responses within a group and needs group_size >= 2 (got {G})",
-        )
-    _require(
-        cfg.rollout.max_new_tokens >= 1,
-        "rollout.max_new_tokens",
-        f"must be >= 1 (got {cfg.rollout.max_new_tokens})",
-    )
-    _require(
-        cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
-    )
-    _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
-    _require(
-        cfg.rollout.engine in ROLLOUT_ENGINES,
-        "rollout.engine",
-        f"{cfg.rollout.engine!r}; options: {', '.join(ROLLOUT_ENGINES)}",
-    )
-    if cfg.rollout.engine == "vllm":
-        usable, reason = vllm_available()
-        _require(usable, "rollout.engine", f"vllm: {reason}; rollout.engine=hf works everywhere")
-        _require(
-            0 < cfg.rollout.gpu_memory_utilization < 1,
-            "rollout.gpu_memory_utilization",
-            f"must be in (0, 1) (got {cfg.rollout.gpu_memory_utilization})",
-        )
-    t = cfg.trainer
-    _require(t.max_steps >= 0, "trainer.max_steps", f"must be >= 0 (got {t.max_steps})")
-    _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1 (got {t.batch_size})")
-    mini = t.mini_batch_size or t.batch_size
-    _require(
-        1 <= mini <= t.batch_size and t.batch_size % mini == 0,
-        "trainer.mini_batch_size",
-        f"must divide trainer.batch_size={t.batch_size} (got {mini})",
-    )
-    rows = mini * G
-    _require(
-        t.micro_batch_size >= 1 and (rows % t.micro_batch_size == 0 or t.micro_batch_size >= rows),
-        "trainer.micro_batch_size",
-        f"must divide the {rows} sequences of a mini-batch (trainer.mini_batch_size x rollout.group_size)"
-        f" (got {t.micro_batch_size})",
-    )
-    world = launched_world_size()
-    _require(
-        t.batch_size % world == 0 and mini % world == 0,
-        "trainer.batch_size",
-        f"trainer.batch_size={t.batch_size} and trainer.mini_batch_size={mini} must be multiples of the "
-        f"{world} data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
-    )
-    _require(
-        t.zero_stage in ZERO_STAGES,
-        "trainer.zero_stage",
-        f"{t.zero_stage}; options: 0 (off), 1 (AdamW state sharded over data-parallel ranks), "
-        "2 (+ gradients, FSDP SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
-    )
-    _require(
-        t.zero_stage < 2 or not cfg.model.lora.enabled,
-        "trainer.zero_stage",
-        f"{t.zero_stage} shards the weights (FSDP), which is not supported with LoRA (model.lora.enabled): "
-        "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
-    )
-    _require(
-        t.ddp_backend in DDP_BACKENDS,
-        "trainer.ddp_backend",
-        f"{t.ddp_backend!r}; options: {', '.join(DDP_BACKENDS)}",
-    )
-    _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
-    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
-    _require(
-        cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {cfg.optim.warmup_steps})"
-    )
-    _require(
-        cfg.optim.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0 (got {cfg.optim.max_grad_norm})"
-    )
-    for key in ("clip_low", "clip_high"):
-        value = algo[key]
-        _require(0 < value < 1, f"algorithm.{key}", f"must be in (0, 1) (got {value})")
-    _require(
-        algo.dual_clip is None or algo.dual_clip > 1,
-        "algorithm.dual_clip",
-        f"must be > 1 or null (got {algo.dual_clip})",
-    )
-    _require(
-        algo.loss_agg in LOSS_AGG_MODES,
-        "algorithm.loss_agg",
-        f"{algo.loss_agg!r}; options: {', '.join(LOSS_AGG_MODES)}",
-    )
-    _require(
-        algo.kl_kind in KL_KINDS, "algorithm.kl_kind", f"{algo.kl_kind!r}; options: {', '.join(KL_KINDS)}"
-    )
-    _require(algo.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0 (got {algo.kl_coef})")
-    if algo.name in GROUP_ALGORITHMS:
-        _require(
-            algo.num_iterations >= 1, "algorithm.num_iterations", f"must be >= 1 (got {algo.num_iterations})"
-        )
-    else:
-        validate_ppo(algo)
-    ds = cfg.dynamic_sampling
-    _require(
-        ds.mode in DYNAMIC_SAMPLING_MODES,
-        "dynamic_sampling.mode",
-        f"{ds.mode!r}; options: {', '.join(DYNAMIC_SAMPLING_MODES)}",
-    )
-    if ds.mode != "disabled":
-        _require(
-            algo.name in GROUP_ALGORITHMS,
-            "dynamic_sampling",
-            f"{ds.mode} needs a group algorithm, not {algo.name}",
-        )
-    if ds.mode == "filter":
-        _require(ds.max_num_gen_batches >= 1, "dynamic_sampling.max_num_gen_batches", "must be >= 1")
-    if ds.mode == "resample":
-        _require(
-            ds.max_samples > G,
-            "dynamic_sampling.max_samples",
-            f"must exceed rollout.group_size={G} (got {ds.max_samples})",
-        )
-    if algo.name == "dapo" and algo.overlong_shaping and algo.overlong_buffer_len is not None:
-        _require(
-            0 < algo.overlong_buffer_len <= algo.max_len,
-            "algorithm.overlong_buffer_len",
-            f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
-        )
-    if cfg.model.lora.enabled:
-        validate_lora(cfg.model.lora)
-    _require(cfg.critic.lr > 0, "critic.lr", f"must be > 0 (got {cfg.critic.lr})")
+    """Reject settings that would fail (or silently mislead) later, naming the key, before any model
+    loads: the algorithm's name here, then every schema's own checks (common.config, and each
+    algorithm's in grpo/, dapo/, ppo/), which run as the composed config becomes its dataclasses."""
+    require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
+    try:
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise as_config_error(err) or ConfigError(str(err)) from err
 
 
-def validate_ppo(algo: DictConfig) -> None:
-    _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1 (got {algo.ppo_epochs})")
-    _require(algo.kl_ctl in KL_CONTROLLERS, "algorithm.kl_ctl", f"{algo.kl_ctl!r}; options: fixed, adaptive")
-    for key in ("gamma", "lam"):
-        _require(0 <= algo[key] <= 1, f"algorithm.{key}", f"must be in [0, 1] (got {algo[key]})")
-    _require(
-        algo.cliprange_value is None or algo.cliprange_value > 0,
-        "algorithm.cliprange_value",
-        f"must be > 0 or null (got {algo.cliprange_value})",
-    )
-    _require(algo.vf_coef >= 0, "algorithm.vf_coef", f"must be >= 0 (got {algo.vf_coef})")
-    if algo.kl_ctl == "adaptive":
-        _require(algo.kl_target > 0, "algorithm.kl_target", f"must be > 0 (got {algo.kl_target})")
-        _require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be > 0 (got {algo.kl_horizon})")
+def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A boolean key takes true or false on the command line. OmegaConf would also read yes / no /
+    on / off / 1 / 0 as booleans, so `trainer.bf16=yes` stops the run instead of being a guess."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        parent_key, _, leaf = override.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if not dataclasses.is_dataclass(schema) or typing.get_type_hints(schema).get(leaf) is not bool:
+            continue
+        value = override.value()
+        if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+            raise ConfigError(f"{override.key_or_group}: must be true or false (got {value})")
 
 
-def validate_lora(lora: DictConfig) -> None:
-    """model.lora, checked only when enabled: the adapter's rank, scale, dropout and layers."""
-    _require(
-        isinstance(lora.r, int) and lora.r >= 1,
-        "model.lora.r",
-        f"must be an integer >= 1 (got {lora.r})",
-    )
-    _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0 (got {lora.alpha})")
-    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1) (got {lora.dropout})")
-    modules = lora.target_modules
-    _require(
-        OmegaConf.is_list(modules) and len(modules) > 0 and all(isinstance(m, str) for m in modules),
-        "model.lora.target_modules",
-        f"must be a non-empty list of module names, e.g. [q_proj, v_proj] (got {modules})",
-    )
+def store_schemas() -> None:
+    """Register every config group's schema in Hydra's ConfigStore, under the names the YAML files
+    give in their defaults lists (`- /schema/<group>/<option>@_here_`): schema/train for
+    configs/train.yaml, schema/algorithm/<name>, schema/task/<name>, schema/dynamic_sampling/<mode>.
+    A group of their own keeps them out of the options of algorithm=, task=, dynamic_sampling=.
+    Call before composing train.yaml."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=TrainConfig)
+    for name, cls in ALGORITHMS.items():
+        store.store(group="schema/algorithm", name=name, node=schema_node(cls))
+    for name in TASKS:
+        store.store(group="schema/task", name=name, node=task_schema(name))
+    for mode, cls in DYNAMIC_SAMPLING.items():
+        store.store(group="schema/dynamic_sampling", name=mode, node=cls)
 
 
 def build_algorithm(cfg: DictConfig) -> Algorithm:
@@ -292,8 +161,8 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - names)
     missing = sorted(names - set(fields))
-    _require(not unknown, "algorithm", f"unknown key(s) for {fields['name']}: {', '.join(unknown)}")
-    _require(not missing, "algorithm", f"missing key(s) for {fields['name']}: {', '.join(missing)}")
+    require(not unknown, "algorithm", f"unknown key(s) for {fields['name']}", ", ".join(unknown))
+    require(not missing, "algorithm", f"missing key(s) for {fields['name']}", ", ".join(missing))
     return cls(**fields)
 
 

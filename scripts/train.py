@@ -23,9 +23,12 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from common.checkpoint import CheckpointError, find_latest, load_checkpoint
+from common.config import as_config_error
 from common.distributed import (
     DistContext,
     DistributedError,
@@ -51,7 +54,9 @@ from scripts.build import (
     build_rollout,
     build_settings,
     build_task_from,
+    check_bool_overrides,
     resolve_device,
+    store_schemas,
     validate,
 )
 
@@ -230,6 +235,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_bool_overrides(cfg, HydraConfig.get().overrides.task)
         run(cfg, run_dir)
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -246,5 +252,34 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def cli() -> None:
+    """`python -m scripts.train`: Hydra's runner around `main`, with a value that does not fit its
+    schema (wrong type, unknown or missing key) reported like every other bad setting, in one line
+    `error: <key>: <why> (got <value>)` with exit status 2, before any model loads.
+
+    Hydra reports its own composition errors in several lines (exit status 1) unless
+    HYDRA_FULL_ERROR is set, in which case it raises them to its caller: this sets it, formats the
+    errors about a key, and prints the others (e.g. an unknown group option, with the list of
+    options) as Hydra would. A user's own HYDRA_FULL_ERROR=1 still gets Hydra's full traces.
+    """
+    store_schemas()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        error = as_config_error(err)
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        cause = f"\n{err.__cause__}" if isinstance(err.__cause__, OmegaConfBaseException) else ""
+        print(f"{err}{cause}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -106,6 +106,38 @@ def test_bad_settings_fail_naming_the_key(override, key):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("optim.lr=abc",), "optim.lr: must be a number (got abc)"),
+        (("model.lora.r=2.5",), "model.lora.r: must be an integer (got 2.5)"),
+        (("algorithm.scale_by_std=maybe",), "algorithm.scale_by_std: must be true or false (got maybe)"),
+        (("task=countdown", "task.num_train=x"), "task.num_train: must be an integer (got x)"),
+        (
+            ("model.lora.target_modules=q_proj",),
+            "model.lora.target_modules: must be a list, e.g. [a, b] (got q_proj)",
+        ),
+        (("algorithm.clip_hihg=0.3",), "algorithm.clip_hihg: not a key of algorithm (got 0.3)"),
+        (
+            ("algorithm=ppo", "algorithm.critic_lr=1e-3"),
+            "algorithm.critic_lr: renamed to critic.lr (got 1e-3)",
+        ),
+    ],
+)
+def test_a_value_that_does_not_fit_the_schema_fails_while_composing(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_train(*overrides)
+    assert str(err.value) == message
+
+
+def test_missing_value_and_mode_without_its_keys_fail_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^model.name_or_path: needs a value"):
+        validate(compose_train("model=hub"))
+    # dynamic_sampling.mode=filter on the disabled option lacks the filter's keys: pick the option
+    with pytest.raises(ConfigError, match=r"^dynamic_sampling.mode: .*dynamic_sampling=filter"):
+        validate(compose_train("dynamic_sampling.mode=filter"))
+
+
 def test_algorithm_fields_come_from_yaml_only():
     cfg = compose_train("algorithm=dapo")
     algo = build_algorithm(cfg.algorithm)
