@@ -380,3 +380,27 @@ class TrainConfig:
                 f"must exceed rollout.group_size={G}",
                 ds.max_samples,
             )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling in scripts/."""
+
+    max_steps: int
+    batch_size: int
+    mini_batch_size: int
+    micro_batch_size: int
+    max_grad_norm: float
+    format_weight: float
+    eval_every: int
+    eval_num_prompts: int
+    log_samples_every: int
+    num_samples_logged: int
+    save_every: int
+    fail_on_reward_error: bool
+    max_num_gen_batches: int = 1
+    max_samples: int = 0
+    keep_last_checkpoints: int = 2
+    max_bad_steps: int = 3
+    bf16: bool = False
+    seed: int = 0

@@ -34,14 +34,9 @@ from omegaconf import DictConfig
 from common.logging import peak_rss_mb
 from common.models import make_reference
 from common.rollout import HFRollout
-from common.trainer import (
-    add_logprobs_and_values,
-    build_batch,
-    micro_batch,
-    micro_batch_order,
-    score_samples,
-    update_policy,
-)
+from common.sampling import score_samples
+from common.trainer import build_batch
+from common.update import add_logprobs_and_values, micro_batch, micro_batch_order, update_policy
 from scripts.build import (
     build_algorithm,
     build_optimizer,

@@ -26,6 +26,7 @@ from common.config import (
     FilterSampling,
     ResampleSampling,
     TrainConfig,
+    TrainSettings,
     as_config_error,
     require,
     require_option,
@@ -34,8 +35,9 @@ from common.config import (
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, load_policy, save_hf
 from common.rollout import HFRollout
+from common.sampling import FlatGroups, GroupFilter
 from common.tasks import TASKS, Task, build_task, task_schema
-from common.trainer import Critic, FlatGroups, GroupFilter, TrainSettings
+from common.update import Critic
 from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
 from ppo import PPO, build_critic

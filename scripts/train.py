@@ -6,8 +6,8 @@
     python -m scripts.train debug=smoke                      # seconds, tiny model, no W&B
     torchrun --nproc_per_node 2 -m scripts.train model=tiny  # data parallel (also: accelerate launch)
 
-The only module that reads the Hydra config: it validates it, builds the objects and calls
-common.trainer.train with keyword arguments.
+The only module that reads the Hydra config: it validates it, builds the objects into one
+common.trainer.RunContext and calls common.trainer.train with it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -27,6 +28,7 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.algorithm import Algorithm
 from common.checkpoint import CheckpointError, find_latest, load_checkpoint
 from common.config import as_config_error
 from common.distributed import (
@@ -40,8 +42,9 @@ from common.distributed import (
 )
 from common.logging import RunLogger
 from common.models import ModelLoadError, make_reference
+from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import TaskError
-from common.trainer import RunAbortedError, RunInterruptedError, train
+from common.trainer import RunContext, train
 from scripts.build import (
     ConfigError,
     apply_launcher_settings,
@@ -128,12 +131,21 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device, dist)
-    algo = build_algorithm(cfg.algorithm)
-    settings = build_settings(cfg)
-    task = build_task_from(cfg)
-    log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
+    ctx, resume_state = build_context(cfg, run_dir, dist)
+    exit_code = 1
+    try:
+        metrics = train(ctx, resume_state)
+        exit_code = 0
+    finally:
+        if ctx.logger is not None:
+            ctx.logger.finish(exit_code)
+    return metrics
 
+
+def build_models(
+    cfg: DictConfig, algo: Algorithm, device: torch.device
+) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
+    """The policy on `device`, its tokenizer, and the frozen reference when the algorithm needs one."""
     model, tokenizer = build_policy(cfg)
     model.to(device)
     reference = make_reference(model) if algo.needs_reference else None
@@ -145,6 +157,18 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
         device,
         "yes" if reference is not None else "no (kl_coef = 0)",
     )
+    return model, tokenizer, reference
+
+
+def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[RunContext, dict | None]:
+    """Every object of the run, built once into the loop's RunContext, and the checkpoint state a
+    resumed run continues from (None for a fresh run)."""
+    device = resolve_device(cfg.trainer.device, dist)
+    algo = build_algorithm(cfg.algorithm)
+    settings = build_settings(cfg)
+    task = build_task_from(cfg)
+    log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
+    model, tokenizer, reference = build_models(cfg, algo, device)
     engine = build_rollout(cfg, model, tokenizer)
     try:
         engine.check_prompts([e.prompt for e in task.train + task.test])
@@ -173,34 +197,25 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
             wrapper,
             dist.zero_stage,
         )
-
-    logger = make_logger(cfg, run_dir, resume_state) if dist.is_main else None  # rank 0 logs
-    exit_code = 1
-    try:
-        metrics = train(
-            model=policy,
-            tokenizer=tokenizer,
-            reference=reference,
-            engine=engine,
-            algo=algo,
-            task=task,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            logger=logger,
-            settings=settings,
-            run_dir=run_dir,
-            device=device,
-            group_filter=build_group_filter(cfg),
-            flat_groups=build_flat_groups(cfg),
-            critic=critic,
-            resume_state=resume_state,
-            dist=dist,
-        )
-        exit_code = 0
-    finally:
-        if logger is not None:
-            logger.finish(exit_code)
-    return metrics
+    ctx = RunContext(
+        model=policy,
+        tokenizer=tokenizer,
+        reference=reference,
+        engine=engine,
+        algo=algo,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        logger=make_logger(cfg, run_dir, resume_state) if dist.is_main else None,  # rank 0 logs
+        settings=settings,
+        run_dir=run_dir,
+        device=device,
+        group_filter=build_group_filter(cfg),
+        flat_groups=build_flat_groups(cfg),
+        critic=critic,
+        dist=dist,
+    )
+    return ctx, resume_state
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> RunLogger:

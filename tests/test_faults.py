@@ -13,7 +13,7 @@ import common.trainer as trainer_module
 from common.checkpoint import STATE_FILE, save_checkpoint
 from common.logging import RunLogger
 from common.reward_fn import RewardError
-from common.trainer import RunAbortedError
+from common.state import RunAbortedError
 from grpo import GRPO
 from scripts.train import run
 from tests.conftest import TINY_RUN, compose_train

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.sampling import PromptStream, collect, generate_and_score
 from common.tasks import Example, Task, build_task
-from common.trainer import PromptStream, accumulate_gradients, build_batch, collect, generate_and_score
+from common.trainer import build_batch
+from common.update import accumulate_gradients
 from scripts.build import build_algorithm, build_settings
 from scripts.train import run
 from tests.conftest import compose_train
@@ -306,7 +308,7 @@ def test_one_step_on_the_real_model(tmp_path, cache_dir):
 
 
 def test_weighted_means_skip_undefined_stats():
-    from common.trainer import WeightedMeans
+    from common.update import WeightedMeans
 
     means = WeightedMeans()
     means.add({"a": 1.0, "b": float("nan")}, 3.0)
