@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.distributed import SINGLE, DistContext
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.rollout import HFRollout
 from common.tasks import Example, Task
 

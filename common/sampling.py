@@ -19,7 +19,7 @@ import torch
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.rollout import HFRollout, RolloutBatch
 from common.tasks import Example, Task
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from common.advantage import group_stats
 from common.algorithm import Algorithm
 from common.checkpoint import prune_checkpoints, save_checkpoint
 from common.config import TrainSettings
@@ -91,12 +92,8 @@ def rollout_metrics(samples: Samples, group_size_hint: int) -> dict[str, float]:
     metrics = {f"reward/{k}": v.float().mean().item() for k, v in samples.terms.items()}
     metrics["reward/errors"] = samples.errors
     # share of groups whose rewards differ: only those carry a learning signal
-    totals, groups = samples.terms["total"], r.group_index
-    n_groups = int(groups.unique().numel())
-    empty = torch.zeros(int(groups.max()) + 1)
-    spread = empty.scatter_reduce(0, groups, totals, "amax", include_self=False)
-    spread -= empty.scatter_reduce(0, groups, totals, "amin", include_self=False)
-    metrics["reward/mixed_group_frac"] = float((spread > 1e-6).sum()) / max(n_groups, 1)
+    spread = group_stats(samples.terms["total"], r.group_index).spread  # (n_groups,)
+    metrics["reward/mixed_group_frac"] = float((spread > 1e-6).sum()) / max(spread.numel(), 1)
     lengths = r.lengths.float()
     metrics.update(
         {

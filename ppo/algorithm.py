@@ -18,11 +18,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from common.advantage import compute_gae, masked_mean, masked_whiten
+from common.advantage import compute_gae, masked_whiten
 from common.algorithm import BaseAlgorithm, Reduce
 from common.config import require, require_option
 from common.kl import kl_penalty
-from common.losses import aggregate_loss, value_loss
+from common.losses import aggregate_loss, masked_mean, value_loss
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 
 KL_CONTROLLERS = ("fixed", "adaptive")

@@ -4,7 +4,7 @@ The workload is ours: SmolLM2-135M-Instruct float32 (the same converted folder, 
 common.models.load_policy), the first 8 addition prompts of the train split in our chat format,
 G = 4 samples each at temperature 1.0, 64 new tokens, GRPO with kl_coef 0.04 (k3, reference forward
 included), one optimizer step per batch on one micro-batch of 32 sequences, AdamW at lr 1e-5 and our
-reward (common.reward_fn.score_responses: correct + format_weight * format). A TrainerCallback reads
+reward (common.rewards.score_responses: correct + format_weight * format). A TrainerCallback reads
 the wall clock at on_step_begin and on_step_end, so a step is everything TRL does for one optimizer
 step: generate, score, reference log-probs, loss forward + backward, clip, optimizer step. The
 first step warms up and is not timed. Settings are matched to ours where TRL has a knob:
@@ -43,7 +43,7 @@ import yaml
 
 from common.logging import peak_rss_mb
 from common.models import load_policy
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.tasks import Example, Task, build_task
 from scripts.report import aligned, workload_row
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, find_latest
 from common.models import ModelLoadError, load_policy
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.rollout import HFRollout
 from common.tasks import TASKS, Example, Task, TaskError, build_task
 from scripts.build import ConfigError, resolve_device
