@@ -40,7 +40,7 @@ from common.distributed import (
     shutdown,
     wrap_model,
 )
-from common.logging import RunLogger
+from common.logging import RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
 from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import TaskError
@@ -222,23 +222,26 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
     """The run's W&B / JSONL logger, continuing the W&B run of a resumed checkpoint."""
     config = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
-    logger = RunLogger(
-        run_dir,
-        backend=cfg.logger.backend,
-        mode=cfg.logger.mode,
+    wandb_init = WandbInit(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.experiment_name,
         name=name,
         job_type=cfg.algorithm.name,
-        tags=[
+        tags=(
             cfg.algorithm.name,
             cfg.task.name,
             cfg.model.name,
             f"G{cfg.rollout.group_size}",
             f"seed{cfg.seed}",
-        ],
+        ),
         config=config,
+    )
+    logger = RunLogger(
+        run_dir,
+        backend=cfg.logger.backend,
+        mode=cfg.logger.mode,
+        wandb_init=wandb_init,
         run_id=resume_state["wandb_run_id"] if resume_state else None,
         resume_step=resume_state["step"] if resume_state else None,
     )
