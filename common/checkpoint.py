@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/<name>/` (name `step_<n>` or `final`):
     config.json, model.safetensors, tokenizer files   the policy as a plain Hugging Face folder
     adapter/                                          LoRA runs only: the adapter weights (peft format)
-    trainer_state.pt                                  everything else the loop needs (see common.trainer)
+    trainer_state.pt                                  everything else the loop needs (see common.state)
 A LoRA policy is saved twice: merged (W0 + (alpha / r) B A) as the plain folder that scripts/eval.py
 and `load_policy("hub", ...)` read without peft, and as its adapter alone, which is what a resume
 loads (the frozen base weights come from the run's model config, as at the start of the run).
