@@ -7,11 +7,12 @@ of the wrong type while composing, naming the key. The checks of ranges and of k
 run in each schema's `__post_init__`, when the composed config becomes these objects
 (`OmegaConf.to_object`, in scripts/build.py `validate`), before any model loads. An algorithm's
 schema is its own dataclass (grpo/, dapo/, ppo/, on common.algorithm.BaseAlgorithm) with its own
-checks; a task's is made from its constructor (common.tasks.task_schema). Values and their comments
-live in the YAML files only: the schemas carry types, no defaults.
+checks; a task's is made from its constructor (common.tasks.task_schema, which keeps the
+constructor's defaults). Values and their comments live in the YAML files: the schemas here carry
+types, no defaults.
 
 Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
-`error: ...` with exit status 2.
+`error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
 """
 
 from __future__ import annotations
@@ -384,7 +385,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling in scripts/."""
+    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling by
+    scripts/build.py build_settings; part of the run's common.trainer.RunContext."""
 
     max_steps: int
     batch_size: int

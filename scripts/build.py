@@ -123,7 +123,7 @@ def validate(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
-        raise as_config_error(err) or ConfigError(str(err)) from err
+        raise as_config_error(err) or ConfigError(str(err).splitlines()[0]) from err
 
 
 def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
