@@ -1,38 +1,16 @@
-"""Advantage estimators: group-relative (GRPO, DAPO), GAE (PPO), and masked whitening.
+"""Advantage estimators: per-group statistics and group-relative advantages (GRPO, DAPO), GAE (PPO),
+and masked whitening.
 
 Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 2-3 GAE, Eq. 4 the GRPO
 group-normalised advantage (Eq. 9 restates it for DAPO). Dr. GRPO is arXiv:2503.20783.
-Every function is pure: tensors (or lists) in, float32 tensors out.
+Every function is pure: tensors (or lists) in, float32 tensors out (group_stats keeps its float64 sums).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-
-def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `values` over the entries where `mask` is 1.
-
-        masked_mean = sum(v * m) / max(sum(m), 1)
-
-    Entries under mask 0 are never read (they may hold any value, inf and NaN included), and an
-    all-masked slice gives 0, not NaN.
-
-    Args:
-        values: any shape.
-        mask: same shape as `values`, 1 (or True) where the entry counts.
-        dim: reduce over this dimension only; None reduces over all entries.
-
-    Returns:
-        A scalar when dim is None, otherwise `values` with `dim` removed. float32.
-    """
-    values = torch.as_tensor(values, dtype=torch.float32)
-    keep = torch.as_tensor(mask, device=values.device).bool()
-    total = torch.where(keep, values, 0.0)
-    if dim is None:
-        return total.sum() / keep.sum().clamp(min=1)
-    return total.sum(dim) / keep.sum(dim).clamp(min=1)
 
 
 def masked_whiten(
@@ -77,6 +55,60 @@ def masked_whiten(
     return torch.where(keep, whitened, 0.0)
 
 
+@dataclass
+class GroupStats:
+    """Per-group statistics of one value per row (see `group_stats`); all (n_groups,) but `inverse`."""
+
+    ids: Tensor  # (n_groups,) the group ids, sorted
+    inverse: Tensor  # (N,) each row's group number 0..n_groups-1 (ids[inverse] = group_index)
+    count: Tensor  # (n_groups,) float64 rows per group
+    mean: Tensor  # (n_groups,) float64
+    std: Tensor  # (n_groups,) float64, unbiased (N_g - 1); 0 for a group of one row
+    spread: Tensor  # (n_groups,) max - min, in the values' float32
+
+
+def group_stats(values: Tensor, group_index: Tensor) -> GroupStats:
+    """Count, mean, std and spread of `values` per group, for groups of any size (ragged, unsorted).
+
+        mean_g   = sum_{i in g} v_i / N_g
+        std_g    = sqrt( sum_{i in g} (v_i - mean_g)^2 / max(N_g - 1, 1) )     unbiased, as torch.std
+        spread_g = max_{i in g} v_i - min_{i in g} v_i
+
+    Sums are accumulated in float64, so the mean is the correctly rounded group mean and a group of
+    equal values has std exactly 0. The one place these are computed: the group-relative
+    advantages, DAPO's filter (spread) and resample (std) tests, and the trainer's share of groups
+    with mixed rewards (spread).
+
+    Example:
+        values      = [1, 0, 1, 1, 0]
+        group_index = [0, 0, 1, 1, 2]
+        ids = [0, 1, 2], count = [2, 2, 1], mean = [0.5, 1, 0], std = [0.7071, 0, 0], spread = [1, 0, 0]
+
+    Args:
+        values: (N,) one value per row (e.g. its reward).
+        group_index: (N,) integer group id of each row.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    group_index = torch.as_tensor(group_index, device=values.device)
+    if values.dim() != 1 or group_index.shape != values.shape:
+        raise ValueError(
+            f"values and group_index must be 1-D of the same length, got {tuple(values.shape)} "
+            f"and {tuple(group_index.shape)}"
+        )
+    ids, inverse = torch.unique(group_index, return_inverse=True)  # (n_groups,), (N,)
+    v64 = values.double()
+    count = torch.zeros(ids.numel(), dtype=torch.float64, device=values.device)
+    count.index_add_(0, inverse, torch.ones_like(v64))  # (n_groups,)
+    mean = torch.zeros_like(count).index_add_(0, inverse, v64) / count  # (n_groups,)
+    sq = torch.zeros_like(count).index_add_(0, inverse, (v64 - mean[inverse]) ** 2)  # (n_groups,)
+    # a single-row group has sq = 0, so clamping N_g - 1 to 1 gives std 0
+    std = (sq / (count - 1).clamp(min=1)).sqrt()  # (n_groups,)
+    empty = torch.zeros(ids.numel(), dtype=values.dtype, device=values.device)
+    spread = empty.scatter_reduce(0, inverse, values, "amax", include_self=False)
+    spread -= empty.scatter_reduce(0, inverse, values, "amin", include_self=False)  # (n_groups,)
+    return GroupStats(ids, inverse, count, mean, std, spread)
+
+
 def compute_group_relative_advantages(
     rewards: Tensor, group_index: Tensor, scale_by_std: bool = True, eps: float = 1e-6
 ) -> tuple[Tensor, Tensor]:
@@ -112,26 +144,11 @@ def compute_group_relative_advantages(
         advantages: (N,) float32.
         baselines: (N,) float32, the group mean broadcast back to every row.
     """
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
-    group_index = torch.as_tensor(group_index, device=rewards.device)
-    if rewards.dim() != 1 or group_index.shape != rewards.shape:
-        raise ValueError(
-            f"rewards and group_index must be 1-D of the same length, got {tuple(rewards.shape)} "
-            f"and {tuple(group_index.shape)}"
-        )
-    # inverse maps every row to a dense group number 0..n_groups-1
-    _, inverse = torch.unique(group_index, return_inverse=True)  # (N,)
-    n_groups = int(inverse.max()) + 1 if rewards.numel() else 0
-    r64 = rewards.double()
-    count = torch.zeros(n_groups, dtype=torch.float64, device=rewards.device)
-    count.index_add_(0, inverse, torch.ones_like(r64))  # (n_groups,)
-    total = torch.zeros_like(count).index_add_(0, inverse, r64)  # (n_groups,)
-    mean = (total / count)[inverse]  # (n_groups,) -> (N,)
-    advantages = r64 - mean  # (N,)
+    stats = group_stats(rewards, group_index)
+    mean = stats.mean[stats.inverse]  # (n_groups,) -> (N,)
+    advantages = torch.as_tensor(rewards, dtype=torch.float32).double() - mean  # (N,)
     if scale_by_std:
-        sq = torch.zeros_like(count).index_add_(0, inverse, advantages**2)  # (n_groups,)
-        # a single-response group has sq = 0, so clamping N_g - 1 to 1 gives std 0 and A = 0
-        std = (sq / (count - 1).clamp(min=1)).sqrt()[inverse]  # (N,)
+        std = stats.std[stats.inverse]  # (N,), 0 for a single-response group, so its A = 0
         # std == 0 only when every deviation is exactly 0; keep A = 0 there even with eps = 0
         advantages = torch.where(std > 0, advantages / (std + eps), 0.0)
     return advantages.float(), mean.float()

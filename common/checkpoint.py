@@ -3,7 +3,7 @@
 A checkpoint is a folder `checkpoints/<name>/` (name `step_<n>` or `final`):
     config.json, model.safetensors, tokenizer files   the policy as a plain Hugging Face folder
     adapter/                                          LoRA runs only: the adapter weights (peft format)
-    trainer_state.pt                                  everything else the loop needs (see common.trainer)
+    trainer_state.pt                                  everything else the loop needs (see common.state)
 A weights-only checkpoint (trainer.save_only_model) holds the same policy folder, but its
 trainer_state.pt keeps only the step and the MODEL_ONLY flag: a resume from it stops with a
 CheckpointError, as there is no optimizer or RNG state to continue from.

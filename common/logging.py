@@ -15,6 +15,7 @@ import math
 import netrc
 import os
 import resource
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,26 @@ def drop_rows_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class WandbInit:
+    """Where and how W&B files a run: wandb.init's project, entity, group (the experiment), name,
+    job_type (the algorithm), tags and config (the resolved config)."""
+
+    project: str = "rl-lab"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    job_type: str | None = None
+    tags: tuple[str, ...] = ()
+    config: dict | None = None
+
+
 class RunLogger:
-    """One `log(step, metrics)` per step, `log_samples(step, rows)` for completions, `finish()` at the end."""
+    """One `log(step, metrics)` per step, `log_samples(step, rows)` for completions, `finish()` at the end.
+
+    `mode` is logger.mode (auto / online / offline / disabled); `run_id` continues the W&B run of a
+    resumed checkpoint, and `resume_step` drops the local rows a resumed run writes again.
+    """
 
     def __init__(
         self,
@@ -75,13 +94,7 @@ class RunLogger:
         *,
         backend: str = "none",
         mode: str = "disabled",
-        project: str = "rl-lab",
-        entity: str | None = None,
-        group: str | None = None,
-        name: str | None = None,
-        tags: list[str] | None = None,
-        job_type: str | None = None,
-        config: dict | None = None,
+        wandb_init: WandbInit | None = None,
         run_id: str | None = None,
         resume_step: int | None = None,
     ) -> None:
@@ -94,17 +107,8 @@ class RunLogger:
         self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.wandb_run = None
         if backend == "wandb":
-            self._start_wandb(
-                mode=resolve_wandb_mode(mode),
-                project=project,
-                entity=entity,
-                group=group,
-                name=name,
-                tags=tags,
-                job_type=job_type,
-                config=config,
-                run_id=run_id,
-            )
+            init = asdict(wandb_init or WandbInit())
+            self._start_wandb(mode=resolve_wandb_mode(mode), run_id=run_id, **init)
         elif backend != "none":
             raise ValueError(f"logger.backend={backend!r}; expected wandb or none")
 

@@ -10,14 +10,36 @@ Every function is pure and returns float32; stats come back as a dict of Python 
 import torch
 from torch import Tensor
 
-from common.advantage import masked_mean
-
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def _check_mode(mode: str) -> None:
     if mode not in AGG_MODES:
         raise ValueError(f"unknown aggregation mode {mode!r}; expected one of {', '.join(AGG_MODES)}")
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `values` over the entries where `mask` is 1.
+
+        masked_mean = sum(v * m) / max(sum(m), 1)
+
+    Entries under mask 0 are never read (they may hold any value, inf and NaN included), and an
+    all-masked slice gives 0, not NaN.
+
+    Args:
+        values: any shape.
+        mask: same shape as `values`, 1 (or True) where the entry counts.
+        dim: reduce over this dimension only; None reduces over all entries.
+
+    Returns:
+        A scalar when dim is None, otherwise `values` with `dim` removed. float32.
+    """
+    values = torch.as_tensor(values, dtype=torch.float32)
+    keep = torch.as_tensor(mask, device=values.device).bool()
+    total = torch.where(keep, values, 0.0)
+    if dim is None:
+        return total.sum() / keep.sum().clamp(min=1)
+    return total.sum(dim) / keep.sum(dim).clamp(min=1)
 
 
 def aggregate_loss(

@@ -1,7 +1,115 @@
-"""Reward shaping terms. Equation numbers follow the DAPO paper (arXiv:2503.14476)."""
+"""Rewards: each response graded against its own example by the task's verifier, the terms composed,
+and the shaping terms that depend on token counts. Equation numbers follow the DAPO paper
+(arXiv:2503.14476).
+
+    total_i = correct_i + format_weight * format_i          (score_responses)
+
+Shaping that depends on token counts (DAPO's overlong penalty, Eq. 13, `overlong_penalty`) is not
+part of this sum: it is a pure function of lengths, applied by the algorithm (dapo/). This module
+holds no model and no tensors other than its results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from common.tasks.base import Example, Task
+
+
+class RewardError(RuntimeError):
+    """A verifier raised while grading one sample and the caller asked to stop (fail_fast=True)."""
+
+
+@dataclass
+class RewardResult:
+    """Reward terms per response, each kept on its own.
+
+    Every term is logged separately (reward/correct, reward/format, reward/total), because a
+    rising total alone cannot tell a policy that learns to solve the task from one that only learns
+    to write the tags; and algorithms need the terms apart: DAPO's dynamic sampling filters groups
+    on accuracy (`correct`), not on the shaped total.
+
+    Attributes:
+        correct: (N,) float32, the task verifier's score (0/1, or in [0, 1] for partial credit).
+        format: (N,) float32, 1.0 where `task.has_format(response)`, else 0.0.
+        total: (N,) float32, correct + format_weight * format.
+        errors: number of samples whose grading raised (they score 0 on every term).
+        error_messages: one "i: ExceptionType: message" line per such sample.
+        extracted: per sample, the text that was graded (`task.extract_answer`), for sample logs.
+    """
+
+    correct: torch.Tensor
+    format: torch.Tensor
+    total: torch.Tensor
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+    extracted: list[str | None] = field(default_factory=list)
+
+
+def score_responses(
+    task: Task,
+    responses: list[str],
+    examples: list[Example],
+    *,
+    format_weight: float,
+    fail_fast: bool = False,
+) -> RewardResult:
+    """Grade responses[i] against examples[i] and compose the reward terms.
+
+        correct_i = task.correctness(responses[i], examples[i])
+        format_i  = 1.0 if task.has_format(responses[i]) else 0.0
+        total_i   = correct_i + format_weight * format_i
+
+    The caller expands prompts in group order ([q1]*G + [q2]*G + ...), so examples has one entry
+    per response, not one per prompt. A verifier that raises, or returns a non-finite score, on
+    one sample costs only that sample: it scores 0 on every term, is counted in `errors` and
+    described in `error_messages`, and grading goes on. With fail_fast=True the first such
+    failure is raised instead, as a RewardError naming the sample index.
+
+    Example (addition, format_weight=0.1):
+        responses = ["<answer>5</answer>", "it is 5", "<answer>4</answer>"], answer "5" for all
+        correct = [1, 1, 0], format = [1, 0, 1], total = [1.1, 1.0, 0.1]
+
+    Returns:
+        RewardResult with (N,) float32 tensors, N = len(responses).
+    """
+    if len(responses) != len(examples):
+        raise ValueError(f"{len(responses)=} != {len(examples)=}: pass one example per response")
+    n = len(responses)
+    correct = [0.0] * n
+    formatted = [0.0] * n
+    extracted: list[str | None] = [None] * n
+    error_messages = []
+    for i, (response, example) in enumerate(zip(responses, examples, strict=True)):
+        try:
+            score = float(task.correctness(response, example))
+            if not math.isfinite(score):
+                raise ValueError(f"verifier returned {score}")
+            has_format = bool(task.has_format(response))
+            answer = task.extract_answer(response)
+        except Exception as exc:
+            message = f"{i}: {type(exc).__name__}: {exc}"
+            if fail_fast:
+                raise RewardError(f"grading sample {message}") from exc
+            error_messages.append(message)
+            continue
+        # assigned only once every call succeeded, so a failing sample keeps 0 on every term
+        correct[i], formatted[i], extracted[i] = score, float(has_format), answer
+
+    correct_t = torch.tensor(correct, dtype=torch.float32)  # (N,)
+    format_t = torch.tensor(formatted, dtype=torch.float32)  # (N,)
+    return RewardResult(
+        correct=correct_t,
+        format=format_t,
+        total=correct_t + format_weight * format_t,
+        errors=len(error_messages),
+        error_messages=error_messages,
+        extracted=extracted,
+    )
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer_len: int, factor: float = 1.0) -> Tensor:

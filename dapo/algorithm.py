@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.config import require
 from common.rewards import overlong_penalty
 from grpo.algorithm import GRPO
 
@@ -28,6 +29,16 @@ class DAPO(GRPO):
     overlong_buffer_len: int | None
     overlong_factor: float
     overlong_filter: bool
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.overlong_shaping and self.overlong_buffer_len is not None:
+            require(
+                0 < self.overlong_buffer_len <= self.max_len,
+                "algorithm.overlong_buffer_len",
+                f"must be in (0, algorithm.max_len={self.max_len}] or null",
+                self.overlong_buffer_len,
+            )
 
     def shape_rewards(self, lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, torch.Tensor]:
         """Soft overlong punishment (DAPO Eq. 13), added to the task reward as the term "overlong"."""

@@ -3,11 +3,13 @@
 A group whose rewards are all equal has zero group-relative advantage for every response, so it
 adds nothing to the policy gradient. Two modes use these functions: "filter" (the paper) drops such
 groups and samples more prompts to refill the batch; "resample" adds responses to such a group
-until its rewards differ. Both are pure; the sampling loop itself lives in the trainer.
+until its rewards differ. Both are pure; the sampling loop itself lives in common/sampling.py.
 """
 
 import torch
 from torch import Tensor
+
+from common.advantage import group_stats
 
 
 def filter_groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -34,9 +36,8 @@ def filter_groups(rewards: Tensor, group_size: int) -> Tensor:
         raise ValueError(
             f"number of rewards ({rewards.numel()}) must be a multiple of group_size ({group_size})"
         )
-    grouped = rewards.view(-1, group_size)  # (N,) -> (n_groups, G)
-    spread = grouped.max(dim=1).values - grouped.min(dim=1).values  # (n_groups,)
-    return spread > 1e-6
+    group_index = torch.arange(rewards.numel(), device=rewards.device) // group_size  # (N,)
+    return group_stats(rewards, group_index).spread > 1e-6  # (n_groups,)
 
 
 def groups_to_resample(rewards: Tensor, group_index: Tensor, std_threshold: float = 1e-6) -> Tensor:
@@ -60,18 +61,5 @@ def groups_to_resample(rewards: Tensor, group_index: Tensor, std_threshold: floa
     Returns:
         Sorted 1-D LongTensor of group ids (values taken from group_index).
     """
-    rewards = torch.as_tensor(rewards, dtype=torch.float32)
-    group_index = torch.as_tensor(group_index, device=rewards.device).long()
-    if rewards.dim() != 1 or group_index.shape != rewards.shape:
-        raise ValueError(
-            f"rewards and group_index must be 1-D of the same length, got {tuple(rewards.shape)} "
-            f"and {tuple(group_index.shape)}"
-        )
-    ids, inverse = torch.unique(group_index, return_inverse=True)  # (n_groups,), (N,)
-    r64 = rewards.double()
-    count = torch.zeros(ids.numel(), dtype=torch.float64, device=rewards.device)
-    count.index_add_(0, inverse, torch.ones_like(r64))  # (n_groups,)
-    mean = torch.zeros_like(count).index_add_(0, inverse, r64) / count  # (n_groups,)
-    sq = torch.zeros_like(count).index_add_(0, inverse, (r64 - mean[inverse]) ** 2)  # (n_groups,)
-    std = (sq / (count - 1).clamp(min=1)).sqrt()  # (n_groups,)
-    return ids[std < std_threshold]
+    stats = group_stats(rewards, torch.as_tensor(group_index).long())
+    return stats.ids[stats.std < std_threshold]

@@ -8,43 +8,40 @@ objective Eq. 5. Relative to PPO (ppo/): 1) no critic, the group mean is the bas
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from common.advantage import compute_group_relative_advantages
+from common.algorithm import BaseAlgorithm, Reduce
+from common.config import require
 from common.kl import kl_penalty
-from common.losses import aggregate_loss, batch_policy_loss
+from common.losses import aggregate_loss
 
 
 @dataclass(frozen=True)
-class GRPO:
+class GRPO(BaseAlgorithm):
     """Field values come from configs/algorithm/grpo.yaml; there are deliberately no defaults here.
 
-    The trainer uses the algorithm through `shape_rewards`, `loss_mask`, `compute_advantages` and
-    `loss`, plus `needs_critic`, `needs_reference`, `needs_old_logprob` and `epochs`.
+    The loop meets it through common.algorithm.Algorithm; the clip, KL and aggregation fields and
+    the defaults (no critic, no reward shaping, every response token trains) are BaseAlgorithm's.
     """
 
-    name: str
-    group_size: int
     scale_by_std: bool
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    loss_agg: str
-    loss_scale_factor: int
-    kl_coef: float
-    kl_kind: str
     num_iterations: int
 
-    needs_critic: ClassVar[bool] = False
+    group_relative: ClassVar[bool] = True
 
-    @property
-    def needs_reference(self) -> bool:
-        """A frozen reference model is loaded only when the KL term is on."""
-        return self.kl_coef > 0
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.group_size >= 2,
+            "rollout.group_size",
+            f"{self.name} compares responses within a group and needs group_size >= 2",
+            self.group_size,
+        )
+        require(self.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1", self.num_iterations)
 
     @property
     def epochs(self) -> int:
@@ -57,23 +54,8 @@ class GRPO:
         they equal the current policy's, detached."""
         return self.num_iterations > 1
 
-    def state_dict(self) -> dict:
-        """Mutable state for checkpoints: GRPO has none (PPO saves its KL controller here)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore for GRPO."""
-
-    def shape_rewards(self, lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Extra reward terms added to the task reward, by name; GRPO adds none."""
-        return {}
-
-    def loss_mask(self, response_mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-        """Tokens that enter the loss: (N, T). GRPO trains on every response token."""
-        return response_mask
-
     def compute_advantages(
-        self, batch: dict[str, torch.Tensor], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self, batch: dict[str, torch.Tensor], reduce: Reduce | None = None
     ) -> dict[str, float]:
         """batch["advantages"] = (r_i - mean_g) / (std_g + eps) per group (DAPO Eq. 4): (N,).
 
@@ -107,15 +89,7 @@ class GRPO:
             entropy, values: (B, T) token entropies and critic values; unused by GRPO (PPO's loss takes them).
         """
         mask = batch["loss_mask"]
-        loss, stats = batch_policy_loss(
-            batch,
-            logprob,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            agg=self.loss_agg,
-            dual_clip=self.dual_clip,
-            denominator=denominator,
-        )
+        loss, stats = self.clipped_surrogate(batch, logprob, denominator)
         # stats are means over this micro-batch's tokens; the trainer averages them weighted by tokens
         metrics = {f"policy/{k}": v for k, v in stats.items()}
         if self.kl_coef > 0:

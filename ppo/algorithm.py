@@ -12,16 +12,17 @@ Implementation anchors: verl trainer/ppo/core_algos.py, TRL PPOTrainer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from common.advantage import compute_gae, masked_mean, masked_whiten
+from common.advantage import compute_gae, masked_whiten
+from common.algorithm import BaseAlgorithm, Reduce
+from common.config import require, require_option
 from common.kl import kl_penalty
-from common.losses import aggregate_loss, batch_policy_loss, value_loss
+from common.losses import aggregate_loss, masked_mean, value_loss
 from ppo.kl_control import AdaptiveKLController, FixedKLController
 
 KL_CONTROLLERS = ("fixed", "adaptive")
@@ -85,23 +86,15 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, min_var: f
 
 
 @dataclass(frozen=True)
-class PPO:
+class PPO(BaseAlgorithm):
     """Field values come from configs/algorithm/ppo.yaml; there are deliberately no defaults here.
 
-    The trainer uses the algorithm through `shape_rewards`, `loss_mask`, `compute_advantages` and
-    `loss`, plus `needs_critic`, `needs_reference`, `needs_old_logprob` and `epochs`. The KL
-    coefficient lives in `self.kl_controller` (mutable; `state_dict` saves it with a checkpoint).
+    The loop meets it through common.algorithm.Algorithm (the clip, KL and aggregation fields and
+    the defaults are BaseAlgorithm's); the critic's own settings are the `critic:` block of the
+    config, read by the builder. The KL coefficient lives in `self.kl_controller` (mutable;
+    `state_dict` saves it with a checkpoint).
     """
 
-    name: str
-    group_size: int
-    clip_low: float
-    clip_high: float
-    dual_clip: float | None
-    loss_agg: str
-    loss_scale_factor: int
-    kl_coef: float
-    kl_kind: str
     kl_ctl: str
     kl_target: float
     kl_horizon: int
@@ -112,25 +105,30 @@ class PPO:
     vf_coef: float
     entropy_coef: float
     ppo_epochs: int
-    critic_lr: float
-    critic_warmup_steps: int
-    critic_name_or_path: str | None
 
     needs_critic: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.kl_ctl not in KL_CONTROLLERS:
-            raise ValueError(f"unknown kl_ctl {self.kl_ctl!r}; expected one of {', '.join(KL_CONTROLLERS)}")
+        """Check PPO's own keys (a ConfigError names algorithm.<key>), then make the KL controller."""
+        super().__post_init__()
+        require(self.ppo_epochs >= 1, "algorithm.ppo_epochs", "must be >= 1", self.ppo_epochs)
+        require_option("algorithm.kl_ctl", self.kl_ctl, KL_CONTROLLERS)
+        for key in ("gamma", "lam"):
+            require(0 <= getattr(self, key) <= 1, f"algorithm.{key}", "must be in [0, 1]", getattr(self, key))
+        require(
+            self.cliprange_value is None or self.cliprange_value > 0,
+            "algorithm.cliprange_value",
+            "must be > 0 or null",
+            self.cliprange_value,
+        )
+        require(self.vf_coef >= 0, "algorithm.vf_coef", "must be >= 0", self.vf_coef)
         if self.kl_ctl == "adaptive":
+            require(self.kl_target > 0, "algorithm.kl_target", "must be > 0", self.kl_target)
+            require(self.kl_horizon > 0, "algorithm.kl_horizon", "must be > 0", self.kl_horizon)
             controller = AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
         else:
             controller = FixedKLController(self.kl_coef)
         object.__setattr__(self, "kl_controller", controller)  # frozen dataclass, mutable state
-
-    @property
-    def needs_reference(self) -> bool:
-        """A frozen reference model is loaded only when the KL penalty is on."""
-        return self.kl_coef > 0
 
     @property
     def epochs(self) -> int:
@@ -150,17 +148,7 @@ class PPO:
     def load_state_dict(self, state: dict) -> None:
         self.kl_controller.load_state_dict(state["kl_controller"])
 
-    def shape_rewards(self, lengths: Tensor, truncated: Tensor) -> dict[str, Tensor]:
-        """Extra sequence-level reward terms by name; PPO adds none (its KL term is per token)."""
-        return {}
-
-    def loss_mask(self, response_mask: Tensor, truncated: Tensor) -> Tensor:
-        """Tokens that enter the loss: (N, T). PPO trains on every response token."""
-        return response_mask
-
-    def compute_advantages(
-        self, batch: dict[str, Tensor], reduce: Callable[[Tensor], Tensor] | None = None
-    ) -> dict[str, float]:
+    def compute_advantages(self, batch: dict[str, Tensor], reduce: Reduce | None = None) -> dict[str, float]:
         """Token rewards -> GAE (DAPO Eq. 2-3) -> whitening; then one KL-controller update.
 
             KL_t          = kl_penalty(old_logprob, ref_logprob, kl_kind)       KL(pi_old || pi_ref)
@@ -251,15 +239,7 @@ class PPO:
                 "(call the ValueModel on the same rows and pass it)"
             )
         mask = batch["loss_mask"]
-        pg_loss, pg_stats = batch_policy_loss(
-            batch,
-            logprob,
-            clip_low=self.clip_low,
-            clip_high=self.clip_high,
-            agg=self.loss_agg,
-            dual_clip=self.dual_clip,
-            denominator=denominator,
-        )
+        pg_loss, pg_stats = self.clipped_surrogate(batch, logprob, denominator)
         vf_loss, vf_stats = value_loss(
             values,
             batch["values"],

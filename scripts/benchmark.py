@@ -24,6 +24,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,9 @@ from omegaconf import DictConfig
 from common.logging import peak_rss_mb
 from common.models import make_reference
 from common.rollout import HFRollout
-from common.trainer import (
-    add_logprobs_and_values,
-    build_batch,
-    micro_batch,
-    micro_batch_order,
-    score_samples,
-    update_policy,
-)
+from common.sampling import score_samples
+from common.trainer import build_batch
+from common.update import add_logprobs_and_values, micro_batch, micro_batch_order, update_policy
 from scripts.build import (
     build_algorithm,
     build_optimizer,
@@ -50,6 +46,7 @@ from scripts.build import (
     build_settings,
     build_task_from,
     resolve_device,
+    store_schemas,
     validate,
 )
 from scripts.report import aligned, workload_row
@@ -150,46 +147,26 @@ def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
     return total
 
 
-def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, Any]:
-    validate(cfg)
-    torch.manual_seed(cfg.seed)
-    algo = build_algorithm(cfg.algorithm)
-    settings = build_settings(cfg)
-    task = build_task_from(cfg)
-    device = resolve_device(cfg.trainer.device)
-    model, tokenizer = build_policy(cfg)
-    model.to(device)
-    reference = make_reference(model) if algo.needs_reference else None
-    engine = build_rollout(cfg, model, tokenizer)
-    optimizer, scheduler = build_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    examples = task.train[: cfg.trainer.batch_size]
-    n_params = sum(p.numel() for p in model.parameters())
-
+def mean_of_steps(
+    steps: int, step: Callable[[], tuple[dict[str, float], int, int, int]]
+) -> tuple[dict[str, float], float, float, float]:
+    """Run `step` (time_step) 1 + `steps` times; the means over the timed steps of its phase times
+    and token counts. The first step warms up (allocator, kernels) and is not timed."""
     runs = []
-    for i in range(steps + 1):  # the first step warms up (allocator, kernels) and is not timed
-        times, generated, processed, computed = time_step(
-            model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
-        )
+    for i in range(steps + 1):
+        times, generated, processed, computed = step()
         if i > 0:
             runs.append((times, generated, processed, computed))
         print(f"step {i}{' (warm-up)' if i == 0 else ''}: {times['step_s']:.1f}s", file=sys.stderr)
     mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
-    generated = sum(r[1] for r in runs) / len(runs)
-    processed = sum(r[2] for r in runs) / len(runs)
-    computed = sum(r[3] for r in runs) / len(runs)
-    peak = matmul_flops(device)
-    update_flops = 6 * n_params * processed / mean["update_s"]
-    computed_flops = 6 * n_params * computed / mean["update_s"]
+    generated, processed, computed = (sum(r[j] for r in runs) / len(runs) for j in (1, 2, 3))
+    return mean, generated, processed, computed
 
-    naive_s, naive_tokens = naive_rollout(
-        engine,
-        [e.prompt for e in examples[:naive_prompts]],
-        cfg.rollout.group_size,
-        cfg.rollout.max_new_tokens,
-    )
-    batched_tps = generated / mean["rollout_s"]
-    naive_tps = naive_tokens / naive_s
+
+def workload_and_machine(
+    cfg: DictConfig, n_params: int, steps: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """The "workload" and "machine" blocks of the result: what was measured, and where."""
     return {
         "workload": {
             "model": cfg.model.name,
@@ -210,6 +187,45 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
+    }
+
+
+def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, Any]:
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    algo = build_algorithm(cfg.algorithm)
+    settings = build_settings(cfg)
+    task = build_task_from(cfg)
+    device = resolve_device(cfg.trainer.device)
+    model, tokenizer = build_policy(cfg)
+    model.to(device)
+    reference = make_reference(model) if algo.needs_reference else None
+    engine = build_rollout(cfg, model, tokenizer)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    examples = task.train[: cfg.trainer.batch_size]
+    n_params = sum(p.numel() for p in model.parameters())
+
+    mean, generated, processed, computed = mean_of_steps(
+        steps,
+        lambda: time_step(
+            model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
+        ),
+    )
+    peak = matmul_flops(device)
+    update_flops = 6 * n_params * processed / mean["update_s"]
+    computed_flops = 6 * n_params * computed / mean["update_s"]
+
+    naive_s, naive_tokens = naive_rollout(
+        engine,
+        [e.prompt for e in examples[:naive_prompts]],
+        cfg.rollout.group_size,
+        cfg.rollout.max_new_tokens,
+    )
+    batched_tps = generated / mean["rollout_s"]
+    naive_tps = naive_tokens / naive_s
+    return {
+        **workload_and_machine(cfg, n_params, steps, device),
         "seconds_per_step": mean,
         "rollout_tokens_per_s": batched_tps,
         "generated_tokens_per_step": generated,
@@ -268,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--naive-prompts", type=int, default=2, help="prompts for the per-sample loop")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON")
     args = parser.parse_args(argv)
+    store_schemas()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[*WORKLOAD, *args.overrides])
     result = run_benchmark(cfg, args.steps, args.naive_prompts)

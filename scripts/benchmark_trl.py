@@ -4,7 +4,7 @@ The workload is ours: SmolLM2-135M-Instruct float32 (the same converted folder, 
 common.models.load_policy), the first 8 addition prompts of the train split in our chat format,
 G = 4 samples each at temperature 1.0, 64 new tokens, GRPO with kl_coef 0.04 (k3, reference forward
 included), one optimizer step per batch on one micro-batch of 32 sequences, AdamW at lr 1e-5 and our
-reward (common.reward_fn.score_responses: correct + format_weight * format). A TrainerCallback reads
+reward (common.rewards.score_responses: correct + format_weight * format). A TrainerCallback reads
 the wall clock at on_step_begin and on_step_end, so a step is everything TRL does for one optimizer
 step: generate, score, reference log-probs, loss forward + backward, clip, optimizer step. The
 first step warms up and is not timed. Settings are matched to ours where TRL has a knob:
@@ -43,7 +43,7 @@ import yaml
 
 from common.logging import peak_rss_mb
 from common.models import load_policy
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.tasks import Example, Task, build_task
 from scripts.report import aligned, workload_row
 
@@ -72,18 +72,12 @@ def make_reward(task: Task, format_weight: float) -> Callable[..., list[float]]:
     return correct_plus_format
 
 
-def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) -> dict[str, Any]:
-    """Train TRL's GRPOTrainer for 1 + `steps` steps and time each; returns the JSON result."""
-    try:
-        from datasets import Dataset
-        from transformers import TrainerCallback
-        from trl import GRPOConfig, GRPOTrainer
-    except ImportError as err:
-        sys.exit(f"TRL is not importable ({err}); install it in its own venv: {TRL_INSTALL}")
+def step_timer() -> Any:
+    """A TrainerCallback that keeps the wall-clock seconds of every optimizer step and the metrics
+    TRL logs after it."""
+    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
-        """Wall-clock seconds of every optimizer step and the metrics TRL logs after it."""
-
         def __init__(self) -> None:
             self.start = 0.0
             self.seconds: list[float] = []
@@ -100,14 +94,14 @@ def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) ->
             if logs and "completions/mean_length" in logs:  # skip the end-of-training summary
                 self.logs.append(dict(logs))
 
-    task, format_weight = load_workload_task()
-    examples = task.train[:n_prompts]
-    dataset = Dataset.from_list(
-        [{"prompt": [{"role": "user", "content": e.prompt}], "answer": e.answer} for e in examples]
-    )
-    model, tokenizer = load_policy("smollm2-gguf", dtype="float32")
-    output_dir = tempfile.mkdtemp(prefix="benchmark_trl-")  # Trainer wants one; nothing is saved
-    config = GRPOConfig(
+    return StepTimer()
+
+
+def grpo_config(output_dir: str, steps: int, n_prompts: int, group_size: int, max_new_tokens: int) -> Any:
+    """TRL's GRPOConfig matched to our workload (see the module docstring for each choice)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(
         output_dir=output_dir,
         use_cpu=True,
         bf16=False,
@@ -135,7 +129,25 @@ def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) ->
         save_strategy="no",
         disable_tqdm=True,
     )
-    timer = StepTimer()
+
+
+def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) -> dict[str, Any]:
+    """Train TRL's GRPOTrainer for 1 + `steps` steps and time each; returns the JSON result."""
+    try:
+        from datasets import Dataset
+        from trl import GRPOTrainer
+    except ImportError as err:
+        sys.exit(f"TRL is not importable ({err}); install it in its own venv: {TRL_INSTALL}")
+
+    task, format_weight = load_workload_task()
+    examples = task.train[:n_prompts]
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": e.prompt}], "answer": e.answer} for e in examples]
+    )
+    model, tokenizer = load_policy("smollm2-gguf", dtype="float32")
+    output_dir = tempfile.mkdtemp(prefix="benchmark_trl-")  # Trainer wants one; nothing is saved
+    config = grpo_config(output_dir, steps, n_prompts, group_size, max_new_tokens)
+    timer = step_timer()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=make_reward(task, format_weight),

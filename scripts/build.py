@@ -1,54 +1,55 @@
 """Config -> objects. The one place that reads `cfg`; everything below it takes keyword arguments.
 
-Every check here fails at start-up with a ConfigError that names the key, before any model loads.
+The schemas of the config groups (common.config, the algorithm dataclasses, common.tasks.task_schema)
+are registered in Hydra's ConfigStore here (`store_schemas`); `validate` runs their checks. Every
+check fails at start-up with a ConfigError that names the key, before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import tempfile
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from common.algorithm import Algorithm
+from common.config import (
+    ConfigError,
+    DynamicSampling,
+    FilterSampling,
+    ResampleSampling,
+    TrainConfig,
+    TrainSettings,
+    as_config_error,
+    gen_batch_size,
+    require,
+    require_option,
+    schema_node,
+)
 from common.distributed import DistContext, launched_world_size
-from common.losses import AGG_MODES
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout import HFRollout
-from common.rollout_vllm import vllm_available
-from common.tasks import Task, build_task
-from common.trainer import Critic, TrainSettings
+from common.sampling import FlatGroups, GroupFilter
+from common.tasks import TASKS, Task, build_task, task_schema
+from common.update import Critic
 from dapo import DAPO, filter_groups, groups_to_resample
 from grpo import GRPO
 from ppo import PPO, build_critic
 
 ALGORITHMS = {"ppo": PPO, "grpo": GRPO, "dapo": DAPO}
-GROUP_ALGORITHMS = {"grpo", "dapo"}
-KL_KINDS = ("k1", "k2", "k3")
-KL_CONTROLLERS = ("fixed", "adaptive")
-DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
-# dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
-ON_EXHAUSTED = ("partial", "skip", "error")
-DDP_BACKENDS = ("auto", "gloo", "nccl")
-ZERO_STAGES = (0, 1, 2, 3)
+DYNAMIC_SAMPLING = {"disabled": DynamicSampling, "filter": FilterSampling, "resample": ResampleSampling}
 # accelerate's FSDP sharding strategies (names, or the numbers of FSDP1's enum) -> trainer.zero_stage
 FSDP_STRATEGIES = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
-ROLLOUT_ENGINES = ("hf", "vllm")
 
 log = logging.getLogger("rl_lab")
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory setting; the message names the key and the allowed values."""
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{key}: {message}")
 
 
 def launcher_settings(env: Mapping[str, str]) -> dict[str, Any]:
@@ -119,231 +120,64 @@ def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject settings that would fail (or silently mislead) later, naming the key."""
-    algo = cfg.algorithm
-    _require(
-        algo.name in ALGORITHMS,
-        "algorithm",
-        f"unknown algorithm {algo.name!r}; options: {', '.join(ALGORITHMS)}",
-    )
-    G = cfg.rollout.group_size
-    if algo.name in GROUP_ALGORITHMS:
-        _require(
-            G >= 2,
-            "rollout.group_size",
-            f"{algo.name} compares responses within a group and needs group_size >= 2 (got {G})",
-        )
-    _require(
-        cfg.rollout.max_new_tokens >= 1,
-        "rollout.max_new_tokens",
-        f"must be >= 1 (got {cfg.rollout.max_new_tokens})",
-    )
-    _require(
-        cfg.rollout.temperature > 0, "rollout.temperature", f"must be > 0 (got {cfg.rollout.temperature})"
-    )
-    _require(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1] (got {cfg.rollout.top_p})")
-    _require(cfg.rollout.top_k >= 0, "rollout.top_k", f"must be >= 0, 0 = off (got {cfg.rollout.top_k})")
-    _require(
-        cfg.rollout.engine in ROLLOUT_ENGINES,
-        "rollout.engine",
-        f"{cfg.rollout.engine!r}; options: {', '.join(ROLLOUT_ENGINES)}",
-    )
-    if cfg.rollout.engine == "vllm":
-        usable, reason = vllm_available()
-        _require(usable, "rollout.engine", f"vllm: {reason}; rollout.engine=hf works everywhere")
-        _require(
-            0 < cfg.rollout.gpu_memory_utilization < 1,
-            "rollout.gpu_memory_utilization",
-            f"must be in (0, 1) (got {cfg.rollout.gpu_memory_utilization})",
-        )
-    t = cfg.trainer
-    _require(t.max_steps >= 0, "trainer.max_steps", f"must be >= 0 (got {t.max_steps})")
-    _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1 (got {t.batch_size})")
-    mini = t.mini_batch_size or t.batch_size
-    _require(
-        1 <= mini <= t.batch_size and t.batch_size % mini == 0,
-        "trainer.mini_batch_size",
-        f"must divide trainer.batch_size={t.batch_size} (got {mini})",
-    )
-    rows = mini * G
-    _require(
-        t.micro_batch_size >= 1 and (rows % t.micro_batch_size == 0 or t.micro_batch_size >= rows),
-        "trainer.micro_batch_size",
-        f"must divide the {rows} sequences of a mini-batch (trainer.mini_batch_size x rollout.group_size)"
-        f" (got {t.micro_batch_size})",
-    )
-    world = launched_world_size()
-    _require(
-        t.batch_size % world == 0 and mini % world == 0,
-        "trainer.batch_size",
-        f"trainer.batch_size={t.batch_size} and trainer.mini_batch_size={mini} must be multiples of the "
-        f"{world} data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
-    )
-    _require(
-        t.zero_stage in ZERO_STAGES,
-        "trainer.zero_stage",
-        f"{t.zero_stage}; options: 0 (off), 1 (AdamW state sharded over data-parallel ranks), "
-        "2 (+ gradients, FSDP SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
-    )
-    _require(
-        t.zero_stage < 2 or not cfg.model.lora.enabled,
-        "trainer.zero_stage",
-        f"{t.zero_stage} shards the weights (FSDP), which is not supported with LoRA (model.lora.enabled): "
-        "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
-    )
-    _require(
-        t.ddp_backend in DDP_BACKENDS,
-        "trainer.ddp_backend",
-        f"{t.ddp_backend!r}; options: {', '.join(DDP_BACKENDS)}",
-    )
-    _require(t.max_bad_steps >= 1, "trainer.max_bad_steps", f"must be >= 1 (got {t.max_bad_steps})")
-    for key in ("keep_step_checkpoints", "save_only_model"):  # a string such as "yes" would pass as true
-        _require(isinstance(t[key], bool), f"trainer.{key}", f"must be true or false (got {t[key]})")
-    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0 (got {cfg.optim.lr})")
-    _require(
-        cfg.optim.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0 (got {cfg.optim.warmup_steps})"
-    )
-    _require(
-        cfg.optim.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0 (got {cfg.optim.max_grad_norm})"
-    )
-    for key in ("clip_low", "clip_high"):
-        value = algo[key]
-        _require(0 < value < 1, f"algorithm.{key}", f"must be in (0, 1) (got {value})")
-    _require(
-        algo.dual_clip is None or algo.dual_clip > 1,
-        "algorithm.dual_clip",
-        f"must be > 1 or null (got {algo.dual_clip})",
-    )
-    _require(
-        algo.loss_agg in AGG_MODES,
-        "algorithm.loss_agg",
-        f"{algo.loss_agg!r}; options: {', '.join(AGG_MODES)}",
-    )
-    _require(
-        isinstance(algo.loss_scale_factor, int) and algo.loss_scale_factor >= 1,
-        "algorithm.loss_scale_factor",
-        f"must be an integer >= 1, in tokens (got {algo.loss_scale_factor})",
-    )
-    _require(
-        algo.kl_kind in KL_KINDS, "algorithm.kl_kind", f"{algo.kl_kind!r}; options: {', '.join(KL_KINDS)}"
-    )
-    _require(algo.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0 (got {algo.kl_coef})")
-    if algo.name in GROUP_ALGORITHMS:
-        _require(
-            algo.num_iterations >= 1, "algorithm.num_iterations", f"must be >= 1 (got {algo.num_iterations})"
-        )
-    else:
-        validate_ppo(algo)
-    ds = cfg.dynamic_sampling
-    _require(
-        ds.mode in DYNAMIC_SAMPLING_MODES,
-        "dynamic_sampling.mode",
-        f"{ds.mode!r}; options: {', '.join(DYNAMIC_SAMPLING_MODES)}",
-    )
-    if ds.mode != "disabled":
-        _require(
-            algo.name in GROUP_ALGORITHMS,
-            "dynamic_sampling",
-            f"{ds.mode} needs a group algorithm, not {algo.name}",
-        )
-    if ds.mode == "filter":
-        validate_filter(ds, t.batch_size, world)
-    if ds.mode == "resample":
-        _require(
-            ds.max_samples > G,
-            "dynamic_sampling.max_samples",
-            f"must exceed rollout.group_size={G} (got {ds.max_samples})",
-        )
-    if algo.name == "dapo" and algo.overlong_shaping and algo.overlong_buffer_len is not None:
-        _require(
-            0 < algo.overlong_buffer_len <= algo.max_len,
-            "algorithm.overlong_buffer_len",
-            f"must be in (0, algorithm.max_len={algo.max_len}] or null (got {algo.overlong_buffer_len})",
-        )
-    _require(
-        isinstance(cfg.model.disable_dropout, bool),
-        "model.disable_dropout",
-        f"must be true or false (got {cfg.model.disable_dropout})",
-    )
-    if cfg.model.lora.enabled:
-        validate_lora(cfg.model.lora)
+    """Reject settings that would fail (or silently mislead) later, naming the key, before any model
+    loads: the algorithm's name here, then every schema's own checks (common.config, and each
+    algorithm's in grpo/, dapo/, ppo/), which run as the composed config becomes its dataclasses."""
+    require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
+    try:
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise as_config_error(err) or ConfigError(str(err).splitlines()[0]) from err
 
 
-def validate_filter(ds: DictConfig, batch_size: int, world: int) -> None:
-    """dynamic_sampling=filter: rounds, the oversampling factor and what happens at the bound."""
-    _require(
-        ds.max_num_gen_batches >= 1,
-        "dynamic_sampling.max_num_gen_batches",
-        f"must be >= 1 (got {ds.max_num_gen_batches})",
-    )
-    factor = ds.gen_batch_size_factor
-    _require(factor >= 1, "dynamic_sampling.gen_batch_size_factor", f"must be >= 1 (got {factor})")
-    gen_batch_size = math.ceil(factor * batch_size)
-    _require(
-        gen_batch_size % world == 0,
-        "dynamic_sampling.gen_batch_size_factor",
-        f"{factor} x trainer.batch_size={batch_size} = {gen_batch_size} prompts per round must be a multiple "
-        f"of the {world} data-parallel processes (got {factor})",
-    )
-    _require(
-        ds.on_exhausted in ON_EXHAUSTED,
-        "dynamic_sampling.on_exhausted",
-        f"{ds.on_exhausted!r}; options: {', '.join(ON_EXHAUSTED)}",
-    )
+def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """A boolean key takes true or false on the command line. OmegaConf would also read yes / no /
+    on / off / 1 / 0 as booleans, so `trainer.bf16=yes` stops the run instead of being a guess."""
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        parent_key, _, leaf = override.key_or_group.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if not dataclasses.is_dataclass(schema) or typing.get_type_hints(schema).get(leaf) is not bool:
+            continue
+        value = override.value()
+        if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+            raise ConfigError(f"{override.key_or_group}: must be true or false (got {value})")
 
 
-def validate_ppo(algo: DictConfig) -> None:
-    _require(algo.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1 (got {algo.ppo_epochs})")
-    _require(algo.kl_ctl in KL_CONTROLLERS, "algorithm.kl_ctl", f"{algo.kl_ctl!r}; options: fixed, adaptive")
-    for key in ("gamma", "lam"):
-        _require(0 <= algo[key] <= 1, f"algorithm.{key}", f"must be in [0, 1] (got {algo[key]})")
-    _require(
-        algo.cliprange_value is None or algo.cliprange_value > 0,
-        "algorithm.cliprange_value",
-        f"must be > 0 or null (got {algo.cliprange_value})",
-    )
-    _require(algo.vf_coef >= 0, "algorithm.vf_coef", f"must be >= 0 (got {algo.vf_coef})")
-    _require(algo.critic_lr > 0, "algorithm.critic_lr", f"must be > 0 (got {algo.critic_lr})")
-    if algo.kl_ctl == "adaptive":
-        _require(algo.kl_target > 0, "algorithm.kl_target", f"must be > 0 (got {algo.kl_target})")
-        _require(algo.kl_horizon > 0, "algorithm.kl_horizon", f"must be > 0 (got {algo.kl_horizon})")
+def store_schemas() -> None:
+    """Register every config group's schema in Hydra's ConfigStore, under the names the YAML files
+    give in their defaults lists (`- /schema/<group>/<option>@_here_`): schema/train for
+    configs/train.yaml, schema/algorithm/<name>, schema/task/<name>, schema/dynamic_sampling/<mode>.
+    A group of their own keeps them out of the options of algorithm=, task=, dynamic_sampling=.
+    Call before composing train.yaml."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=TrainConfig)
+    for name, cls in ALGORITHMS.items():
+        store.store(group="schema/algorithm", name=name, node=schema_node(cls))
+    for name in TASKS:
+        store.store(group="schema/task", name=name, node=task_schema(name))
+    for mode, cls in DYNAMIC_SAMPLING.items():
+        store.store(group="schema/dynamic_sampling", name=mode, node=cls)
 
 
-def validate_lora(lora: DictConfig) -> None:
-    """model.lora, checked only when enabled: the adapter's rank, scale, dropout and layers."""
-    _require(
-        isinstance(lora.r, int) and lora.r >= 1,
-        "model.lora.r",
-        f"must be an integer >= 1 (got {lora.r})",
-    )
-    _require(lora.alpha > 0, "model.lora.alpha", f"must be > 0 (got {lora.alpha})")
-    _require(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1) (got {lora.dropout})")
-    modules = lora.target_modules
-    _require(
-        OmegaConf.is_list(modules) and len(modules) > 0 and all(isinstance(m, str) for m in modules),
-        "model.lora.target_modules",
-        f"must be a non-empty list of module names, e.g. [q_proj, v_proj] (got {modules})",
-    )
-
-
-def build_algorithm(cfg: DictConfig) -> Any:
+def build_algorithm(cfg: DictConfig) -> Algorithm:
     """The algorithm dataclass from cfg.algorithm; a missing or unknown key fails here, named."""
     fields = OmegaConf.to_container(cfg, resolve=True)
     cls = ALGORITHMS[fields["name"]]
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - names)
     missing = sorted(names - set(fields))
-    _require(not unknown, "algorithm", f"unknown key(s) for {fields['name']}: {', '.join(unknown)}")
-    _require(not missing, "algorithm", f"missing key(s) for {fields['name']}: {', '.join(missing)}")
+    require(not unknown, "algorithm", f"unknown key(s) for {fields['name']}", ", ".join(unknown))
+    require(not missing, "algorithm", f"missing key(s) for {fields['name']}", ", ".join(missing))
     return cls(**fields)
 
 
-def build_group_filter(cfg: DictConfig) -> Any:
+def build_group_filter(cfg: DictConfig) -> GroupFilter | None:
     """DAPO's group filter (Eq. 11) when dynamic_sampling.mode is filter, else None."""
     return filter_groups if cfg.dynamic_sampling.mode == "filter" else None
 
 
-def build_flat_groups(cfg: DictConfig) -> Any:
+def build_flat_groups(cfg: DictConfig) -> FlatGroups | None:
     """The all-equal-group finder of the resample mode, else None."""
     return groups_to_resample if cfg.dynamic_sampling.mode == "resample" else None
 
@@ -371,7 +205,7 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         bf16=t.bf16,
         fail_on_reward_error=t.fail_on_reward_error,
         max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
-        gen_batch_size=math.ceil(ds.gen_batch_size_factor * t.batch_size) if filtering else t.batch_size,
+        gen_batch_size=gen_batch_size(ds.gen_batch_size_factor, t.batch_size) if filtering else t.batch_size,
         on_exhausted=ds.on_exhausted if filtering else "partial",
         max_samples=ds.max_samples if ds.mode == "resample" else 0,
         seed=cfg.seed,
@@ -403,24 +237,23 @@ def build_optimizer(
 
 
 def build_critic_for(
-    algo: object,
+    algo: Algorithm,
     model: torch.nn.Module,
     cfg: DictConfig,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m,
 ) -> Critic | None:
-    """PPO's value model (a copy of the policy's backbone unless critic_name_or_path is set), passed
+    """PPO's value model (a copy of the policy's backbone unless critic.name_or_path is set), passed
     through `wrap` (data parallel: common.distributed.wrap_model), and its AdamW on the wrapped
-    parameters (FSDP replaces them with shards)."""
+    parameters (FSDP replaces them with shards), from the config's `critic:` block."""
     if not algo.needs_critic:
         return None
+    c = cfg.critic
     try:
-        value_model = wrap(build_critic(model, algo.critic_name_or_path))
+        value_model = wrap(build_critic(model, c.name_or_path))
     except ValueError as err:
-        raise ConfigError(f"algorithm.critic_name_or_path: {err}") from err
-    optimizer = torch.optim.AdamW(value_model.parameters(), lr=algo.critic_lr, betas=tuple(cfg.optim.betas))
-    return Critic(
-        value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=algo.critic_warmup_steps
-    )
+        raise ConfigError(f"critic.name_or_path: {err}") from err
+    optimizer = torch.optim.AdamW(value_model.parameters(), lr=c.lr, betas=tuple(cfg.optim.betas))
+    return Critic(value_model, optimizer, max_grad_norm=cfg.optim.max_grad_norm, warmup_steps=c.warmup_steps)
 
 
 def build_task_from(cfg: DictConfig) -> Task:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, find_latest
 from common.models import ModelLoadError, load_policy
-from common.reward_fn import score_responses
+from common.rewards import score_responses
 from common.rollout import HFRollout
 from common.tasks import TASKS, Example, Task, TaskError, build_task
 from scripts.build import ConfigError, resolve_device
@@ -196,6 +196,7 @@ def task_config(name: str | None, task_args: list[str], run_cfg: DictConfig | No
             base = OmegaConf.create(OmegaConf.to_container(run_task, resolve=True))
         elif (CONFIGS / "task" / f"{name}.yaml").is_file():
             base = OmegaConf.load(CONFIGS / "task" / f"{name}.yaml")
+            base.pop("defaults", None)  # the typed schema it names (Hydra's defaults list), not an option
         else:
             base = OmegaConf.create({"name": name})
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(task_args))

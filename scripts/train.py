@@ -6,8 +6,8 @@
     python -m scripts.train debug=smoke                      # seconds, tiny model, no W&B
     torchrun --nproc_per_node 2 -m scripts.train model=tiny  # data parallel (also: accelerate launch)
 
-The only module that reads the Hydra config: it validates it, builds the objects and calls
-common.trainer.train with keyword arguments.
+The only module that reads the Hydra config: it validates it, builds the objects into one
+common.trainer.RunContext and calls common.trainer.train with it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,19 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from common.algorithm import Algorithm
 from common.checkpoint import CheckpointError, find_latest, load_checkpoint
+from common.config import as_config_error
 from common.distributed import (
     DistContext,
     DistributedError,
@@ -35,10 +40,12 @@ from common.distributed import (
     shutdown,
     wrap_model,
 )
-from common.logging import RunLogger
+from common.logging import RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
+from common.sampling import DynamicSamplingError
+from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import TaskError
-from common.trainer import DynamicSamplingError, RunAbortedError, RunInterruptedError, train
+from common.trainer import RunContext, train
 from scripts.build import (
     ConfigError,
     apply_launcher_settings,
@@ -51,7 +58,9 @@ from scripts.build import (
     build_rollout,
     build_settings,
     build_task_from,
+    check_bool_overrides,
     resolve_device,
+    store_schemas,
     validate,
 )
 
@@ -123,12 +132,21 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device, dist)
-    algo = build_algorithm(cfg.algorithm)
-    settings = build_settings(cfg)
-    task = build_task_from(cfg)
-    log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
+    ctx, resume_state = build_context(cfg, run_dir, dist)
+    exit_code = 1
+    try:
+        metrics = train(ctx, resume_state)
+        exit_code = 0
+    finally:
+        if ctx.logger is not None:
+            ctx.logger.finish(exit_code)
+    return metrics
 
+
+def build_models(
+    cfg: DictConfig, algo: Algorithm, device: torch.device
+) -> tuple[torch.nn.Module, Any, torch.nn.Module | None]:
+    """The policy on `device`, its tokenizer, and the frozen reference when the algorithm needs one."""
     model, tokenizer = build_policy(cfg)
     model.to(device)
     reference = make_reference(model) if algo.needs_reference else None
@@ -140,6 +158,18 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
         device,
         "yes" if reference is not None else "no (kl_coef = 0)",
     )
+    return model, tokenizer, reference
+
+
+def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[RunContext, dict | None]:
+    """Every object of the run, built once into the loop's RunContext, and the checkpoint state a
+    resumed run continues from (None for a fresh run)."""
+    device = resolve_device(cfg.trainer.device, dist)
+    algo = build_algorithm(cfg.algorithm)
+    settings = build_settings(cfg)
+    task = build_task_from(cfg)
+    log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
+    model, tokenizer, reference = build_models(cfg, algo, device)
     engine = build_rollout(cfg, model, tokenizer)
     try:
         engine.check_prompts([e.prompt for e in task.train + task.test])
@@ -168,57 +198,51 @@ def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
             wrapper,
             dist.zero_stage,
         )
-
-    logger = make_logger(cfg, run_dir, resume_state) if dist.is_main else None  # rank 0 logs
-    exit_code = 1
-    try:
-        metrics = train(
-            model=policy,
-            tokenizer=tokenizer,
-            reference=reference,
-            engine=engine,
-            algo=algo,
-            task=task,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            logger=logger,
-            settings=settings,
-            run_dir=run_dir,
-            device=device,
-            group_filter=build_group_filter(cfg),
-            flat_groups=build_flat_groups(cfg),
-            critic=critic,
-            resume_state=resume_state,
-            dist=dist,
-        )
-        exit_code = 0
-    finally:
-        if logger is not None:
-            logger.finish(exit_code)
-    return metrics
+    ctx = RunContext(
+        model=policy,
+        tokenizer=tokenizer,
+        reference=reference,
+        engine=engine,
+        algo=algo,
+        task=task,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        logger=make_logger(cfg, run_dir, resume_state) if dist.is_main else None,  # rank 0 logs
+        settings=settings,
+        run_dir=run_dir,
+        device=device,
+        group_filter=build_group_filter(cfg),
+        flat_groups=build_flat_groups(cfg),
+        critic=critic,
+        dist=dist,
+    )
+    return ctx, resume_state
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> RunLogger:
     """The run's W&B / JSONL logger, continuing the W&B run of a resumed checkpoint."""
     config = OmegaConf.to_container(cfg, resolve=True)
     name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
-    logger = RunLogger(
-        run_dir,
-        backend=cfg.logger.backend,
-        mode=cfg.logger.mode,
+    wandb_init = WandbInit(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.experiment_name,
         name=name,
         job_type=cfg.algorithm.name,
-        tags=[
+        tags=(
             cfg.algorithm.name,
             cfg.task.name,
             cfg.model.name,
             f"G{cfg.rollout.group_size}",
             f"seed{cfg.seed}",
-        ],
+        ),
         config=config,
+    )
+    logger = RunLogger(
+        run_dir,
+        backend=cfg.logger.backend,
+        mode=cfg.logger.mode,
+        wandb_init=wandb_init,
         run_id=resume_state["wandb_run_id"] if resume_state else None,
         resume_step=resume_state["step"] if resume_state else None,
     )
@@ -230,6 +254,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_bool_overrides(cfg, HydraConfig.get().overrides.task)
         run(cfg, run_dir)
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -246,5 +271,34 @@ def main(cfg: DictConfig) -> None:
         sys.exit(130)
 
 
+def cli() -> None:
+    """`python -m scripts.train`: Hydra's runner around `main`, with a value that does not fit its
+    schema (wrong type, unknown or missing key) reported like every other bad setting, in one line
+    `error: <key>: <why> (got <value>)` with exit status 2, before any model loads.
+
+    Hydra reports its own composition errors in several lines (exit status 1) unless
+    HYDRA_FULL_ERROR is set, in which case it raises them to its caller: this sets it, formats the
+    errors about a key, and prints the others (e.g. an unknown group option, with the list of
+    options) as Hydra would. A user's own HYDRA_FULL_ERROR=1 still gets Hydra's full traces.
+    """
+    store_schemas()
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except CompactHydraException as err:
+        error = as_config_error(err)
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        cause = f"\n{err.__cause__}" if isinstance(err.__cause__, OmegaConfBaseException) else ""
+        print(f"{err}{cause}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
 if __name__ == "__main__":
-    main()
+    cli()

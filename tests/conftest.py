@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
+
+from common.config import as_config_error
+from scripts.build import store_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -46,9 +50,17 @@ TINY_RUN = (
 
 
 def compose_train(*overrides: str) -> DictConfig:
-    """Compose configs/train.yaml with overrides, as `python -m scripts.train` would."""
+    """Compose configs/train.yaml with overrides, as `python -m scripts.train` would: on the typed
+    schemas, a value of the wrong type raising the ConfigError that the entry point prints."""
+    store_schemas()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=False)
+        try:
+            return compose("train", overrides=list(overrides), return_hydra_config=False)
+        except ConfigCompositionException as err:
+            error = as_config_error(err)
+            if error is None:
+                raise
+            raise error from err
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,10 @@ from common.advantage import (
     compute_gae,
     compute_group_relative_advantages,
     compute_relative_rewards,
-    masked_mean,
+    group_stats,
     masked_whiten,
 )
+from common.losses import masked_mean
 
 # ---------------------------------------------------------------- group-relative (GRPO, DAPO Eq. 4)
 
@@ -216,6 +217,17 @@ def test_gae_has_no_gradient_and_rejects_bad_shapes():
 
 
 # ---------------------------------------------------------------- masked mean / whitening
+
+
+def test_group_stats_hand_values_for_ragged_unsorted_groups():
+    # group 7: (1, 0, 0): mean 1/3, unbiased var (4/9 + 1/9 + 1/9) / 2 = 1/3, spread 1
+    # group 2: (5, 3): mean 4, var (1 + 1) / 1 = 2, spread 2;  group 4: (0.5): std 0, spread 0
+    stats = group_stats([1.0, 5.0, 0.0, 3.0, 0.0, 0.5], [7, 2, 7, 2, 7, 4])
+    assert stats.ids.tolist() == [2, 4, 7] and stats.inverse.tolist() == [2, 0, 2, 0, 2, 1]
+    assert stats.count.tolist() == [2.0, 1.0, 3.0]
+    torch.testing.assert_close(stats.mean, torch.tensor([4.0, 0.5, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(stats.std, torch.tensor([2**0.5, 0.0, 3**-0.5], dtype=torch.float64))
+    assert stats.spread.tolist() == [2.0, 0.0, 1.0]
 
 
 def test_masked_mean_hand_values_and_empty_row():

@@ -14,7 +14,7 @@ import torch
 
 import common.trainer as trainer_module
 from common.checkpoint import MODEL_ONLY, STATE_FILE, remove_step_checkpoints
-from common.trainer import RunInterruptedError
+from common.state import RunInterruptedError
 from scripts.eval import main as eval_main
 from scripts.train import run
 from tests.conftest import TINY_RUN, compose_train
@@ -78,9 +78,9 @@ def test_save_only_model_final_serves_eval_but_not_resume(tmp_path, cache_dir):
 def test_interrupted_save_only_model_run_resumes_from_its_step_checkpoint(tmp_path, cache_dir, monkeypatch):
     original = trainer_module.train_step
 
-    def sigterm_at_step_2(**kwargs):
-        out = original(**kwargs)
-        if kwargs["step"] == 2:
+    def sigterm_at_step_2(ctx, step, *args):
+        out = original(ctx, step, *args)
+        if step == 2:
             signal.raise_signal(signal.SIGTERM)  # as SLURM before its time limit: finish, checkpoint, stop
         return out
 

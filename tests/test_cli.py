@@ -14,13 +14,17 @@ import pytest
 from tests.conftest import ROOT, TEST_SEED
 
 
-def train_cli(*args: str, cache_dir: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli_env(cache_dir: str) -> dict[str, str]:
     env = {**os.environ, "RL_LAB_CACHE": cache_dir, "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)  # never reach a W&B server from the tests
+    return env
+
+
+def train_cli(*args: str, cache_dir: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "scripts.train", *args],
         cwd=ROOT,
-        env=env,
+        env=cli_env(cache_dir),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -113,6 +117,66 @@ def test_bad_input_gives_one_line(tmp_path, cache_dir, override, expected):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+# a value of the wrong type -> the key its one-line error must name
+WRONG_TYPES = {
+    "optim.lr=abc": "optim.lr",
+    "trainer.batch_size=abc": "trainer.batch_size",
+    "seed=foo": "seed",
+    "rollout.max_new_tokens=1.5": "rollout.max_new_tokens",
+    "algorithm.scale_by_std=maybe": "algorithm.scale_by_std",
+    "trainer.bf16=yes": "trainer.bf16",
+    "rollout.group_size=x": "rollout.group_size",
+    "trainer.max_steps=2.5": "trainer.max_steps",
+    "algorithm.clip_low=high": "algorithm.clip_low",
+}
+
+
+# runs `python -m scripts.train ARGS` once per argument list in one interpreter (runpy is what
+# `python -m` uses), so the nine commands below pay for one import of torch, not nine
+MAIN_PER_ARGS = """
+import contextlib, io, json, runpy, sys
+
+commands, results_file, results = json.loads(sys.argv[1]), sys.argv[2], []
+for args in commands:
+    sys.argv, stderr, code = ["scripts.train", *args], io.StringIO(), 0
+    with contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_module("scripts.train", run_name="__main__", alter_sys=True)
+        except SystemExit as exit:
+            code = exit.code
+    results.append({"code": code, "stderr": stderr.getvalue()})
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def test_wrong_types_stop_before_any_model_loads(tmp_path, cache_dir):
+    """Each value is refused by its schema's type (a boolean also by the command line's true / false)
+    with one line naming the key, exit status 2 and no traceback, and no model is loaded: the run
+    never logs the policy's size."""
+    commands = [
+        ["model=tiny", "logger=none", "trainer.max_steps=0", override, f"hydra.run.dir={tmp_path / str(i)}"]
+        for i, override in enumerate(WRONG_TYPES)
+    ]
+    results_file = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", MAIN_PER_ARGS, json.dumps(commands), str(results_file)],
+        cwd=ROOT,
+        env=cli_env(cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "parameters on" not in proc.stdout + proc.stderr  # "policy <name>: <n>M parameters on <device>"
+    for override, result in zip(WRONG_TYPES, json.loads(results_file.read_text()), strict=True):
+        stderr = result["stderr"]
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert result["code"] == 2, (override, stderr[-2000:])
+        assert len(errors) == 1 and errors[0].startswith(f"error: {WRONG_TYPES[override]}: "), stderr
+        assert "(got " in errors[0] and "Traceback" not in stderr
 
 
 def wandb_records(run_file: Path):

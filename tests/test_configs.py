@@ -7,7 +7,14 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from scripts.build import ConfigError, build_algorithm, build_settings, build_task_from, validate
+from scripts.build import (
+    ConfigError,
+    build_algorithm,
+    build_settings,
+    build_task_from,
+    check_bool_overrides,
+    validate,
+)
 from tests.conftest import CONFIGS, compose_train
 
 
@@ -96,13 +103,10 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("trainer.mini_batch_size=3", "trainer.mini_batch_size"),
         ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
         ("algorithm.loss_scale_factor=0", "algorithm.loss_scale_factor"),
-        ("algorithm.loss_scale_factor=null", "algorithm.loss_scale_factor"),
         ("algorithm.kl_kind=k4", "algorithm.kl_kind"),
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
         ("algorithm.name=reinforce", "algorithm"),
         ("dynamic_sampling.mode=sometimes", "dynamic_sampling.mode"),
-        ("trainer.save_only_model=yes", "trainer.save_only_model"),
-        ("trainer.keep_step_checkpoints=1", "trainer.keep_step_checkpoints"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, key):
@@ -111,6 +115,48 @@ def test_bad_settings_fail_naming_the_key(override, key):
         validate(cfg)
     assert str(err.value).startswith(key)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("optim.lr=abc",), "optim.lr: must be a number (got abc)"),
+        (("model.lora.r=2.5",), "model.lora.r: must be an integer (got 2.5)"),
+        (("algorithm.scale_by_std=maybe",), "algorithm.scale_by_std: must be true or false (got maybe)"),
+        (("task=countdown", "task.num_train=x"), "task.num_train: must be an integer (got x)"),
+        (
+            ("model.lora.target_modules=q_proj",),
+            "model.lora.target_modules: must be a list, e.g. [a, b] (got q_proj)",
+        ),
+        (("algorithm.clip_hihg=0.3",), "algorithm.clip_hihg: not a key of algorithm (got 0.3)"),
+        (("algorithm.loss_scale_factor=null",), "algorithm.loss_scale_factor: must be an integer (got null)"),
+        (
+            ("algorithm=ppo", "algorithm.critic_lr=1e-3"),
+            "algorithm.critic_lr: renamed to critic.lr (got 1e-3)",
+        ),
+    ],
+)
+def test_a_value_that_does_not_fit_the_schema_fails_while_composing(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose_train(*overrides)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override", ["trainer.save_only_model=yes", "trainer.keep_step_checkpoints=1"])
+def test_a_boolean_key_takes_only_true_or_false(override):
+    # OmegaConf would read yes / 1 as true; the entry point checks the command line's booleans
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        check_bool_overrides(compose_train(override), [override])
+    assert str(err.value) == f"{key}: must be true or false (got {value})"
+
+
+def test_missing_value_and_mode_without_its_keys_fail_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^model.name_or_path: needs a value"):
+        validate(compose_train("model=hub"))
+    # dynamic_sampling.mode=filter on the disabled option lacks the filter's keys: pick the option
+    with pytest.raises(ConfigError, match=r"^dynamic_sampling.mode: .*dynamic_sampling=filter"):
+        validate(compose_train("dynamic_sampling.mode=filter"))
 
 
 def test_algorithm_fields_come_from_yaml_only():
@@ -184,8 +230,6 @@ def test_addition_5_40_is_the_default_task_with_wider_operands():
     # "What is 12 + 37? Put ..." -> 12, 37
     operands = [int(n) for e in built.train + built.test for n in re.findall(r"\d+", e.prompt.split("?")[0])]
     assert min(operands) == 5 and max(operands) == 40 and len(operands) == 2 * (300 + 100)
-
-
 
 
 def test_algorithm_presets_keep_their_own_optimizer_steps_outside_the_comparison():

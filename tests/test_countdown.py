@@ -94,6 +94,7 @@ def test_invalid_options(overrides, message):
 
 def test_config_builds_the_task():
     cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "task" / "countdown.yaml"))
+    cfg.pop("defaults")  # the typed schema it names (Hydra's defaults list)
     task = build_task(cfg.pop("name"), **cfg)
     assert isinstance(task, CountdownTask)
     assert (len(task.train), len(task.test)) == (cfg["num_train"], cfg["num_test"])

@@ -24,10 +24,13 @@ from common.distributed import (
     reduce_metrics,
     unwrap,
 )
+from common.evaluation import evaluate
 from common.models import load_policy
 from common.rollout import HFRollout
+from common.sampling import generate_and_score
 from common.tasks import build_task
-from common.trainer import accumulate_gradients, build_batch, evaluate, generate_and_score, update_policy
+from common.trainer import build_batch
+from common.update import accumulate_gradients, update_policy
 from scripts.build import build_algorithm, build_settings
 from tests.conftest import ROOT, compose_train
 
@@ -347,7 +350,7 @@ def test_torchrun_fsdp_resume_continues_exactly(tmp_path, cache_dir):
     state (keyed by parameter name) round-trip through the checkpoint."""
     common = (
         "algorithm=ppo",
-        "algorithm.critic_warmup_steps=0",
+        "critic.warmup_steps=0",
         "trainer.zero_stage=3",
         "trainer.max_steps=2",
     )

@@ -8,8 +8,10 @@ import torch
 
 from common.models import load_policy
 from common.rollout import HFRollout
+from common.sampling import DynamicSamplingError, PromptStream, collect
 from common.tasks import build_task
-from common.trainer import DynamicSamplingError, PromptStream, accumulate_gradients, build_batch, collect
+from common.trainer import build_batch
+from common.update import accumulate_gradients
 from scripts.build import build_algorithm, build_settings
 from tests.conftest import compose_train
 

@@ -12,8 +12,8 @@ import torch
 import common.trainer as trainer_module
 from common.checkpoint import STATE_FILE, save_checkpoint
 from common.logging import RunLogger
-from common.reward_fn import RewardError
-from common.trainer import RunAbortedError
+from common.rewards import RewardError
+from common.state import RunAbortedError
 from grpo import GRPO
 from scripts.train import run
 from tests.conftest import TINY_RUN, compose_train

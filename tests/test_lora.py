@@ -208,7 +208,7 @@ def test_unknown_target_module_fails_naming_the_key(cache_dir):
 @pytest.mark.parametrize(
     "algorithm",
     # PPO: no critic warm-up, so the policy steps in both steps; its critic is a plain full copy
-    [("algorithm=grpo",), ("algorithm=ppo", "algorithm.critic_warmup_steps=0")],
+    [("algorithm=grpo",), ("algorithm=ppo", "critic.warmup_steps=0")],
     ids=["grpo", "ppo"],
 )
 def test_smoke_run_with_lora_trains_the_adapters(tmp_path, cache_dir, algorithm):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.reward_fn import RewardError, RewardResult, score_responses
+from common.rewards import RewardError, RewardResult, score_responses
 from common.tasks import AdditionTask, CharShareTask, Example, Task
 
 

@@ -12,8 +12,10 @@ import torch
 
 from common.losses import AGG_MODES
 from common.models import make_reference
+from common.sampling import PromptStream, collect, generate_and_score
 from common.tasks import Example, Task, build_task
-from common.trainer import PromptStream, accumulate_gradients, build_batch, collect, generate_and_score
+from common.trainer import build_batch
+from common.update import accumulate_gradients
 from scripts.build import build_algorithm, build_settings
 from scripts.train import run
 from tests.conftest import TEST_SEED, compose_train
@@ -47,8 +49,8 @@ LEARNING_RUNS = {
         "algorithm=ppo",
         "trainer.max_steps=40",
         "trainer.batch_size=32",
-        "algorithm.critic_lr=3e-2",
-        "algorithm.critic_warmup_steps=2",
+        "critic.lr=3e-2",
+        "critic.warmup_steps=2",
     ),
 }
 
@@ -341,7 +343,7 @@ def test_one_step_on_the_real_model(tmp_path, cache_dir, monkeypatch):
 
 
 def test_weighted_means_skip_undefined_stats():
-    from common.trainer import WeightedMeans
+    from common.update import WeightedMeans
 
     means = WeightedMeans()
     means.add({"a": 1.0, "b": float("nan")}, 3.0)

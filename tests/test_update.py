@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.rollout import HFRollout
-from common.trainer import add_logprobs_and_values, update_policy
+from common.update import add_logprobs_and_values, update_policy
 from scripts.build import build_algorithm, build_optimizer, build_policy, build_settings
 from tests.conftest import compose_train
 
@@ -117,7 +117,7 @@ def test_first_step_is_on_policy_with_a_dropout_model(cache_dir, disable):
     update's forward (train mode) are the same function, so the ratio is 1 and the KL to an identical
     reference 0. Without it the update's forward drops attention weights: ratio and KL move."""
     from common.models import make_reference
-    from common.trainer import accumulate_gradients
+    from common.update import accumulate_gradients
 
     cfg, model, engine = dropout_policy(cache_dir, disable)
     overrides = (

@@ -10,7 +10,9 @@ reasoning_gym  any reasoning-gym dataset, an optional extra (common/tasks/reason
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 
 from common.tasks.addition import AdditionTask
 from common.tasks.base import Example, Task, TaskError, answer_tag_content
@@ -42,7 +44,37 @@ __all__ = [
     "TaskError",
     "answer_tag_content",
     "build_task",
+    "task_schema",
 ]
+
+
+def _options(cls: type[Task]) -> dict[str, inspect.Parameter]:
+    """The task's constructor arguments (its config keys besides `name`)."""
+    return {
+        p.name: p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def task_schema(name: str) -> type:
+    """The structured-config schema of task `name` (configs/task/<name>.yaml): `name` and the
+    constructor's arguments, typed as annotated there, so a value of the wrong type fails while
+    the config is composed. An argument with a default keeps it; the others must be set.
+
+    Example: task_schema("char_share") has the fields name: str, target_chars: str = "aeiou",
+    num_train: int = 64, num_test: int = 16, seed: int = 0.
+    """
+    cls = TASKS[name]
+    hints = typing.get_type_hints(cls.__init__)
+    params = sorted(_options(cls).values(), key=lambda p: p.default is not p.empty)  # required first
+    fields = [("name", str)] + [
+        (p.name, hints[p.name])
+        if p.default is p.empty
+        else (p.name, hints[p.name], dataclasses.field(default=p.default))
+        for p in params
+    ]
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
 
 
 def build_task(name: str, **kwargs) -> Task:
@@ -55,11 +87,7 @@ def build_task(name: str, **kwargs) -> Task:
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; expected one of: {', '.join(TASKS)}")
     cls = TASKS[name]
-    params = {
-        p.name: p
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    params = _options(cls)
     for key in kwargs:
         if key not in params:
             raise TaskError(f"task {name!r}: unknown option {key!r}; expected one of: {', '.join(params)}")

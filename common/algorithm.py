@@ -1,0 +1,151 @@
+"""What the training loop needs from an algorithm: the `Algorithm` protocol, and `BaseAlgorithm`,
+the fields and defaults that GRPO, DAPO and PPO share.
+
+The loop (common/trainer.py and the modules it calls) is typed against `Algorithm` alone, so an
+algorithm folder (grpo/, dapo/, ppo/) is any frozen dataclass with these members; `BaseAlgorithm`
+saves it from restating the clipped-surrogate and KL settings and the "does nothing" defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor
+
+from common.config import require, require_option
+from common.kl import KL_KINDS
+from common.losses import AGG_MODES, batch_policy_loss
+
+# sums a tensor over data-parallel ranks (DistContext.sum); None: this rank's batch is the batch
+Reduce = Callable[[Tensor], Tensor]
+
+
+class Algorithm(Protocol):
+    """An RL algorithm as the loop sees it (batch vocabulary: see common/trainer.py).
+
+    Per step the loop calls `shape_rewards` (extra reward terms, each logged as reward/<name>),
+    `loss_mask` (which response tokens train), `compute_advantages` (writes batch["advantages"],
+    returns stats to log) and, per micro-batch, `loss`. The flags say what the loop must prepare:
+    a critic, a reference model, behaviour-policy log-probs, `epochs` passes over each batch.
+    `state_dict` / `load_state_dict` carry the mutable part (PPO's KL controller) in checkpoints.
+    """
+
+    name: str
+    group_size: int
+    loss_agg: str
+    loss_scale_factor: int
+    needs_critic: ClassVar[bool]
+    group_relative: ClassVar[bool]
+
+    @property
+    def needs_reference(self) -> bool: ...
+
+    @property
+    def needs_old_logprob(self) -> bool: ...
+
+    @property
+    def epochs(self) -> int: ...
+
+    def shape_rewards(self, lengths: Tensor, truncated: Tensor) -> dict[str, Tensor]: ...
+
+    def loss_mask(self, response_mask: Tensor, truncated: Tensor) -> Tensor: ...
+
+    def compute_advantages(self, batch: dict[str, Any], reduce: Reduce | None = None) -> dict[str, float]: ...
+
+    def loss(
+        self,
+        batch: dict[str, Any],
+        logprob: Tensor,
+        *,
+        denominator: float,
+        entropy: Tensor | None = None,
+        values: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class BaseAlgorithm:
+    """The clipped surrogate's and the KL term's settings, shared by every algorithm here, and the
+    `Algorithm` defaults: no critic, no extra reward terms, every response token trains, no state.
+
+    Field values come from configs/algorithm/*.yaml; there are deliberately no defaults here. The
+    dataclass is also the YAML's schema (scripts/build.py registers it), and `__post_init__` holds
+    the checks of the shared keys; subclasses add their own fields and checks, and
+    `compute_advantages`, `loss`, `epochs`, `needs_old_logprob`.
+    """
+
+    name: str
+    group_size: int
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None
+    loss_agg: str
+    loss_scale_factor: int
+    kl_coef: float
+    kl_kind: str
+
+    needs_critic: ClassVar[bool] = False
+    # advantages compare the responses of a group (so dynamic sampling can drop flat groups)
+    group_relative: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """Raise ConfigError naming the key (algorithm.<field>) of a value out of range."""
+        for key in ("clip_low", "clip_high"):
+            value = getattr(self, key)
+            require(0 < value < 1, f"algorithm.{key}", "must be in (0, 1)", value)
+        require(
+            self.dual_clip is None or self.dual_clip > 1,
+            "algorithm.dual_clip",
+            "must be > 1 or null",
+            self.dual_clip,
+        )
+        require_option("algorithm.loss_agg", self.loss_agg, AGG_MODES)
+        require(
+            self.loss_scale_factor >= 1,
+            "algorithm.loss_scale_factor",
+            "must be >= 1, in tokens (the generation budget)",
+            self.loss_scale_factor,
+        )
+        require_option("algorithm.kl_kind", self.kl_kind, KL_KINDS)
+        require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", self.kl_coef)
+
+    @property
+    def needs_reference(self) -> bool:
+        """A frozen reference model is loaded only when the KL term is on."""
+        return self.kl_coef > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Mutable state for checkpoints: none by default (PPO saves its KL controller)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore by default."""
+
+    def shape_rewards(self, lengths: Tensor, truncated: Tensor) -> dict[str, Tensor]:
+        """Extra reward terms added to the task reward, by name: none by default (DAPO adds one)."""
+        return {}
+
+    def loss_mask(self, response_mask: Tensor, truncated: Tensor) -> Tensor:
+        """Tokens that enter the loss: (N, T). By default every response token trains."""
+        return response_mask
+
+    def clipped_surrogate(
+        self, batch: dict[str, Any], logprob: Tensor, denominator: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The clipped policy loss (PPO Eq. 1, DAPO Eq. 10) of a micro-batch with this algorithm's
+        clip range, dual clip and aggregation (common.losses.batch_policy_loss)."""
+        return batch_policy_loss(
+            batch,
+            logprob,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            agg=self.loss_agg,
+            dual_clip=self.dual_clip,
+            denominator=denominator,
+        )

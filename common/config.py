@@ -1,0 +1,446 @@
+"""The typed configuration: one dataclass schema per config group, each with the range and cross-key
+checks that belong to it, and the one-line error that every bad value ends in.
+
+Hydra composes configs/train.yaml on these schemas (scripts/build.py registers them in Hydra's
+ConfigStore, and the YAML files name theirs in their defaults lists), so OmegaConf rejects a value
+of the wrong type while composing, naming the key. The checks of ranges and of keys that must agree
+run in each schema's `__post_init__`, when the composed config becomes these objects
+(`OmegaConf.to_object`, in scripts/build.py `validate`), before any model loads. An algorithm's
+schema is its own dataclass (grpo/, dapo/, ppo/, on common.algorithm.BaseAlgorithm) with its own
+checks; a task's is made from its constructor (common.tasks.task_schema, which keeps the
+constructor's defaults). Values and their comments live in the YAML files: the schemas here carry
+types, no defaults.
+
+Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
+`error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
+
+from common.distributed import launched_world_size
+
+ROLLOUT_ENGINES = ("hf", "vllm")
+DDP_BACKENDS = ("auto", "gloo", "nccl")
+ZERO_STAGES = (0, 1, 2, 3)
+DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
+# dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
+ON_EXHAUSTED = ("partial", "skip", "error")
+# keys that moved, for the error that names the new one
+RENAMED = {
+    "algorithm.critic_lr": "critic.lr",
+    "algorithm.critic_warmup_steps": "critic.warmup_steps",
+    "algorithm.critic_name_or_path": "critic.name_or_path",
+}
+
+
+class ConfigError(ValueError):
+    """A bad or contradictory setting; the message names the key: `<key>: <why> (got <value>)`."""
+
+
+def require(condition: bool, key: str, why: str, got: Any) -> None:
+    """Raise ConfigError(`<key>: <why> (got <got>)`) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {why} (got {got!r})")
+
+
+def require_option(key: str, value: Any, options: Sequence[Any], described: str | None = None) -> None:
+    """`value` must be one of `options`; `described` replaces their plain listing in the message."""
+    listing = described or ", ".join(str(o) for o in options)
+    require(value in options, key, f"not one of the options: {listing}", value)
+
+
+def schema_node(cls: type) -> DictConfig:
+    """`cls` as a writable structured config: a frozen dataclass (the algorithms) gives a read-only
+    one, into which Hydra could not merge the YAML values."""
+    node = OmegaConf.structured(cls)
+    OmegaConf.set_readonly(node, False)
+    return node
+
+
+# what a value of the wrong type should have been, by the OmegaConf node that refused it
+_EXPECTED = {
+    IntegerNode: "must be an integer",
+    FloatNode: "must be a number",
+    BooleanNode: "must be true or false",
+    StringNode: "must be a string",
+    ListConfig: "must be a list, e.g. [a, b]",
+    DictConfig: "must be a mapping, e.g. {a: 1}",
+}
+
+
+def as_config_error(err: BaseException) -> ConfigError | None:
+    """The one-line ConfigError for an OmegaConf error about a key, or for a Hydra composition error
+    caused by one: a value of the wrong type, a key that no schema has, a missing value. None for
+    any other error (e.g. an unknown config group option, which Hydra reports with its options).
+
+    The offending value comes from OmegaConf's message ("Value 'abc' of type 'str' ...") or from
+    Hydra's, which quotes the override ("Error merging override optim.lr=abc").
+    """
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if not isinstance(cause, OmegaConfBaseException) or not cause.full_key:
+        return None
+    key, message = cause.full_key, str(cause.msg).splitlines()[0]
+    if isinstance(cause, MissingMandatoryValue):
+        return ConfigError(f"{key}: needs a value, e.g. {key}=... on the command line (got ???)")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        where = key.rpartition(".")[0] or "the top level"
+        why = f"renamed to {RENAMED[key]}" if key in RENAMED else f"not a key of {where}"
+    elif isinstance(cause, ValidationError):
+        why = _EXPECTED.get(type(cause.child_node), message)
+    else:  # e.g. an interpolation that does not resolve
+        return ConfigError(f"{key}: {message}")
+    value = re.search(r"Value '(.*?)'", message) or re.search(
+        rf"(?:override|use) \+*{re.escape(key)}=(.*)$", str(err), re.MULTILINE
+    )
+    return ConfigError(f"{key}: {why} (got {value.group(1) if value else '?'})")
+
+
+@dataclass
+class LoraConfig:
+    """model.lora: LoRA adapters (Hu et al. 2021), checked only when enabled."""
+
+    enabled: bool
+    r: int
+    alpha: float
+    dropout: float
+    target_modules: list[str]
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        require(self.r >= 1, "model.lora.r", "must be >= 1", self.r)
+        require(self.alpha > 0, "model.lora.alpha", "must be > 0", self.alpha)
+        require(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)", self.dropout)
+        require(
+            len(self.target_modules) > 0,
+            "model.lora.target_modules",
+            "must be a non-empty list of module names, e.g. [q_proj, v_proj]",
+            self.target_modules,
+        )
+
+
+@dataclass
+class ModelConfig:
+    """model: the policy's source (configs/model/*.yaml) and the keys every model shares."""
+
+    source: str
+    name: str
+    name_or_path: str | None
+    dtype: str
+    tiny: dict[str, Any] | None
+    disable_dropout: bool
+    gradient_checkpointing: bool
+    lora: LoraConfig
+
+
+@dataclass
+class TrainerConfig:
+    """trainer: steps, batch sizes, evaluation, checkpoints, devices and data parallel."""
+
+    max_steps: int
+    batch_size: int
+    mini_batch_size: int | None
+    micro_batch_size: int
+    eval_every: int
+    eval_num_prompts: int
+    log_samples_every: int
+    num_samples_logged: int
+    save_every: int
+    keep_last_checkpoints: int
+    keep_step_checkpoints: bool
+    save_only_model: bool
+    max_bad_steps: int
+    device: str
+    num_threads: int | None
+    ddp_backend: str
+    zero_stage: int
+    bf16: bool
+    fail_on_reward_error: bool
+
+    def __post_init__(self) -> None:
+        require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
+        require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
+        mini = self.mini_batch_size or self.batch_size
+        require(
+            1 <= mini <= self.batch_size and self.batch_size % mini == 0,
+            "trainer.mini_batch_size",
+            f"must divide trainer.batch_size={self.batch_size}",
+            mini,
+        )
+        world = launched_world_size()
+        require(
+            self.batch_size % world == 0 and mini % world == 0,
+            "trainer.batch_size",
+            f"trainer.batch_size and trainer.mini_batch_size={mini} must be multiples of the {world} "
+            "data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
+            self.batch_size,
+        )
+        require_option(
+            "trainer.zero_stage",
+            self.zero_stage,
+            ZERO_STAGES,
+            "0 (off), 1 (AdamW state sharded over data-parallel ranks), 2 (+ gradients, FSDP "
+            "SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
+        )
+        require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
+        require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
+
+
+@dataclass
+class RolloutConfig:
+    """rollout: the generation engine and its sampling settings."""
+
+    engine: str
+    gpu_memory_utilization: float
+    group_size: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    system_prompt: str | None
+    max_prompt_len: int
+
+    def __post_init__(self) -> None:
+        require(self.group_size >= 1, "rollout.group_size", "must be >= 1", self.group_size)
+        require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
+        require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
+        require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
+        require_option("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        if self.engine == "vllm":
+            from common.rollout_vllm import vllm_available  # the optional engine's module, on demand
+
+            usable, reason = vllm_available()
+            if not usable:
+                raise ConfigError(f"rollout.engine: vllm: {reason}; rollout.engine=hf works everywhere")
+            require(
+                0 < self.gpu_memory_utilization < 1,
+                "rollout.gpu_memory_utilization",
+                "must be in (0, 1)",
+                self.gpu_memory_utilization,
+            )
+
+
+@dataclass
+class OptimConfig:
+    """optim: the policy's AdamW, warm-up and gradient clipping."""
+
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    betas: list[float]
+    max_grad_norm: float
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0", self.max_grad_norm)
+
+
+@dataclass
+class CriticConfig:
+    """critic: PPO's value model, read only by algorithms with a critic."""
+
+    lr: float
+    warmup_steps: int
+    name_or_path: str | None
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "critic.lr", "must be > 0", self.lr)
+        require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0", self.warmup_steps)
+
+
+@dataclass
+class RewardConfig:
+    """reward: weights of the terms added to the task's correctness."""
+
+    format_weight: float
+
+
+@dataclass
+class LoggerConfig:
+    """logger: W&B or local files only (configs/logger/*.yaml)."""
+
+    backend: str
+    mode: str
+    project: str
+    entity: str | None
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str
+
+
+@dataclass
+class DynamicSampling:
+    """dynamic_sampling=disabled; the other modes are options with keys of their own."""
+
+    mode: str
+
+    MODES: ClassVar[tuple[str, ...]] = ("disabled",)
+
+    def __post_init__(self) -> None:
+        require_option("dynamic_sampling.mode", self.mode, DYNAMIC_SAMPLING_MODES)
+        require(
+            self.mode in self.MODES,
+            "dynamic_sampling.mode",
+            f"select a mode with its group option (dynamic_sampling={self.mode}), which brings its keys",
+            self.mode,
+        )
+
+
+@dataclass
+class FilterSampling(DynamicSampling):
+    """dynamic_sampling=filter (DAPO Eq. 11): drop flat groups, refill from new prompts; each round
+    draws gen_batch_size_factor x trainer.batch_size prompts, and on_exhausted says what happens
+    after max_num_gen_batches rounds that did not fill the batch."""
+
+    max_num_gen_batches: int
+    gen_batch_size_factor: float
+    on_exhausted: str
+
+    MODES: ClassVar[tuple[str, ...]] = ("filter",)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.max_num_gen_batches >= 1,
+            "dynamic_sampling.max_num_gen_batches",
+            "must be >= 1",
+            self.max_num_gen_batches,
+        )
+        require(
+            self.gen_batch_size_factor >= 1,
+            "dynamic_sampling.gen_batch_size_factor",
+            "must be >= 1",
+            self.gen_batch_size_factor,
+        )
+        require_option("dynamic_sampling.on_exhausted", self.on_exhausted, ON_EXHAUSTED)
+
+
+def gen_batch_size(factor: float, batch_size: int) -> int:
+    """Prompts per dynamic-sampling round (verl's gen_batch_size): ceil(factor x batch_size)."""
+    return math.ceil(factor * batch_size)
+
+
+@dataclass
+class ResampleSampling(DynamicSampling):
+    """dynamic_sampling=resample: grow flat groups one response at a time."""
+
+    max_samples: int
+
+    MODES: ClassVar[tuple[str, ...]] = ("resample",)
+
+
+@dataclass
+class TrainConfig:
+    """configs/train.yaml: every group, and the checks of keys from different groups.
+
+    `algorithm` is an algorithm's own schema (grpo/, dapo/, ppo/) and `task` a task's
+    (common.tasks.task_schema): each YAML option names its schema, so they are typed as Any here.
+    """
+
+    experiment_name: str
+    seed: int
+    resume: str | None
+    model: ModelConfig
+    # rollout before algorithm: an algorithm key may interpolate a rollout one (loss_scale_factor is
+    # ${rollout.max_new_tokens}), whose own check should be the one that names a bad value
+    rollout: RolloutConfig
+    task: Any
+    algorithm: Any
+    dynamic_sampling: DynamicSampling
+    logger: LoggerConfig
+    trainer: TrainerConfig
+    optim: OptimConfig
+    critic: CriticConfig
+    reward: RewardConfig
+    paths: PathsConfig
+
+    def __post_init__(self) -> None:
+        t, G = self.trainer, self.rollout.group_size
+        rows = (t.mini_batch_size or t.batch_size) * G
+        require(
+            t.micro_batch_size >= 1 and (rows % t.micro_batch_size == 0 or t.micro_batch_size >= rows),
+            "trainer.micro_batch_size",
+            f"must divide the {rows} sequences of a mini-batch "
+            "(trainer.mini_batch_size x rollout.group_size)",
+            t.micro_batch_size,
+        )
+        require(
+            t.zero_stage < 2 or not self.model.lora.enabled,
+            "trainer.zero_stage",
+            "2 and 3 shard the weights (FSDP), which is not supported with LoRA (model.lora.enabled): "
+            "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
+            t.zero_stage,
+        )
+        ds = self.dynamic_sampling
+        require(
+            ds.mode == "disabled" or self.algorithm.group_relative,
+            "dynamic_sampling",
+            f"{ds.mode} drops or grows groups of responses and needs a group algorithm, "
+            f"not {self.algorithm.name}",
+            ds.mode,
+        )
+        if isinstance(ds, FilterSampling):
+            world, prompts = launched_world_size(), gen_batch_size(ds.gen_batch_size_factor, t.batch_size)
+            require(
+                prompts % world == 0,
+                "dynamic_sampling.gen_batch_size_factor",
+                f"{ds.gen_batch_size_factor} x trainer.batch_size={t.batch_size} = {prompts} prompts per "
+                f"round must be a multiple of the {world} data-parallel processes",
+                ds.gen_batch_size_factor,
+            )
+        if isinstance(ds, ResampleSampling):
+            require(
+                ds.max_samples > G,
+                "dynamic_sampling.max_samples",
+                f"must exceed rollout.group_size={G}",
+                ds.max_samples,
+            )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling by
+    scripts/build.py build_settings; part of the run's common.trainer.RunContext."""
+
+    max_steps: int
+    batch_size: int
+    mini_batch_size: int
+    micro_batch_size: int
+    max_grad_norm: float
+    format_weight: float
+    eval_every: int
+    eval_num_prompts: int
+    log_samples_every: int
+    num_samples_logged: int
+    save_every: int
+    fail_on_reward_error: bool
+    max_num_gen_batches: int = 1
+    gen_batch_size: int = 0  # prompts per dynamic-sampling round (filter mode); 0 = batch_size
+    on_exhausted: str = "partial"  # filter mode after max_num_gen_batches: partial, skip or error
+    max_samples: int = 0
+    keep_last_checkpoints: int = 2
+    keep_step_checkpoints: bool = False
+    save_only_model: bool = False
+    max_bad_steps: int = 3
+    bf16: bool = False
+    seed: int = 0

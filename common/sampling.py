@@ -1,0 +1,275 @@
+"""Sampling one step's batch: the prompt stream, scored rollouts, and dynamic sampling.
+
+`collect` rolls out `trainer.batch_size` groups of G responses (rows [q1]*G + [q2]*G + ...),
+scores every response against its own prompt, and, with dynamic sampling (DAPO Eq. 11), drops
+flat groups and refills from new prompts (`group_filter`, the filter mode) or grows flat groups
+one response at a time (`flat_groups`, the resample mode). The group tests themselves are pure
+functions in dapo/sampling.py, passed in by scripts/build.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from common.algorithm import Algorithm
+from common.config import TrainSettings
+from common.distributed import SINGLE, DistContext
+from common.rewards import score_responses
+from common.rollout import HFRollout, RolloutBatch
+from common.tasks import Example, Task
+
+log = logging.getLogger("rl_lab")
+
+# (rewards (N,), G) -> keep (n_groups,) bool: DAPO's filter_groups
+GroupFilter = Callable[[torch.Tensor, int], torch.Tensor]
+# (rewards (N,), group_index (N,)) -> ids of groups whose rewards are all equal: dapo.groups_to_resample
+FlatGroups = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PromptStream:
+    """Endless pass over the training examples, reshuffled each epoch with a seeded generator."""
+
+    def __init__(self, examples: list[Example], seed: int) -> None:
+        self.examples = examples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[Example]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.examples[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffle()
+
+
+@dataclass
+class Samples:
+    """A scored rollout: the token batch, each row's example, and each reward term (N,)."""
+
+    rollout: RolloutBatch
+    examples: list[Example]
+    terms: dict[str, torch.Tensor]
+    extracted: list[str | None]
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+
+    def select(self, index: torch.Tensor) -> Samples:
+        rows = index.nonzero().flatten() if index.dtype == torch.bool else index
+        return Samples(
+            rollout=self.rollout.select(rows),
+            examples=[self.examples[i] for i in rows.tolist()],
+            terms={k: v[rows] for k, v in self.terms.items()},
+            extracted=[self.extracted[i] for i in rows.tolist()],
+            errors=self.errors,
+            error_messages=self.error_messages,
+        )
+
+    @staticmethod
+    def concat(parts: list[Samples], offset_groups: bool = True) -> Samples:
+        return Samples(
+            rollout=RolloutBatch.concat([p.rollout for p in parts], offset_groups=offset_groups),
+            examples=[e for p in parts for e in p.examples],
+            terms={k: torch.cat([p.terms[k] for p in parts]) for k in parts[0].terms},
+            extracted=[x for p in parts for x in p.extracted],
+            errors=sum(p.errors for p in parts),
+            error_messages=[m for p in parts for m in p.error_messages],
+        )
+
+
+def score_samples(
+    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Algorithm, settings: TrainSettings
+) -> Samples:
+    """Score every response of `rollout` against its own prompt; `examples` are the per-prompt
+    examples, expanded here in the rollout's [q1]*G + [q2]*G + ... order."""
+    G = len(rollout) // len(examples)
+    expanded = [e for e in examples for _ in range(G)]  # prompts_expanded order
+    result = score_responses(
+        task,
+        rollout.responses,
+        expanded,
+        format_weight=settings.format_weight,
+        fail_fast=settings.fail_on_reward_error,
+    )
+    terms = {"correct": result.correct, "format": result.format}
+    terms.update(algo.shape_rewards(rollout.lengths, rollout.truncated))
+    # what the advantages see: the task's total (correct + weighted format) plus the shaping terms
+    terms["total"] = result.total + sum(v for k, v in terms.items() if k not in ("correct", "format"))
+    return Samples(rollout, expanded, terms, result.extracted, result.errors, result.error_messages)
+
+
+def generate_and_score(
+    engine: HFRollout,
+    task: Task,
+    examples: list[Example],
+    algo: Algorithm,
+    settings: TrainSettings,
+    group_size: int | None = None,
+) -> Samples:
+    """Sample G responses per example in one batched call and score each against its own prompt."""
+    rollout = engine.sample([e.prompt for e in examples], group_size=group_size or engine.group_size)
+    return score_samples(task, rollout, examples, algo, settings)
+
+
+def collect(
+    engine: HFRollout,
+    task: Task,
+    stream: PromptStream,
+    algo: Algorithm,
+    settings: TrainSettings,
+    group_filter: GroupFilter | None,
+    flat_groups: FlatGroups | None = None,
+    dist: DistContext = SINGLE,
+) -> tuple[Samples | None, dict[str, float]]:
+    """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept
+    (see `fill_with_filtered_groups`); with `flat_groups`, grow all-equal groups instead (see
+    `resample_flat_groups`).
+
+    Data parallel: every rank takes the same global batch from the stream and rolls out its own
+    contiguous share (batch_size / world_size prompts), so groups never span ranks and the stream
+    stays in step on all ranks; with a filter, generation rounds go on until every rank is full.
+    """
+    if group_filter is not None:
+        return fill_with_filtered_groups(engine, task, stream, algo, settings, group_filter, dist)
+    samples = generate_and_score(engine, task, dist.shard(stream.take(settings.batch_size)), algo, settings)
+    stats: dict[str, float] = {"sampling/gen_batches": 1}
+    if flat_groups is not None:
+        samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
+        stats.update(resample_stats)
+    stats["sampling/samples"] = len(samples.rollout)
+    stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
+    return samples, stats
+
+
+class DynamicSamplingError(RuntimeError):
+    """dynamic_sampling.on_exhausted=error: max_num_gen_batches rounds did not fill the batch."""
+
+
+def fill_with_filtered_groups(
+    engine: HFRollout,
+    task: Task,
+    stream: PromptStream,
+    algo: Algorithm,
+    settings: TrainSettings,
+    group_filter: GroupFilter,
+    dist: DistContext = SINGLE,
+) -> tuple[Samples | None, dict[str, float]]:
+    """Dynamic sampling (DAPO Algorithm 1, lines 3-8), as verl's DAPO recipe runs it: each round
+    samples settings.gen_batch_size prompts (verl's gen_batch_size, an oversampling factor times
+    batch_size), drops the groups whose *task correctness* is all equal (no signal: zero advantage)
+    and keeps the first ones until batch_size groups are kept; the surplus is discarded. The filter
+    reads the correctness term, not the shaped total: the paper filters "prompts with accuracy equal
+    to 1 and 0" (verl makes it a setting).
+
+    After max_num_gen_batches rounds without a full batch, settings.on_exhausted decides: "partial"
+    trains on the kept groups (a warning; none kept: the update is skipped), "skip" skips the
+    update, "error" raises DynamicSamplingError (verl's behaviour). Under data parallel the
+    decision is the same on every rank. A partial batch is normalised by its own tokens (or rows):
+    the loss denominators count what is in the batch, never the nominal batch_size x G.
+    """
+    G = engine.group_size
+    target = settings.batch_size // dist.world_size  # this rank's groups
+    gen_batch_size = settings.gen_batch_size or settings.batch_size
+    kept: list[Samples] = []
+    n_kept = n_seen = n_generated = n_tokens = gen_batch = 0
+    short = True
+    while gen_batch < settings.max_num_gen_batches and short:
+        gen_batch += 1
+        examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
+        if n_kept < target:
+            samples = generate_and_score(engine, task, examples, algo, settings)
+            keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
+            n_seen += keep.numel()
+            n_generated += samples.rollout.input_ids.shape[0]
+            n_tokens += int(samples.rollout.lengths.sum())
+            take = keep.nonzero().flatten()[: target - n_kept]
+            if take.numel():
+                rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
+                kept.append(samples.select(rows))
+                n_kept += take.numel()
+        short = dist.any(n_kept < target)
+    stats = {
+        "sampling/gen_batches": gen_batch,
+        "sampling/samples": n_generated,
+        "sampling/tokens": n_tokens,
+        "sampling/groups_kept": n_kept,
+        "sampling/groups_dropped": n_seen - n_kept,
+        "sampling/kept_group_frac": n_kept / max(n_seen, 1),
+    }
+    shortfall = (
+        f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
+        "(dynamic_sampling.max_num_gen_batches)"
+    )
+    if short and settings.on_exhausted == "error":
+        raise DynamicSamplingError(
+            f"{shortfall}; the prompts are too easy or too hard for the policy: raise max_num_gen_batches "
+            "or gen_batch_size_factor, or set dynamic_sampling.on_exhausted=partial or skip"
+        )
+    if short and (settings.on_exhausted == "skip" or not kept):
+        log.warning("%s; skipping this update", shortfall)
+        return None, stats
+    if n_kept < target:
+        log.warning("%s; training on the kept groups", shortfall)
+    return Samples.concat(kept), stats
+
+
+def resample_flat_groups(
+    engine: HFRollout,
+    task: Task,
+    samples: Samples,
+    algo: Algorithm,
+    settings: TrainSettings,
+    flat_groups: FlatGroups,
+) -> tuple[Samples, dict[str, float]]:
+    """Grow every group whose correctness rewards are all equal (std < 1e-6) by one response at a
+    time, batched across such groups, until its rewards differ or it holds settings.max_samples.
+
+    The design notes' dynamic sampling, an alternative to DAPO's filter: no prompt is dropped,
+    but groups end up with unequal sizes. The new rows carry their group's id, so the advantages
+    (common.advantage.compute_group_relative_advantages) see ragged groups. Like the filter, it
+    reads the correctness term, not the shaped total.
+
+    Example (G = 2, max_samples = 4): correctness [1, 1 | 0, 1] -> group 0 is flat, one more
+    response for q1; if it scores 0 the groups are [1, 1, 0 | 0, 1] and sampling stops.
+    """
+    extra = rounds = 0
+    while True:
+        group_index = samples.rollout.group_index  # (N,)
+        flat = flat_groups(samples.terms["correct"], group_index)  # group ids
+        flat = flat[torch.bincount(group_index)[flat] < settings.max_samples]
+        if flat.numel() == 0:
+            break
+        first_row = {g: i for i, g in reversed(list(enumerate(group_index.tolist())))}
+        examples = [samples.examples[first_row[g]] for g in flat.tolist()]
+        new = generate_and_score(engine, task, examples, algo, settings, group_size=1)
+        new.rollout.group_index = flat.clone()  # the new responses join their groups
+        samples = Samples.concat([samples, new], offset_groups=False)
+        extra += len(examples)
+        rounds += 1
+    still_flat = flat_groups(samples.terms["correct"], samples.rollout.group_index).numel()
+    return samples, {
+        "sampling/extra_samples": extra,
+        "sampling/resample_rounds": rounds,
+        "sampling/flat_groups_left": still_flat,
+    }

@@ -1,0 +1,163 @@
+"""What lets a run stop between two steps and resume exactly: the state a checkpoint carries
+besides the policy weights (`Resumable`: optimizers, scheduler, RNG streams, data position,
+algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.algorithm import Algorithm
+from common.checkpoint import CheckpointError
+from common.distributed import (
+    SINGLE,
+    DistContext,
+    DistributedError,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+)
+from common.sampling import PromptStream
+from common.update import Critic
+
+log = logging.getLogger("rl_lab")
+
+
+class RunInterruptedError(Exception):
+    """Ctrl-C or SIGTERM: the current step was finished and checkpointed at `path`."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        super().__init__(f"interrupted after step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
+
+
+class RunAbortedError(RuntimeError):
+    """The run cannot go on (e.g. non-finite losses step after step); the last good state is saved."""
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the current step, checkpoint, stop. A second one stops at once.
+
+    A step is never cut in half, so the checkpoint is exactly the state after a completed step and
+    a resumed run continues as if nothing had happened.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("%s received: stopping after this step (again to stop now)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+@dataclass
+class LoopState:
+    """Counters that a resumed run continues from."""
+
+    step: int = 0
+    samples_total: int = 0
+    tokens_total: int = 0
+    wall_s: float = 0.0
+    bad_steps: int = 0
+
+
+@dataclass
+class Resumable:
+    """The objects whose state a checkpoint carries besides the policy weights."""
+
+    model: torch.nn.Module  # the trained policy (DDP- or FSDP-wrapped under data parallel)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: PromptStream
+    algo: Algorithm
+    critic: Critic | None
+    generator: torch.Generator
+    dist: DistContext = SINGLE
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "update": self.generator.get_state(),
+        }
+
+    def state_dict(self, loop: LoopState, run_id: str | None) -> dict[str, Any]:
+        """Everything but the policy weights that an exact resume needs. Data parallel: a
+        collective (every rank calls it; sharded optimizer states are gathered to rank 0);
+        "rank_rng" holds each rank's sampling RNG streams."""
+        rng = self._rng_state()
+        state = {
+            "step": loop.step,
+            "loop": vars(loop).copy(),
+            "optimizer": optimizer_state_dict(self.model, self.optimizer, self.dist),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "rank_rng": self.dist.gather_objects(rng),
+            "data": self.stream.state_dict(),
+            "algorithm": self.algo.state_dict(),
+            "wandb_run_id": run_id,
+        }
+        if self.critic is not None:
+            state["critic"] = model_state_dict(self.critic.model, self.dist)
+            state["critic_optimizer"] = optimizer_state_dict(
+                self.critic.model, self.critic.optimizer, self.dist
+            )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> LoopState:
+        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint)."""
+        try:
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            if self.critic is not None:
+                load_model_state_dict(self.critic.model, state["critic"])
+                load_optimizer_state_dict(self.critic.model, self.critic.optimizer, state["critic_optimizer"])
+        except DistributedError as err:
+            raise CheckpointError(f"resume: {err}") from err
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        self.algo.load_state_dict(state["algorithm"])
+        rng = state["rng"]
+        rank_rng = state.get("rank_rng") or [rng]
+        if len(rank_rng) == self.dist.world_size:
+            rng = rank_rng[self.dist.rank]
+        elif self.dist.rank > 0:
+            log.warning(
+                "checkpoint written by %d processes, resumed on %d: rank %d reseeds its sampling",
+                len(rank_rng),
+                self.dist.world_size,
+                self.dist.rank,
+            )
+            reseeded = torch.Generator().manual_seed(int(rng["torch"].sum()) + self.dist.rank)
+            rng = {**rng, "torch": reseeded.get_state()}
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["update"])
+        return LoopState(**state["loop"])

@@ -1,0 +1,323 @@
+"""The update: no-grad log-prob and value passes, micro-batches, gradient accumulation (DDP / FSDP)
+and the optimizer steps of `epochs` x mini-batches.
+
+A mini-batch is one optimizer step; it runs in micro-batches of `trainer.micro_batch_size`
+sequences whose gradients accumulate, each normalised by the whole mini-batch's denominator, so
+the result does not depend on the micro-batch size (DAPO Eq. 12 holds across micro-batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.algorithm import Algorithm
+from common.config import TrainSettings
+from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
+from common.losses import aggregation_denominator
+from common.rollout import eval_mode, sequence_logprobs
+
+log = logging.getLogger("rl_lab")
+
+
+@dataclass
+class Critic:
+    """PPO's value model with its own optimizer. For the first `warmup_steps` steps only the critic
+    learns (the policy's optimizer does not step), so advantages start from sensible values."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float
+    warmup_steps: int = 0
+
+
+@torch.no_grad()
+def batched_forward(
+    forward: Callable[[dict[str, Any]], torch.Tensor], batch: dict[str, Any], micro_batch_size: int
+) -> torch.Tensor:
+    """Run `forward(micro_batch) -> (B, t)` over the batch in micro-batches; returns (N, T), zero-padded."""
+    out = []
+    for rows in torch.arange(batch["input_ids"].shape[0]).split(micro_batch_size):
+        out.append(_pad_right(forward(micro_batch(batch, rows)), batch["response_mask"].shape[1]))
+    return torch.cat(out)
+
+
+def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) log-probs of the taken tokens under `model`."""
+
+    def forward(mb: dict[str, Any]) -> torch.Tensor:
+        logprob, _ = sequence_logprobs(
+            model,
+            mb["input_ids"],
+            mb["attention_mask"],
+            mb["prompt_len"],
+            temperature=temperature,
+            prompt_groups=mb.get("group_index"),
+        )
+        return logprob
+
+    return forward
+
+
+def value_fn(critic: torch.nn.Module) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) critic values V(s_t) at the response positions."""
+    return lambda mb: critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"])
+
+
+def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def micro_batch(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """Rows of the batch, trimmed to the columns they use: leading all-padding prompt columns and
+    trailing response columns past the longest response go, so short micro-batches cost less."""
+    P = batch["prompt_len"]
+    attention = batch["attention_mask"][rows]
+    first = int(attention[:, :P].any(0).nonzero().min()) if attention[:, :P].any() else P
+    T = int(batch["response_mask"][rows].sum(1).max().clamp(min=1))
+    mb = {"prompt_len": P - first}
+    for key, value in batch.items():
+        if key == "prompt_len":
+            continue
+        if key in ("input_ids", "attention_mask"):
+            mb[key] = value[rows, first : P + T]
+        elif value.dim() == 2:
+            mb[key] = value[rows, :T]
+        else:
+            mb[key] = value[rows]
+    return mb
+
+
+class WeightedMeans:
+    """Token-weighted means of stats dicts; a NaN (an undefined stat, e.g. PPO's explained variance
+    of constant returns) is left out of its key's mean instead of poisoning it."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, stats: dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            if math.isfinite(value):
+                self.sums[key] += value * weight
+                self.weights[key] += weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] if self.weights[k] else float("nan") for k in self.sums}
+
+
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast on `device` when bf16 is set, else a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def micro_batch_order(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+    """`rows` longest response first: micro-batches of similar lengths carry little padding (and the
+    first one fails fast if memory is short). Rows of one group that share a micro-batch also share
+    their prompt's forward (sequence_logprobs)."""
+    return rows[batch["response_mask"][rows].sum(1).argsort(descending=True, stable=True)]
+
+
+def accumulate_gradients(
+    model: torch.nn.Module,
+    algo: Algorithm,
+    batch: dict[str, Any],
+    rows: torch.Tensor,
+    micro_batch_size: int,
+    temperature: float,
+    critic: torch.nn.Module | None = None,
+    bf16: bool = False,
+    dist: DistContext = SINGLE,
+) -> tuple[float, dict[str, float], float]:
+    """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
+
+    Each micro-batch loss is normalised by the *mini-batch's* denominator (token count for
+    token-mean, count of sequences with loss tokens for the seq-mean modes, times C =
+    algo.loss_scale_factor for seq-mean-token-sum-norm), so the accumulated gradient equals the
+    gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
+    across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
+    fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
+    backward follows the forward's dtypes; log-probs and losses stay float32).
+
+    Data parallel (`dist`, with `model` and `critic` wrapped in DDP): the denominator is summed over
+    ranks, so it is the global mini-batch's; DDP averages gradients over the W ranks, so each
+    rank's loss is scaled by W and the all-reduced gradient is the global loss's gradient:
+        grad = sum_r grad(sum_{i in r} l_i / D_global) = W * mean_r grad(...).
+    Gradients are all-reduced once, in the backward of the last micro-batch (`no_sync` before it).
+    Every rank runs the same number of backward passes (DDP's collectives must match): a rank with
+    fewer micro-batches adds zero-weight passes over its first row. With sharded weights (FSDP,
+    zero_stage 2-3) every forward gathers weights, so each micro-batch runs exactly one forward:
+    the shared-prompt forward (two per micro-batch, only where rows share a prompt) is off, and the
+    gradients are reduce-scattered after every micro-batch.
+
+    Returns:
+        (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
+        loss tokens)
+    """
+    # summed over ranks first, then clamped: an empty mini-batch (all rows masked) trains on nothing
+    part = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg, algo.loss_scale_factor)
+    denominator = dist.all_reduce(part) or 1.0
+    total, means, n_total = 0.0, WeightedMeans(), 0.0
+    rows = micro_batch_order(batch, rows)
+    micros = list(rows.split(micro_batch_size))
+    n_passes = int(dist.all_reduce(len(micros), "max"))
+    for i in range(n_passes):
+        real = i < len(micros)
+        micro = micros[i] if real else (rows[:1] if rows.numel() else torch.zeros(1, dtype=torch.long))
+        mb = micro_batch(batch, micro)
+        with no_sync([model, critic], skip=i < n_passes - 1):
+            with autocast(batch["input_ids"].device, bf16):
+                logprob, entropy = sequence_logprobs(
+                    model,
+                    mb["input_ids"],
+                    mb["attention_mask"],
+                    mb["prompt_len"],
+                    temperature=temperature,
+                    return_entropy=True,
+                    prompt_groups=None if dist.shards_params else mb.get("group_index"),
+                )  # (B, T), (B, T)
+                values = None
+                if critic is not None:
+                    values = critic(mb["input_ids"], mb["attention_mask"], mb["prompt_len"]).float()  # (B, T)
+            loss, stats = algo.loss(mb, logprob, denominator=denominator, entropy=entropy, values=values)
+            (loss * (dist.world_size if real else 0.0)).backward()
+        if not real:
+            continue
+        total += loss.item()
+        n_tokens = float(mb["loss_mask"].sum())
+        mask = mb["response_mask"]
+        stats["policy/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+        means.add(stats, max(n_tokens, 1.0))
+        n_total += n_tokens
+    return total, means.means(), n_total
+
+
+def update_policy(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    algo: Algorithm,
+    batch: dict[str, Any],
+    settings: TrainSettings,
+    temperature: float,
+    generator: torch.Generator,
+    critic: Critic | None = None,
+    dist: DistContext = SINGLE,
+) -> dict[str, float]:
+    """`algo.epochs` passes over the batch, each split into mini-batches of one optimizer step.
+
+    With a critic, its optimizer steps beside the policy's; `optimizer=None` (critic warm-up) steps
+    the critic alone. Data parallel: see `accumulate_gradients`; the reported loss is the global
+    mini-batch's (summed over ranks), so a non-finite loss on any rank skips the step on all.
+    """
+    N = batch["input_ids"].shape[0]
+    n_minibatches = max(1, settings.batch_size // settings.mini_batch_size)
+    means = WeightedMeans()
+    losses, grad_norms, skipped = [], [], 0
+    model.train()
+    critic_model = critic.model.train() if critic is not None else None
+    for _ in range(algo.epochs):
+        reshuffle = algo.epochs > 1 or n_minibatches > 1
+        order = torch.randperm(N, generator=generator) if reshuffle else torch.arange(N)
+        for rows in order.tensor_split(n_minibatches):
+            model.zero_grad(set_to_none=True)  # the policy's gradients, also when it does not step
+            if critic is not None:
+                critic.optimizer.zero_grad(set_to_none=True)
+            total, stats, n_tokens = accumulate_gradients(
+                model,
+                algo,
+                batch,
+                rows,
+                settings.micro_batch_size,
+                temperature,
+                critic_model,
+                settings.bf16,
+                dist,
+            )
+            total = dist.all_reduce(total)
+            grad_norm = clip_and_step(
+                model, optimizer, scheduler, critic, total, stats, settings.max_grad_norm
+            )
+            if grad_norm is None:
+                skipped += 1
+                continue
+            losses.append(total)
+            grad_norms.append(grad_norm)
+            means.add(stats, max(n_tokens, 1.0))
+    metrics = means.means()
+    metrics.update(
+        {
+            "policy/loss": float(np.mean(losses)) if losses else float("nan"),
+            "policy/grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+            "policy/lr": scheduler.get_last_lr()[0],
+            "policy/skipped_updates": skipped,
+            "policy/updated": float(optimizer is not None),
+        }
+    )
+    return metrics
+
+
+def clip_and_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    critic: Critic | None,
+    total: float,
+    stats: dict[str, float],
+    max_grad_norm: float,
+) -> float | None:
+    """Clip the accumulated gradients and step the optimizers (the policy's only when `optimizer`
+    is given); stats gain critic/grad_norm. Returns the policy's gradient norm, or None when the
+    loss `total` or a gradient norm is not finite: then nothing steps."""
+    grad_norm = scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+    if critic is not None:
+        critic_norm = scalar(torch.nn.utils.clip_grad_norm_(critic.model.parameters(), critic.max_grad_norm))
+        stats["critic/grad_norm"] = critic_norm.item()
+        finite = finite and bool(torch.isfinite(critic_norm))
+    if not finite:
+        log.warning("non-finite loss (%s) or gradient norm: update skipped", total)
+        return None
+    if critic is not None:
+        critic.optimizer.step()
+    if optimizer is not None:
+        optimizer.step()
+        scheduler.step()
+    return grad_norm.item()
+
+
+def add_logprobs_and_values(
+    batch: dict[str, Any],
+    model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    critic: Critic | None,
+    algo: Algorithm,
+    settings: TrainSettings,
+    temperature: float,
+    device: torch.device,
+    dist: DistContext = SINGLE,
+) -> None:
+    """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
+    batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
+    micro = settings.micro_batch_size
+    # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
+    with autocast(device, settings.bf16):
+        # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
+        # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
+        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+            with gathered([model], dist), eval_mode(unwrap(model)):
+                batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
+        if reference is not None:
+            with gathered([reference], dist):
+                batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
+        if critic is not None:
+            with gathered([critic.model], dist):
+                values = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro)
+            batch["values"] = values.float()
