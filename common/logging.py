@@ -29,6 +29,30 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window: Linux resets the process's high-water mark (VmHWM) to its
+    current resident memory when 5 is written to /proc/self/clear_refs. False where that is not
+    possible (another OS); `window_peak_rss_mb` then reports the lifetime peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def window_peak_rss_mb() -> float:
+    """Peak resident memory since the last `reset_peak_rss`, in MB (VmHWM of /proc/self/status,
+    in kB); the lifetime peak (`peak_rss_mb`) where /proc is not there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return peak_rss_mb()
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mb()
+
+
 def wandb_logged_in() -> bool:
     """True when an API key is available (WANDB_API_KEY or `wandb login`'s ~/.netrc entry)."""
     if os.environ.get("WANDB_API_KEY"):

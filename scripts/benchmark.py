@@ -14,7 +14,9 @@ warm-up step):
     against a dense matmul measured in the same process (the machine's attainable FLOP/s);
   - the design notes' naive rollout (one `generate` call per sample) on the same prompts, and the
     speed-up of the batched rollout over it;
-  - peak resident memory.
+  - peak resident memory, of the whole run and of each phase (the largest over the timed steps of
+    the peak within the phase; each includes what the process holds throughout: weights, AdamW
+    state, the reference model).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from common.logging import peak_rss_mb
+from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.models import make_reference
 from common.rollout import HFRollout
 from common.sampling import score_samples
@@ -106,31 +108,52 @@ def naive_rollout(
     return time.perf_counter() - t, tokens
 
 
+class PhaseMeter:
+    """Seconds and peak resident memory of each phase of a step: `start()`, run the phase,
+    `stop(name)`. The memory window opens at `start` (common.logging.reset_peak_rss)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: dict[str, float] = {}  # "<phase>_s" -> seconds
+        self.rss_mb: dict[str, float] = {}  # "<phase>" -> peak MB within the phase
+        self._t = 0.0
+
+    def start(self) -> None:
+        reset_peak_rss()
+        self._t = clock(self.device)
+
+    def stop(self, name: str) -> None:
+        self.times[f"{name}_s"] = clock(self.device) - self._t
+        self.rss_mb[name] = window_peak_rss_mb()
+
+
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
-    """One GRPO step with each phase timed separately (the trainer's train_step, taken apart)."""
+    """One GRPO step with each phase timed and its peak memory read separately (the trainer's
+    train_step, taken apart). Returns (seconds, peak MB by phase, generated, processed, computed)."""
     device = next(model.parameters()).device
-    times: dict[str, float] = {}
-    t = clock(device)
+    meter = PhaseMeter(device)
+    meter.start()
     rollout = engine.sample([e.prompt for e in examples])
-    times["rollout_s"] = clock(device) - t
-    t = clock(device)
+    meter.stop("rollout")
+    meter.start()
     samples = score_samples(task, rollout, examples, algo, settings)
     batch = build_batch(samples, algo, device)
-    times["reward_s"] = clock(device) - t
-    t = clock(device)
+    meter.stop("reward")
+    meter.start()
     add_logprobs_and_values(batch, model, reference, None, algo, settings, engine.temperature, device)
-    times["logprob_s"] = clock(device) - t
+    meter.stop("logprob")
     algo.compute_advantages(batch)
-    t = clock(device)
+    meter.start()
     update_policy(model, optimizer, scheduler, algo, batch, settings, engine.temperature, generator)
     if engine.syncs_weights:  # a separate generation engine (vLLM) gets the new weights, as in training
         engine.sync_weights(model)
-    times["update_s"] = clock(device) - t
-    times["step_s"] = sum(times.values())
+    meter.stop("update")
+    times = {**meter.times, "step_s": sum(meter.times.values())}
     generated = int(rollout.lengths.sum())
     # the workload's tokens: prompt + response of every row, padding left out
     processed = int(rollout.attention_mask.sum()) * algo.epochs
-    return times, generated, processed, computed_tokens(batch, settings.micro_batch_size) * algo.epochs
+    computed = computed_tokens(batch, settings.micro_batch_size) * algo.epochs
+    return times, meter.rss_mb, generated, processed, computed
 
 
 def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
@@ -148,19 +171,21 @@ def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
 
 
 def mean_of_steps(
-    steps: int, step: Callable[[], tuple[dict[str, float], int, int, int]]
-) -> tuple[dict[str, float], float, float, float]:
-    """Run `step` (time_step) 1 + `steps` times; the means over the timed steps of its phase times
-    and token counts. The first step warms up (allocator, kernels) and is not timed."""
+    steps: int, step: Callable[[], tuple[dict[str, float], dict[str, float], int, int, int]]
+) -> tuple[dict[str, float], dict[str, float], float, float, float]:
+    """Run `step` (time_step) 1 + `steps` times; over the timed steps, the means of its phase times
+    and token counts and the largest peak memory of each phase. The first step warms up
+    (allocator, kernels) and is not counted."""
     runs = []
     for i in range(steps + 1):
-        times, generated, processed, computed = step()
+        measured = step()
         if i > 0:
-            runs.append((times, generated, processed, computed))
-        print(f"step {i}{' (warm-up)' if i == 0 else ''}: {times['step_s']:.1f}s", file=sys.stderr)
+            runs.append(measured)
+        print(f"step {i}{' (warm-up)' if i == 0 else ''}: {measured[0]['step_s']:.1f}s", file=sys.stderr)
     mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
-    generated, processed, computed = (sum(r[j] for r in runs) / len(runs) for j in (1, 2, 3))
-    return mean, generated, processed, computed
+    rss = {k: max(r[1][k] for r in runs) for k in runs[0][1]}
+    generated, processed, computed = (sum(r[j] for r in runs) / len(runs) for j in (2, 3, 4))
+    return mean, rss, generated, processed, computed
 
 
 def workload_and_machine(
@@ -206,7 +231,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     examples = task.train[: cfg.trainer.batch_size]
     n_params = sum(p.numel() for p in model.parameters())
 
-    mean, generated, processed, computed = mean_of_steps(
+    mean, phase_rss, generated, processed, computed = mean_of_steps(
         steps,
         lambda: time_step(
             model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
@@ -240,6 +265,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "naive_rollout_prompts": naive_prompts,
         "batched_over_naive": batched_tps / naive_tps,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb_per_phase": phase_rss,
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
@@ -269,6 +295,10 @@ def format_table(result: dict[str, Any]) -> str:
             "tokens run: shared prompts once, padding included)",
         ),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
+        (
+            "peak RSS by phase",
+            ", ".join(f"{name} {mb:.0f}" for name, mb in result["peak_rss_mb_per_phase"].items()) + " MB",
+        ),
     ]
     if result.get("peak_gpu_mb") is not None:
         rows.append(("peak GPU memory", f"{result['peak_gpu_mb']:.0f} MB (torch allocator)"))

@@ -30,6 +30,7 @@ KEYS = {
     "naive_rollout_tokens_per_s",
     "batched_over_naive",
     "peak_rss_mb",
+    "peak_rss_mb_per_phase",
 }
 
 
@@ -56,6 +57,14 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
     assert abs(phases["step_s"] - sum(v for k, v in phases.items() if k != "step_s")) < 1e-9
     assert saved["generated_tokens_per_step"] > 0 and saved["update_mfu"] > 0
     assert "update MFU" in format_table(result)
+    # each phase's peak lies within the run's peak (the same high-water mark, over a shorter window)
+    phase_rss = saved["peak_rss_mb_per_phase"]
+    assert phase_rss.keys() == {"rollout", "reward", "logprob", "update"}
+    assert all(0 < mb <= saved["peak_rss_mb"] + 1 for mb in phase_rss.values()), (
+        phase_rss,
+        saved["peak_rss_mb"],
+    )
+    assert "peak RSS by phase" in format_table(result)
 
 
 def test_trl_benchmark_without_trl_says_how_to_install_it():
