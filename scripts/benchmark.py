@@ -14,6 +14,10 @@ warm-up step):
     against a dense matmul measured in the same process (the machine's attainable FLOP/s);
   - the design notes' naive rollout (one `generate` call per sample) on the same prompts, and the
     speed-up of the batched rollout over it;
+  - the rollout's physical bound: per decode step, reading every weight once at the memory
+    bandwidth measured in the same process, or the step's FLOPs (2 x parameters x rows) at the
+    measured matmul rate, whichever takes longer; plus the prompt pass at the matmul rate. The
+    batched rollout's seconds over that bound say how far generation is from the machine's limit;
   - peak resident memory, of the whole run and of each phase (the largest over the timed steps of
     the peak within the phase; each includes what the process holds throughout: weights, AdamW
     state, the reference model).
@@ -27,6 +31,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +88,36 @@ def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float
     return 2 * n**3 / best
 
 
+def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> float:
+    """Attainable memory bandwidth on `device`, bytes/s: best of `repeats` copies of an `mb` MB
+    float32 tensor, counting the bytes read and the bytes written."""
+    a = torch.ones(mb * 2**18, device=device)  # mb MB of float32
+    b = torch.empty_like(a)
+    b.copy_(a)  # warm-up: pages touched
+    best = float("inf")
+    for _ in range(repeats):
+        t = clock(device)
+        b.copy_(a)
+        best = min(best, clock(device) - t)
+    return 2 * a.nbytes / best
+
+
+def rollout_bound_s(
+    n_params: int, weight_bytes: int, shape: tuple[int, int, int], bandwidth: float, flops: float
+) -> float:
+    """Lower bound on the seconds of one batched rollout of shape (rows N, prompt P, decode steps T).
+
+        prompt pass    2 x params x N x P FLOPs at the matmul rate
+        decode step    max(weights read once at the bandwidth, 2 x params x N FLOPs at the matmul rate)
+
+    `generate` runs T decode steps, T = the longest response, whatever the others' lengths.
+    Attention over the KV cache and the sampling are left out: the bound is optimistic.
+    """
+    N, P, T = shape
+    decode_step = max(weight_bytes / bandwidth, 2 * n_params * N / flops)
+    return 2 * n_params * N * P / flops + T * decode_step
+
+
 def naive_rollout(
     engine: HFRollout, prompts: list[str], group_size: int, max_new_tokens: int
 ) -> tuple[float, int]:
@@ -127,9 +162,21 @@ class PhaseMeter:
         self.rss_mb[name] = window_peak_rss_mb()
 
 
+@dataclass(frozen=True)
+class StepMeasure:
+    """What one benchmarked step measured."""
+
+    times: dict[str, float]  # "<phase>_s" -> seconds, and "step_s", their sum
+    rss_mb: dict[str, float]  # "<phase>" -> peak resident MB within the phase
+    generated: int  # response tokens sampled
+    processed: int  # prompt + response tokens of the update's passes, padding left out
+    computed: int  # tokens the update's passes actually run (see computed_tokens)
+    rollout_shape: tuple[int, int, int]  # rows N, prompt width P, decode steps T
+
+
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
     """One GRPO step with each phase timed and its peak memory read separately (the trainer's
-    train_step, taken apart). Returns (seconds, peak MB by phase, generated, processed, computed)."""
+    train_step, taken apart)."""
     device = next(model.parameters()).device
     meter = PhaseMeter(device)
     meter.start()
@@ -153,7 +200,8 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     # the workload's tokens: prompt + response of every row, padding left out
     processed = int(rollout.attention_mask.sum()) * algo.epochs
     computed = computed_tokens(batch, settings.micro_batch_size) * algo.epochs
-    return times, meter.rss_mb, generated, processed, computed
+    N, T = rollout.response_mask.shape
+    return StepMeasure(times, meter.rss_mb, generated, processed, computed, (N, rollout.prompt_len, T))
 
 
 def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
@@ -170,22 +218,20 @@ def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
     return total
 
 
-def mean_of_steps(
-    steps: int, step: Callable[[], tuple[dict[str, float], dict[str, float], int, int, int]]
-) -> tuple[dict[str, float], dict[str, float], float, float, float]:
-    """Run `step` (time_step) 1 + `steps` times; over the timed steps, the means of its phase times
-    and token counts and the largest peak memory of each phase. The first step warms up
+def timed_steps(steps: int, step: Callable[[], StepMeasure]) -> list[StepMeasure]:
+    """Run `step` (time_step) 1 + `steps` times; the measures of all but the first, which warms up
     (allocator, kernels) and is not counted."""
     runs = []
     for i in range(steps + 1):
         measured = step()
         if i > 0:
             runs.append(measured)
-        print(f"step {i}{' (warm-up)' if i == 0 else ''}: {measured[0]['step_s']:.1f}s", file=sys.stderr)
-    mean = {k: sum(r[0][k] for r in runs) / len(runs) for k in runs[0][0]}
-    rss = {k: max(r[1][k] for r in runs) for k in runs[0][1]}
-    generated, processed, computed = (sum(r[j] for r in runs) / len(runs) for j in (2, 3, 4))
-    return mean, rss, generated, processed, computed
+        print(f"step {i}{' (warm-up)' if i == 0 else ''}: {measured.times['step_s']:.1f}s", file=sys.stderr)
+    return runs
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def workload_and_machine(
@@ -231,15 +277,21 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     examples = task.train[: cfg.trainer.batch_size]
     n_params = sum(p.numel() for p in model.parameters())
 
-    mean, phase_rss, generated, processed, computed = mean_of_steps(
+    runs = timed_steps(
         steps,
         lambda: time_step(
             model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
         ),
     )
-    peak = matmul_flops(device)
-    update_flops = 6 * n_params * processed / mean["update_s"]
-    computed_flops = 6 * n_params * computed / mean["update_s"]
+    seconds = {k: mean([r.times[k] for r in runs]) for k in runs[0].times}
+    generated, processed, computed = (
+        mean([getattr(r, k) for r in runs]) for k in ("generated", "processed", "computed")
+    )
+    peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bound = mean([rollout_bound_s(n_params, weight_bytes, r.rollout_shape, bandwidth, peak) for r in runs])
+    update_flops = 6 * n_params * processed / seconds["update_s"]
+    computed_flops = 6 * n_params * computed / seconds["update_s"]
 
     naive_s, naive_tokens = naive_rollout(
         engine,
@@ -247,14 +299,14 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         cfg.rollout.group_size,
         cfg.rollout.max_new_tokens,
     )
-    batched_tps = generated / mean["rollout_s"]
+    batched_tps = generated / seconds["rollout_s"]
     naive_tps = naive_tokens / naive_s
     return {
         **workload_and_machine(cfg, n_params, steps, device),
-        "seconds_per_step": mean,
+        "seconds_per_step": seconds,
         "rollout_tokens_per_s": batched_tps,
         "generated_tokens_per_step": generated,
-        "update_tokens_per_s": processed / mean["update_s"],
+        "update_tokens_per_s": processed / seconds["update_s"],
         "processed_tokens_per_step": processed,
         "update_flops_per_s": update_flops,
         "matmul_flops_per_s": peak,
@@ -264,8 +316,11 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "naive_rollout_tokens_per_s": naive_tps,
         "naive_rollout_prompts": naive_prompts,
         "batched_over_naive": batched_tps / naive_tps,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "rollout_bound_s": bound,
+        "rollout_over_bound": seconds["rollout_s"] / bound,
         "peak_rss_mb": peak_rss_mb(),
-        "peak_rss_mb_per_phase": phase_rss,
+        "peak_rss_mb_per_phase": {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb},
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
@@ -285,6 +340,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"{result['naive_rollout_tokens_per_s']:.1f} (one generate call per sample)",
         ),
         ("batched / naive", f"{result['batched_over_naive']:.1f}x"),
+        (
+            "rollout bound",
+            f"{result['rollout_bound_s']:.2f} s: the rollout takes {result['rollout_over_bound']:.1f}x it "
+            f"(weights at {result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs at the matmul rate)",
+        ),
         ("update tokens/s", f"{result['update_tokens_per_s']:.1f} (prompt + response tokens, fwd + bwd)"),
         ("update GFLOP/s", f"{result['update_flops_per_s'] / 1e9:.1f} (6 x params x tokens / s)"),
         ("matmul GFLOP/s", f"{result['matmul_flops_per_s'] / 1e9:.1f} (2048^3 fp32, same process)"),

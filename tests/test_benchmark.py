@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.benchmark import format_table, main
+from scripts.benchmark import format_table, main, rollout_bound_s
 from scripts.report import engine_table
 from tests.conftest import ROOT
 
@@ -31,6 +31,9 @@ KEYS = {
     "batched_over_naive",
     "peak_rss_mb",
     "peak_rss_mb_per_phase",
+    "memory_bandwidth_bytes_per_s",
+    "rollout_bound_s",
+    "rollout_over_bound",
 }
 
 
@@ -65,6 +68,16 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
         saved["peak_rss_mb"],
     )
     assert "peak RSS by phase" in format_table(result)
+    assert saved["rollout_bound_s"] > 0 and saved["memory_bandwidth_bytes_per_s"] > 0
+    assert saved["rollout_over_bound"] == pytest.approx(phases["rollout_s"] / saved["rollout_bound_s"])
+
+
+def test_rollout_bound_by_hand():
+    # 10 parameters in 40 bytes, N=2 rows, P=3 prompt columns, T=5 decode steps
+    # bandwidth 10 B/s, 20 FLOP/s: prompt 2*10*2*3/20 = 6 s; a decode step max(40/10, 2*10*2/20) = 4 s
+    assert rollout_bound_s(10, 40, (2, 3, 5), bandwidth=10.0, flops=20.0) == pytest.approx(6 + 5 * 4)
+    # 2 FLOP/s makes decoding compute-bound: prompt 120/2 = 60 s; a decode step max(4, 40/2) = 20 s
+    assert rollout_bound_s(10, 40, (2, 3, 5), bandwidth=10.0, flops=2.0) == pytest.approx(60 + 5 * 20)
 
 
 def test_trl_benchmark_without_trl_says_how_to_install_it():
