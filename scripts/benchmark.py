@@ -76,30 +76,29 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """Attainable dense float32 FLOP/s on `device`: best of `repeats` n x n x n matmuls."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b  # warm-up
+def best_seconds(device: torch.device, run: Callable[[], object], repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `run`, after one untimed warm-up call."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         t = clock(device)
-        a @ b
+        run()
         best = min(best, clock(device) - t)
-    return 2 * n**3 / best
+    return best
+
+
+def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
+    """Attainable dense float32 FLOP/s on `device`: best of `repeats` n x n x n matmuls."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n**3 / best_seconds(device, lambda: a @ b, repeats)
 
 
 def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> float:
     """Attainable memory bandwidth on `device`, bytes/s: best of `repeats` copies of an `mb` MB
-    float32 tensor, counting the bytes read and the bytes written."""
+    float32 tensor, counting the bytes read and the bytes written (the warm-up touches the pages)."""
     a = torch.ones(mb * 2**18, device=device)  # mb MB of float32
     b = torch.empty_like(a)
-    b.copy_(a)  # warm-up: pages touched
-    best = float("inf")
-    for _ in range(repeats):
-        t = clock(device)
-        b.copy_(a)
-        best = min(best, clock(device) - t)
-    return 2 * a.nbytes / best
+    return 2 * a.nbytes / best_seconds(device, lambda: b.copy_(a), repeats)
 
 
 def rollout_bound_s(
