@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import DynamicCache, TopKLogitsWarper, TopPLogitsWarper
+from transformers.cache_utils import Cache, DynamicLayer
 
 from common.distributed import unwrap
 
@@ -160,9 +161,9 @@ def shared_prefix_cache(
 
     The G rows of a group share their prompt, so their prompt keys and values are identical: running
     the prompt per row (what `generate` or a plain forward does with the expanded batch) repeats the
-    same work G times. Used for generation (HFRollout.sample) and, with autograd through the gather,
-    for the training passes (sequence_logprobs; Prefix Grouper's shared-prefix forward, Liu et al.
-    2025, arXiv:2506.05433). Positions follow the attention mask, as `generate` computes them.
+    same work G times. Used, with autograd through the gather, for the training passes
+    (sequence_logprobs; Prefix Grouper's shared-prefix forward, Liu et al. 2025, arXiv:2506.05433).
+    Positions follow the attention mask, as `generate` computes them.
 
     Args:
         input_ids, attention_mask: (U, P), left-padded, one row per distinct prompt.
@@ -190,6 +191,172 @@ def shared_prefix_cache(
         return None
     cache.batch_select_indices(rows)  # -> (N, heads, P-1, head_dim)
     return cache
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in buffers sized once for the whole rollout: a decode
+    step writes its column in place. DynamicLayer concatenates instead, copying the whole cache at
+    every step (O(T^2) bytes over a response of T tokens; a fifth of a decode step's time measured
+    at 32 rows of SmolLM2-135M on CPU).
+
+    `keys` and `values` are views of the first `get_seq_length()` columns, so attention, masks and
+    `batch_select_indices` (dropping finished rows) see exactly what a DynamicLayer would hold.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+        super().__init__()
+        B, H, L, _ = keys.shape  # (rows, kv heads, cached tokens, head dim)
+        assert capacity >= L, f"capacity {capacity} below the {L} tokens already cached"
+        self._keys = keys.new_empty(B, H, capacity, keys.shape[-1])  # (B, H, capacity, D)
+        self._values = values.new_empty(B, H, capacity, values.shape[-1])
+        self._keys[:, :, :L], self._values[:, :, :L] = keys, values
+        self.length = L
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Write the new columns (B, H, t, D) after the cached ones; return all cached keys and values."""
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            raise RuntimeError(f"KV cache full: {end} tokens for a capacity of {self._keys.shape[2]}")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep the rows `indices` (copies the buffers once)."""
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._views()
+
+
+def prefill(
+    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor, capacity: int
+) -> tuple[Cache, Tensor]:
+    """Run each distinct prompt once and hand its KV cache and next-token logits to its rows.
+
+    The G rows of a group share their prompt, so their prompt keys and values are identical: the
+    prompt runs once per distinct prompt (not G times, as `generate` on the expanded batch does) and
+    is gathered to the rows. Full-attention layers move into PreallocatedLayer buffers of
+    `capacity` tokens. Positions follow the attention mask, as `generate` computes them.
+
+    Args:
+        prompt_ids, prompt_mask: (U, P), left-padded, one row per distinct prompt.
+        rows: (N,) the prompt of each row, e.g. [0]*G + [1]*G + ... for the rollout order.
+        capacity: prompt plus response tokens the cache must hold, P + max_new_tokens.
+    Returns:
+        the cache with N rows of P tokens, and the logits (N, V) of each row's first response token.
+    """
+    cache = DynamicCache(config=_base_model(model).config)
+    position_ids = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (U, P)
+    logits = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
+    ).logits[:, -1]  # (U, V)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            cache.layers[i] = PreallocatedLayer(layer.keys[rows], layer.values[rows], capacity)
+        else:  # other layer kinds (sliding windows) keep their own storage
+            layer.batch_select_indices(rows)
+    return cache, logits[rows]
+
+
+class TokenSampler:
+    """Next tokens from logits (n, V) -> (n,): greedy argmax, or a draw from the distribution that
+    `generate` samples from: logits / temperature, then top-k, then top-p (transformers' own
+    warpers, in generate's order), softmax.
+
+    The draw is by inverse CDF: one uniform u per row and the first token whose cumulative
+    probability (float64) exceeds u * total. That is the same categorical distribution as
+    `torch.multinomial` (what generate calls), from one random number per row instead of a pass
+    over the vocabulary: 6 ms instead of 39 ms for 32 rows of a 49k vocabulary on CPU. Tokens of
+    probability 0 (filtered by top-k / top-p) are never drawn: their cumulative sum does not rise.
+    """
+
+    def __init__(self, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> None:
+        self.do_sample = do_sample
+        self.temperature = temperature
+        self.warpers = []
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / self.temperature  # (n, V)
+        for warp in self.warpers:
+            scores = warp(None, scores)
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)  # (n, V)
+        u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]  # (n, 1)
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    cache: Cache,
+    logits: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    sampler: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """Sample the responses of all rows in one batched loop, one token per step; a row that samples
+    EOS leaves the batch (its cache rows go too), so every step runs only unfinished rows.
+
+    `generate` keeps finished rows in the batch until the longest response ends: with responses of
+    mixed lengths most of its rows compute padding. Here a step costs what its live rows cost.
+
+    Args:
+        cache: the prompts' KV cache, N rows of P tokens (`prefill`).
+        logits: (N, V) next-token logits after the prompt.
+        attention_mask: (N, P) prompt mask, left padding 0.
+        sampler: logits (n, V) -> tokens (n,), e.g. a TokenSampler.
+    Returns:
+        (N, T) response ids, T = the longest response (<= max_new_tokens); each row is padded with
+        pad_token_id after its EOS.
+    """
+    N = logits.shape[0]
+    out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)  # (N, T)
+    live = torch.arange(N, device=logits.device)  # rows still decoding
+    mask = attention_mask.long()  # (n, P + t)
+    position = mask.sum(dim=1, keepdim=True)  # (n, 1) position of the next token
+    width = 0
+    for t in range(max_new_tokens):
+        token = sampler(logits)  # (n,)
+        out[live, t] = token
+        width = t + 1
+        going = token != eos_token_id  # (n,)
+        if t == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().flatten()
+            live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        logits = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]  # (n, V)
+        position = position + 1
+    return out[:, :width]
 
 
 @contextlib.contextmanager
@@ -284,7 +451,8 @@ def sequence_logprobs(
 
 
 class HFRollout:
-    """Samples G responses per prompt from a Hugging Face causal LM in one batched `generate` call.
+    """Samples G responses per prompt from a Hugging Face causal LM in one batched decode loop
+    (`prefill` + `decode`: the sampling distribution of `generate`, without its padding work).
 
     Args:
         model, tokenizer: from `common.models.load_policy` (left padding, pad token set).
@@ -368,7 +536,8 @@ class HFRollout:
         do_sample: bool = True,
         max_new_tokens: int | None = None,
     ) -> RolloutBatch:
-        """G responses for each prompt, all n_prompts * G in ONE `model.generate` call.
+        """G responses for each prompt, all n_prompts * G rows in ONE batched decode: each distinct
+        prompt runs once (`prefill`), then one loop samples every row's tokens (`decode`).
 
         do_sample=False decodes greedily (evaluation); then the G rows of a group are identical.
         The model is put in eval mode for generation and restored to its previous mode after.
@@ -384,32 +553,27 @@ class HFRollout:
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
         P = input_ids.shape[1]
 
-        sampling = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        sampler = TokenSampler(do_sample, self.temperature, self.top_k, self.top_p)
+        model = unwrap(self.model)
         with eval_mode(self.model), torch.inference_mode():
-            cache = {}
-            if G > 1 and P > 1:  # prefill each prompt once, not G times
-                prompt_ids, prompt_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-                rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
-                if (shared := shared_prefix_cache(self.model, prompt_ids, prompt_mask, rows)) is not None:
-                    cache["past_key_values"] = shared
-            sequences = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                **cache,
-                do_sample=do_sample,
+            rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
+            cache, logits = prefill(
+                model, enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, P + max_new_tokens
+            )
+            response_ids = decode(
+                model,
+                cache,
+                logits,
+                attention_mask,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
-                use_cache=True,
-                # each rank decodes on its own: FSDP weights are gathered before (trainer), so no
-                # step needs a collective (transformers would otherwise sync ranks per token)
-                synced_gpus=False,
-                **(sampling if do_sample else {}),
-            )  # (N, P + T), T <= max_new_tokens: generation stops once every row has hit EOS
+                sampler=sampler,
+            )  # (N, T), T <= max_new_tokens: the longest response
         # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
-        sequences = sequences.clone()
+        response_ids = response_ids.clone()
 
-        return self.assemble(prompts, G, input_ids, attention_mask, sequences[:, P:])
+        return self.assemble(prompts, G, input_ids, attention_mask, response_ids)
 
     def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> dict[str, Tensor]:
         """Chat-templated prompts tokenised once each, left-padded to (n_prompts, P); raises

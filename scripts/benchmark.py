@@ -333,7 +333,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{s['step_s']:.2f} = rollout {s['rollout_s']:.2f} + reward {s['reward_s']:.3f} "
             f"+ log-probs {s['logprob_s']:.2f} + update {s['update_s']:.2f}",
         ),
-        ("rollout tokens/s", f"{result['rollout_tokens_per_s']:.1f} (batched, one generate call)"),
+        ("rollout tokens/s", f"{result['rollout_tokens_per_s']:.1f} (batched: one decode of all rows)"),
         (
             "naive rollout tokens/s",
             f"{result['naive_rollout_tokens_per_s']:.1f} (one generate call per sample)",

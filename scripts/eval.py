@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--system-prompt", default=None, help="system message (default: the run's, else none)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batched decode")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -223,7 +223,7 @@ def evaluate_policy(
     engine: HFRollout, task: Task, examples: list[Example], *, n: int, k: int, batch_size: int
 ) -> dict[str, float]:
     """Greedy and sampled metrics over `examples` (see the module docstring), batch_size prompts
-    per generate call: one greedy response and n sampled responses per prompt.
+    per batched decode: one greedy response and n sampled responses per prompt.
 
     A sampled response counts toward pass@k when its correctness is 1.0, so partial credit
     (char_share) adds to sampled/accuracy but never makes a prompt "passed".

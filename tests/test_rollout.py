@@ -1,12 +1,23 @@
-"""common.rollout: one batched generate per sample(), masks through the first EOS, log-probs."""
+"""common.rollout: one batched decode per sample(), masks through the first EOS, log-probs."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
+import common.rollout as rollout_module
 from common.models import load_policy
-from common.rollout import HFRollout, RolloutBatch, response_mask_from_ids, sequence_logprobs
+from common.rollout import (
+    HFRollout,
+    RolloutBatch,
+    TokenSampler,
+    decode,
+    prefill,
+    response_mask_from_ids,
+    sequence_logprobs,
+)
 
 TINY = {
     "hidden_size": 64,
@@ -35,37 +46,41 @@ def rollout(tiny):
     return HFRollout(model, tokenizer, group_size=4, max_new_tokens=6)
 
 
-class GenerateSpy:
-    """Wraps model.generate: counts calls, records the batch size, the keyword arguments and the
-    generated ids as sampled, and can cut responses short by writing EOS at a given response column
-    per row. The model itself never samples EOS here (its logit is suppressed), so a response ends
-    exactly where `eos_at` says, whatever the draws."""
+class DecodeSpy:
+    """Wraps common.rollout.decode: counts calls, records the rows per call, the sampler and the ids
+    as sampled, and can cut responses short by writing EOS at a given response column per row. The
+    model itself never samples EOS here (its logit is masked before the sampler sees it), so a
+    response ends exactly where `eos_at` says, whatever the draws."""
 
-    def __init__(self, model, eos_at=None):
-        self.generate = model.generate
+    def __init__(self, eos_at=None):
+        self.decode = rollout_module.decode
         self.eos_at = eos_at
         self.calls = []
-        self.kwargs = []
+        self.samplers = []
         self.sampled = []
 
-    def __call__(self, input_ids, **kwargs):
-        self.calls.append(input_ids.shape[0])
-        self.kwargs.append(kwargs)
-        out = self.generate(input_ids=input_ids, suppress_tokens=[EOS], **kwargs)
-        self.sampled.append(out[:, input_ids.shape[1] :].clone())  # (N, T) before any EOS is written
+    def __call__(self, model, cache, logits, attention_mask, **kwargs):
+        self.calls.append(logits.shape[0])
+        sampler = kwargs["sampler"]
+        self.samplers.append(sampler)
+
+        def no_eos(step_logits):
+            return sampler(step_logits.masked_fill(torch.arange(step_logits.shape[1]) == EOS, -torch.inf))
+
+        out = self.decode(model, cache, logits, attention_mask, **{**kwargs, "sampler": no_eos})
+        self.sampled.append(out.clone())  # (N, T) before any EOS is written
         if self.eos_at is not None:
             out = out.clone()
-            P = input_ids.shape[1]
             for row, col in enumerate(self.eos_at):
-                if col is not None and P + col < out.shape[1]:
-                    out[row, P + col] = EOS
-                    out[row, P + col + 1 :] = kwargs["pad_token_id"]
+                if col is not None and col < out.shape[1]:
+                    out[row, col] = EOS
+                    out[row, col + 1 :] = kwargs["pad_token_id"]
         return out
 
 
 def test_seed_contract_two_prompts_group_of_four(rollout, monkeypatch):
-    spy = GenerateSpy(rollout.model, eos_at=[1, None, 3, 0, None, 2, None, 4])
-    monkeypatch.setattr(rollout.model, "generate", spy)
+    spy = DecodeSpy(eos_at=[1, None, 3, 0, None, 2, None, 4])
+    monkeypatch.setattr(rollout_module, "decode", spy)
     responses, log_probs, prompts_expanded = rollout.generate_responses(["q1", "q2"])
     assert len(responses) == 8
     assert prompts_expanded[:4] == ["q1"] * 4 and prompts_expanded[4:] == ["q2"] * 4
@@ -75,8 +90,8 @@ def test_seed_contract_two_prompts_group_of_four(rollout, monkeypatch):
     assert (log_probs[batch.response_mask == 0] == 0).all()
     assert (log_probs[batch.response_mask == 1] < 0).all()  # a random model is never certain
     assert spy.calls == [8]
-    # sampling, not greedy decoding, reaches generate, and the G responses of a group differ
-    assert spy.kwargs[0]["do_sample"] is True and spy.kwargs[0]["temperature"] == rollout.temperature
+    # sampling, not greedy decoding, reaches the decode loop, and the G responses of a group differ
+    assert spy.samplers[0].do_sample is True and spy.samplers[0].temperature == rollout.temperature
     # identical rows need identical first tokens: P(all G alike) <= sum_v p_v^G <= p_max^(G-1), with
     # p the first response token's distribution (the same for every row of a group: same prompt)
     for g, prompt in enumerate(["q1", "q2"]):
@@ -93,9 +108,9 @@ def first_token_max_prob(rollout: HFRollout, prompt: str) -> float:
     return float(torch.softmax(logits.float(), dim=-1).max())
 
 
-def test_one_generate_call_with_all_rows_grouped_by_prompt(rollout, monkeypatch):
-    spy = GenerateSpy(rollout.model)
-    monkeypatch.setattr(rollout.model, "generate", spy)
+def test_one_decode_call_with_all_rows_grouped_by_prompt(rollout, monkeypatch):
+    spy = DecodeSpy()
+    monkeypatch.setattr(rollout_module, "decode", spy)
     batch = rollout.sample(["q1", "a longer second question", "q3"], group_size=3)
     assert spy.calls == [9]
     assert batch.group_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
@@ -117,7 +132,7 @@ def test_response_mask_from_ids_hand_example():
 
 def test_sample_masks_lengths_and_truncation(rollout, monkeypatch):
     eos_at = [0, 2, None, 5]  # max_new_tokens = 6: EOS at the last column is not truncated
-    monkeypatch.setattr(rollout.model, "generate", GenerateSpy(rollout.model, eos_at=eos_at))
+    monkeypatch.setattr(rollout_module, "decode", DecodeSpy(eos_at=eos_at))
     batch = rollout.sample(["q1"])
     assert batch.response_mask.shape == (4, 6)
     assert batch.response_mask.tolist() == [
@@ -137,7 +152,7 @@ def test_sample_masks_lengths_and_truncation(rollout, monkeypatch):
 
 
 def test_short_max_new_tokens_truncates_everything(rollout, monkeypatch):
-    monkeypatch.setattr(rollout.model, "generate", GenerateSpy(rollout.model))  # no EOS: all run long
+    monkeypatch.setattr(rollout_module, "decode", DecodeSpy())  # no EOS: all run long
     batch = rollout.sample(["q1", "q2"], max_new_tokens=2)
     assert batch.response_mask.shape == (8, 2)
     assert batch.truncated.all() and (batch.lengths == 2).all()
@@ -343,3 +358,122 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(rollout):
         model, batch.input_ids, batch.attention_mask, batch.prompt_len, prompt_groups=wrong
     )
     assert (lp_wrong - lp_plain).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny):
+    """The tiny model with an untied N(0, 1) LM head: peaked next-token distributions (the first
+    token's top probability ~0.4-0.6) and greedy responses that differ between prompts, where the
+    tiny model itself repeats one token."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=g))
+    return model, tokenizer
+
+
+def test_greedy_decode_equals_generate_while_rows_leave_early(sharp):
+    """The decode loop (each prompt prefilled once, finished rows dropped, preallocated cache) gives
+    transformers' `generate` tokens at temperature 0. A token of one greedy response stands in for EOS,
+    so rows end at different steps and the batch shrinks while the others go on."""
+    model, tokenizer = sharp
+    prompts = ["q1", "a longer second question", "q3 with words", "four"]
+    rollout = HFRollout(model, tokenizer, group_size=2, max_new_tokens=12)
+    enc = rollout.encode_prompts([p for p in prompts for _ in range(2)], 12)
+
+    def generate(eos):
+        with torch.no_grad():
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=12, eos_token_id=eos, pad_token_id=EOS
+            )
+        return out[:, enc["input_ids"].shape[1] :]
+
+    stop = int(generate(EOS)[2, 3])  # row 2 (second prompt) ends at column 3 at the latest
+    expected = generate(stop)
+    rollout.eos_token_id = stop
+    batch = rollout.sample(prompts, do_sample=False)
+    # greedy picks from two paths agree: this model's top-2 logit gaps are > 0.6, float32 rounding ~1e-6
+    assert len(set(batch.lengths.tolist())) > 1, "the rows must end at different steps"
+    assert torch.equal(batch.response_ids, expected.masked_fill(batch.response_mask == 0, EOS))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_first_tokens_follow_the_distribution_generate_samples(sharp, temperature):
+    """In distribution: the first tokens of 600 sampled rows hit each likely token as often as its
+    softmax probability says (within 5 standard errors), for the decode loop and, as the check of
+    the check, for transformers' `generate` with the same settings."""
+    model, tokenizer = sharp
+    n = 600
+    rollout = HFRollout(model, tokenizer, group_size=n, max_new_tokens=1, temperature=temperature)
+    enc = rollout.encode_prompts(["q3 with words"], 1)
+    with torch.no_grad():
+        p = torch.softmax(model(**enc).logits[0, -1] / temperature, dim=-1)  # (V,)
+        plain = model.generate(
+            input_ids=enc["input_ids"].expand(n, -1),
+            attention_mask=enc["attention_mask"].expand(n, -1),
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=1,
+            pad_token_id=EOS,
+        )[:, -1]
+    ours = rollout.sample(["q3 with words"]).response_ids[:, 0]
+    likely = (p > 0.05).nonzero().flatten()
+    assert p[likely].sum() > 0.5  # most of the mass is checked token by token
+    for tokens in (ours, plain):
+        freq = torch.bincount(tokens, minlength=p.numel()).double() / n
+        bound = 5 * (p * (1 - p) / n).sqrt().double()
+        assert ((freq - p.double()).abs()[likely] <= bound[likely]).all(), (freq[likely], p[likely])
+        assert abs(freq[likely].sum() - p[likely].sum()) <= 5 * (0.25 / n) ** 0.5
+
+
+@pytest.mark.parametrize(("top_k", "top_p", "kept"), [(0, 1.0, 6), (2, 1.0, 2), (0, 0.9, 2), (3, 0.99, 3)])
+def test_token_sampler_draws_the_truncated_softmax(top_k, top_p, kept):
+    """TokenSampler draws from softmax(logits / T) restricted to generate's top-k, then top-p set.
+    Scores [4, 2, 1, 0, -2, -6] at T = 0.5: probabilities 0.829, 0.112, 0.041, 0.015, 0.002, 4e-5;
+    top-p 0.9 keeps the two tokens whose mass first reaches 0.9, top-p 0.99 after top-k 3 keeps 3."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 40000
+    sampler = TokenSampler(True, temperature=0.5, top_k=top_k, top_p=top_p)
+    tokens = sampler(logits.expand(n, -1))
+    p = torch.zeros(6, dtype=torch.float64)
+    p[:kept] = torch.softmax(logits[:kept].double() / 0.5, dim=0)  # the kept tokens, renormalised
+    freq = torch.bincount(tokens, minlength=6).double() / n
+    assert (freq[kept:] == 0).all()  # filtered tokens are never drawn
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
+    assert torch.equal(TokenSampler(False)(logits.expand(3, -1)), torch.zeros(3, dtype=torch.long))
+
+
+def test_decode_runs_only_unfinished_rows(tiny):
+    """A row that samples EOS leaves the batch: with a sampler that ends the first live row at each
+    step, the decode forwards see 3, 2, 1 rows and row i ends with EOS at column i."""
+    model, tokenizer = tiny
+    enc = tokenizer(["q1", "a longer question", "q3", "q4"], return_tensors="pt", padding=True)
+    rows_seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+
+    def first_live_row_ends(logits):  # (n, V) -> (n,)
+        token = torch.full((logits.shape[0],), 5)
+        token[0] = EOS
+        return token
+
+    try:
+        with torch.no_grad():
+            cache, logits = prefill(model, enc["input_ids"], enc["attention_mask"], torch.arange(4), 20)
+            out = decode(
+                model,
+                cache,
+                logits,
+                enc["attention_mask"],
+                max_new_tokens=6,
+                eos_token_id=EOS,
+                pad_token_id=0,
+                sampler=first_live_row_ends,
+            )
+    finally:
+        hook.remove()
+    assert rows_seen == [4, 3, 2, 1]  # the prefill's 4 prompts, then one decode step per live set
+    assert out.tolist() == [[EOS, 0, 0, 0], [5, EOS, 0, 0], [5, 5, EOS, 0], [5, 5, 5, EOS]]
