@@ -18,6 +18,7 @@ distribution the tokens were drawn from (top-k / top-p truncation aside).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -234,6 +235,42 @@ class PreallocatedLayer(DynamicLayer):
         """Keep the rows `indices` (copies the buffers once)."""
         self._keys, self._values = self._keys[indices], self._values[indices]
         self._views()
+
+
+def _packed_linear(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@contextlib.contextmanager
+def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
+    """Inside the block, on CPU, every float32 nn.Linear of `model` runs through oneDNN with its
+    weight reordered once into oneDNN's blocked layout for `rows`-row inputs (the weight prepacking
+    that torch.compile's inductor applies to CPU linears when it freezes weights). Inference only.
+
+    A decode step multiplies a few rows by every weight matrix: the plain `F.linear` runs such
+    small-M products at a fraction of the machine's rate (SmolLM2-135M's LM head on 4 rows: 26 ms,
+    prepacked 9 ms; a 576 x 1536 projection: 394 us vs 152 us; measured on 2 CPU threads). The
+    products stay float32 (summation order aside), so sampling draws from the same distribution.
+    The reordered copies (one more copy of the weights) are freed when the block ends; the weights
+    change after each update, so they are made per rollout. A no-op without oneDNN or on a GPU.
+    """
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]
+    if not (linears and torch.backends.mkldnn.is_available()):
+        yield
+        return
+    try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+            bias = m.bias.detach() if m.bias is not None else None
+            m.forward = functools.partial(_packed_linear, packed, bias)
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
 
 
 def prefill(
@@ -555,7 +592,7 @@ class HFRollout:
 
         sampler = TokenSampler(do_sample, self.temperature, self.top_k, self.top_p)
         model = unwrap(self.model)
-        with eval_mode(self.model), torch.inference_mode():
+        with eval_mode(self.model), torch.inference_mode(), prepacked_linears(model, len(input_ids)):
             rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
             cache, logits = prefill(
                 model, enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, P + max_new_tokens

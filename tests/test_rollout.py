@@ -15,6 +15,7 @@ from common.rollout import (
     TokenSampler,
     decode,
     prefill,
+    prepacked_linears,
     response_mask_from_ids,
     sequence_logprobs,
 )
@@ -477,3 +478,21 @@ def test_decode_runs_only_unfinished_rows(tiny):
         hook.remove()
     assert rows_seen == [4, 3, 2, 1]  # the prefill's 4 prompts, then one decode step per live set
     assert out.tolist() == [[EOS, 0, 0, 0], [5, EOS, 0, 0], [5, 5, EOS, 0], [5, 5, 5, EOS]]
+
+
+def test_prepacked_linears_match_plain_linears_and_are_restored(tiny):
+    """Inside the block the model's linears run on prepacked oneDNN weights with float32 results
+    (summation order aside); after it the plain forward is back, also after an exception."""
+    model, tokenizer = tiny
+    enc = tokenizer(["q1", "a longer question"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        plain = model(**enc).logits
+        with prepacked_linears(model, rows=2):
+            if torch.backends.mkldnn.is_available():
+                assert "forward" in model.lm_head.__dict__  # the packed path is the one measured
+            packed = model(**enc).logits
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=1e-4)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"), prepacked_linears(model, rows=2):
+        raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in model.modules())
