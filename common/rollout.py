@@ -154,46 +154,6 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
 
 
-def shared_prefix_cache(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, rows: Tensor
-) -> DynamicCache | None:
-    """The KV cache of each distinct prompt's first P-1 tokens, computed ONCE per prompt and gathered
-    to the rows that share it, so only the last prompt column and the response run per row.
-
-    The G rows of a group share their prompt, so their prompt keys and values are identical: running
-    the prompt per row (what `generate` or a plain forward does with the expanded batch) repeats the
-    same work G times. Used, with autograd through the gather, for the training passes
-    (sequence_logprobs; Prefix Grouper's shared-prefix forward, Liu et al. 2025, arXiv:2506.05433).
-    Positions follow the attention mask, as `generate` computes them.
-
-    Args:
-        input_ids, attention_mask: (U, P), left-padded, one row per distinct prompt.
-        rows: (N,) the prompt of each row, e.g. [0]*G + [1]*G + ... for the rollout order.
-    Returns:
-        a DynamicCache of length P - 1 with N rows, or None when the model keeps no cache
-        (transformers turns it off under activation checkpointing in training).
-    """
-    base = _base_model(model)
-    if base.training and getattr(base, "is_activation_checkpointing", False):
-        return None
-    P = input_ids.shape[1]
-    cache = DynamicCache(config=base.config)
-    position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (U, P)
-    # the plain module: under DDP the response pass that follows is the micro-batch's one forward
-    unwrap(model)(
-        input_ids=input_ids[:, :-1],
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids[:, :-1],
-        past_key_values=cache,
-        use_cache=True,
-        **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
-    )  # cache: (U, heads, P-1, head_dim) per layer
-    if cache.get_seq_length() != P - 1:
-        return None
-    cache.batch_select_indices(rows)  # -> (N, heads, P-1, head_dim)
-    return cache
-
-
 class PreallocatedLayer(DynamicLayer):
     """A DynamicLayer whose keys and values live in buffers sized once for the whole rollout: a decode
     step writes its column in place. DynamicLayer concatenates instead, copying the whole cache at
@@ -407,6 +367,121 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+@dataclass
+class PackedResponses:
+    """A micro-batch packed into one row without padding: each distinct prompt once, then the
+    responses of its rows, each through its last masked-in token (EOS).
+
+        tokens     q1 q1 q1 | a a a | b b | q2 q2 | c c c c
+        positions   0  1  2 | 3 4 5 | 3 4 |  0  1 | 2 3 4 5
+        attends to          its own prompt and its own earlier tokens, nothing else
+
+    Every response token's logits come from the token before it: the first from its prompt's last
+    token (shared by the group's rows), the others from the response's own previous token.
+    """
+
+    input_ids: Tensor  # (1, L) the packed tokens
+    position_ids: Tensor  # (1, L) each token's position in its own prompt + response
+    attention_mask: Tensor  # (1, 1, L, L) bool, True where query token i may attend to key token j
+    source: Tensor  # (K,) the packed column whose logits predict each response token
+    target: Tensor  # (K,) the response token ids
+    rows: Tensor  # (K,) each response token's row in the (N, T) batch
+    cols: Tensor  # (K,) and its column
+
+    def unpack(self, values: Tensor, n_rows: int, width: int) -> Tensor:
+        """Per-token values (K,) back into the batch layout (n_rows, width), 0 elsewhere (autograd
+        flows through)."""
+        return values.new_zeros(n_rows, width).index_put((self.rows, self.cols), values)
+
+
+def pack_responses(
+    input_ids: Tensor, attention_mask: Tensor, prompt_len: int, response_mask: Tensor, groups: Tensor
+) -> PackedResponses:
+    """Pack rows (N, P+T) into one padding-free row (see PackedResponses). Rows with the same
+    `groups` id share their prompt (it is taken from the group's first row); a row's response runs
+    through its last masked-in column, so the tokens left out are padding the loss never sees."""
+    P = prompt_len
+    lengths = response_mask.sum(dim=1).long().tolist()  # (N,) response tokens through EOS
+    prompt_lengths = attention_mask[:, :P].sum(dim=1).long().tolist()  # (N,) unpadded prompt tokens
+    members: dict[int, list[int]] = {}
+    for row, group in enumerate(groups.tolist()):
+        members.setdefault(group, []).append(row)
+    ids, positions, owner, branch = [], [], [], []
+    source, rows, cols = [], [], []
+    start = 0
+    for u, group_rows in enumerate(members.values()):
+        p = prompt_lengths[group_rows[0]]
+        ids.append(input_ids[group_rows[0], P - p : P])
+        positions.append(torch.arange(p))
+        owner.append(torch.full((p,), u))
+        branch.append(torch.zeros(p, dtype=torch.long))
+        last_prompt_token = start + p - 1
+        start += p
+        for row in group_rows:
+            n = lengths[row]
+            ids.append(input_ids[row, P : P + n])
+            positions.append(torch.arange(p, p + n))
+            owner.append(torch.full((n,), u))
+            branch.append(torch.full((n,), row + 1))
+            source += [last_prompt_token, *range(start, start + n - 1)]
+            rows += [row] * n
+            cols += range(n)
+            start += n
+    owner_, branch_ = torch.cat(owner), torch.cat(branch)  # (L,), (L,)
+    causal = torch.ones(start, start, dtype=torch.bool).tril()  # (L, L)
+    same_prompt = owner_[:, None] == owner_[None, :]
+    own_branch = (branch_[None, :] == 0) | (branch_[:, None] == branch_[None, :])
+    device = input_ids.device
+    packed_ids = torch.cat(ids)[None]  # (1, L)
+    source_, rows_, cols_ = (torch.tensor(x, dtype=torch.long, device=device) for x in (source, rows, cols))
+    return PackedResponses(
+        input_ids=packed_ids,
+        position_ids=torch.cat(positions)[None].to(device),
+        attention_mask=(causal & same_prompt & own_branch)[None, None].to(device),
+        source=source_,
+        target=input_ids[rows_, P + cols_],
+        rows=rows_,
+        cols=cols_,
+    )
+
+
+def packed_attention_mask(model: torch.nn.Module, allowed: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """`allowed` (1, 1, L, L) in the form the model's attention takes a custom 4D mask: bool for
+    sdpa, additive float (0 / dtype min) for eager; None for other implementations (flash
+    attention takes no 4D mask), which then run the padded pass."""
+    implementation = getattr(_base_model(model).config, "_attn_implementation", None)
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return None
+
+
+def token_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature)[target] and the entropy, over the last dim, without a
+    full log_softmax tensor:
+
+        logprob  = logits[y] / tau - logsumexp(logits / tau)
+        entropy  = logsumexp(logits / tau) - sum_v softmax(logits / tau)_v * logits[v] / tau
+
+    Args:
+        logits: (..., V); targets: (...) token ids.
+    Returns:
+        logprob (...) float32; entropy (...) float32, or None unless return_entropy.
+    """
+    logits = logits.float() / temperature
+    log_z = torch.logsumexp(logits, dim=-1)  # (...)
+    logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
+    entropy = None
+    if return_entropy:
+        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logprob, entropy
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,
@@ -415,76 +490,67 @@ def sequence_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    response_mask: Tensor | None = None,
     prompt_groups: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs (and entropies) of the response block under `model`, in ONE forward pass
-    (two with `prompt_groups`: the shared prompts once, then every row's response).
+    """Per-token log-probs (and entropies) of the response block under `model`, in ONE forward pass.
 
         logits_t   = model(input_ids)[:, P - 1 + t] / temperature       t = 0 .. T-1
         logprob_t  = logits_t[y_t] - logsumexp(logits_t)
         entropy_t  = logsumexp(logits_t) - sum_v softmax(logits_t)_v * logits_t[v]
 
-    Only the T response positions go through the LM head (`logits_to_keep`), and no full
-    log_softmax is materialised: with a 49k vocabulary the prompt positions would dominate memory.
-    Position ids follow the attention mask (as `generate` does), so left padding does not change a
-    row's values. Positions after EOS are computed like any other; the caller masks them with
-    response_mask. Works with grad enabled (policy loss) and under no_grad (old / reference).
+    Padded (no `response_mask`): the (N, P+T) batch runs as it is; only the T response positions
+    go through the LM head (`logits_to_keep`). Position ids follow the attention mask (as
+    `generate` does), so left padding does not change a row's values. Positions after EOS are
+    computed like any other; the caller masks them.
 
-    Shared prompts (`prompt_groups`, rows with equal ids have the same prompt, e.g. a GRPO group):
-    the first P-1 prompt tokens run once per distinct prompt, their keys and values are gathered to
-    every row of the prompt, and only columns P-1 .. P+T-2 run per row; gradients flow back through
-    the shared keys and values. The prompt's hidden states do not depend on the response (causal
-    attention), so the values equal the one-pass ones (to float rounding) while the prompt costs
-    1/G of the compute (the shared-prefix forward of Prefix Grouper, Liu et al. 2025,
-    arXiv:2506.05433). Used when some rows share a prompt and P > 1.
+    Packed (`response_mask` given, the training passes): the batch runs as one row without padding
+    (`pack_responses`): each distinct prompt once (rows with equal `prompt_groups` ids share it,
+    e.g. a GRPO group; None = every row its own prompt), followed by the responses through their
+    last masked-in token, each attending only to its prompt and its own earlier tokens (a 4D
+    mask). Causal attention makes every token's value equal the padded pass's (to float rounding);
+    the forward runs prompt tokens once per group instead of once per row (the shared-prefix
+    forward of Prefix Grouper, Liu et al. 2025, arXiv:2506.05433) and no padding at all (what
+    verl's remove-padding and TRL's padding_free do), and only response tokens reach the LM head.
+    Gradients flow through the shared prompt. Positions outside response_mask get 0.
 
     Args:
         input_ids, attention_mask: (N, P+T), as in RolloutBatch.
         prompt_len: P.
-        prompt_groups: (N,) prompt ids (RolloutBatch.group_index), or None for one plain pass.
+        response_mask: (N, T) response tokens through EOS, or None for the padded pass.
+        prompt_groups: (N,) prompt ids (RolloutBatch.group_index), packed pass only.
 
     Returns:
         logprob: (N, T) float32; entropy: (N, T) float32, or None unless return_entropy.
     """
-    T = input_ids.shape[1] - prompt_len
+    N, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
     assert prompt_len >= 1 and T >= 1, f"{prompt_len=} and response width {T=} must both be >= 1"
+    keep_some = takes_logits_to_keep(model)
+    if response_mask is not None:
+        groups = prompt_groups if prompt_groups is not None else torch.arange(N, device=input_ids.device)
+        packed = pack_responses(input_ids, attention_mask, prompt_len, response_mask, groups)
+        mask = packed_attention_mask(model, packed.attention_mask, next(model.parameters()).dtype)
+        if mask is not None:
+            logits = model(
+                input_ids=packed.input_ids,
+                attention_mask=mask,
+                position_ids=packed.position_ids,
+                use_cache=False,
+                **({"logits_to_keep": packed.source} if keep_some else {}),
+            ).logits[0]  # (K, V): the logits that predict each response token
+            if not keep_some:
+                logits = logits[packed.source]
+            logprob, entropy = token_logprobs(logits, packed.target, temperature, return_entropy)  # (K,)
+            return packed.unpack(logprob, N, T), packed.unpack(entropy, N, T) if return_entropy else None
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
-    P = prompt_len
-    cache = None
-    if prompt_groups is not None and P > 1:
-        unique, inverse = torch.unique(prompt_groups, return_inverse=True)  # (U,), (N,)
-        if len(unique) < len(inverse):
-            rows = torch.arange(len(inverse), device=inverse.device)
-            first = torch.full_like(unique, len(inverse)).scatter_reduce(0, inverse, rows, "amin")  # (U,)
-            cache = shared_prefix_cache(model, input_ids[first, :P], attention_mask[first, :P], inverse)
-    if cache is not None:
-        logits = model(
-            input_ids=input_ids[:, P - 1 : -1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids[:, P - 1 : -1],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits  # (N, T, V): columns P-1 .. P+T-2
-        logits = logits.float() / temperature
-    else:
-        kwargs = {}
-        if takes_logits_to_keep(model):
-            kwargs["logits_to_keep"] = T + 1  # logits of the last T+1 columns: P-1 .. P+T-1
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **kwargs,
-        ).logits
-        logits = logits[:, -(T + 1) : -1].float() / temperature  # (N, T, V): column P-1+t predicts P+t
-    targets = input_ids[:, prompt_len:]  # (N, T)
-    log_z = torch.logsumexp(logits, dim=-1)  # (N, T)
-    logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # (N, T)
-    entropy = None
-    if return_entropy:
-        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)  # (N, T)
-    return logprob, entropy
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **({"logits_to_keep": T + 1} if keep_some else {}),  # logits of columns P-1 .. P+T-1
+    ).logits[:, -(T + 1) : -1]  # (N, T, V): column P-1+t predicts P+t
+    return token_logprobs(logits, input_ids[:, prompt_len:], temperature, return_entropy)
 
 
 class HFRollout:

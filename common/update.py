@@ -59,6 +59,7 @@ def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str
             mb["attention_mask"],
             mb["prompt_len"],
             temperature=temperature,
+            response_mask=mb["response_mask"],
             prompt_groups=mb.get("group_index"),
         )
         return logprob
@@ -119,9 +120,9 @@ def autocast(device: torch.device, bf16: bool) -> torch.autocast:
 
 
 def micro_batch_order(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
-    """`rows` longest response first: micro-batches of similar lengths carry little padding (and the
-    first one fails fast if memory is short). Rows of one group that share a micro-batch also share
-    their prompt's forward (sequence_logprobs)."""
+    """`rows` longest response first: the first micro-batch is the largest (it fails fast if memory
+    is short). Rows of one group that share a micro-batch also share their prompt's forward
+    (sequence_logprobs packs each micro-batch without padding)."""
     return rows[batch["response_mask"][rows].sum(1).argsort(descending=True, stable=True)]
 
 
@@ -153,9 +154,8 @@ def accumulate_gradients(
     Gradients are all-reduced once, in the backward of the last micro-batch (`no_sync` before it).
     Every rank runs the same number of backward passes (DDP's collectives must match): a rank with
     fewer micro-batches adds zero-weight passes over its first row. With sharded weights (FSDP,
-    zero_stage 2-3) every forward gathers weights, so each micro-batch runs exactly one forward:
-    the shared-prompt forward (two per micro-batch, only where rows share a prompt) is off, and the
-    gradients are reduce-scattered after every micro-batch.
+    zero_stage 2-3) every forward gathers weights; each micro-batch runs exactly one forward (the
+    packed pass of sequence_logprobs), and the gradients are reduce-scattered after every micro-batch.
 
     Returns:
         (this rank's share of the mini-batch loss, token-weighted means of the algorithm's stats,
@@ -181,7 +181,8 @@ def accumulate_gradients(
                     mb["prompt_len"],
                     temperature=temperature,
                     return_entropy=True,
-                    prompt_groups=None if dist.shards_params else mb.get("group_index"),
+                    response_mask=mb["response_mask"],
+                    prompt_groups=mb.get("group_index"),
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:

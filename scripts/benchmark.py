@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.models import make_reference
-from common.rollout import HFRollout
+from common.rollout import HFRollout, pack_responses
 from common.sampling import score_samples
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, micro_batch_order, update_policy
@@ -204,16 +204,16 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
 
 
 def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
-    """Tokens the update's forward passes actually run: per micro-batch, each shared prompt once
-    (P-1 columns per distinct prompt) plus every row's response block, padding included."""
+    """Tokens the update's forward passes actually run: per micro-batch, each distinct prompt once
+    plus every row's response through EOS (the packed pass of sequence_logprobs, no padding)."""
     total = 0
     rows = micro_batch_order(batch, torch.arange(batch["input_ids"].shape[0]))
     for micro in rows.split(micro_batch_size):
         mb = micro_batch(batch, micro)
-        B, W = mb["input_ids"].shape
-        P = mb["prompt_len"]
-        U = len(torch.unique(mb["group_index"]))
-        total += U * (P - 1) + B * (W - P + 1) if (U < B and P > 1) else B * W
+        packed = pack_responses(
+            mb["input_ids"], mb["attention_mask"], mb["prompt_len"], mb["response_mask"], mb["group_index"]
+        )
+        total += packed.input_ids.shape[1]
     return total
 
 
@@ -351,7 +351,7 @@ def format_table(result: dict[str, Any]) -> str:
         (
             "update hardware use",
             f"{100 * result['update_hardware_utilization']:.1f}% ({result['computed_tokens_per_step']:.0f} "
-            "tokens run: shared prompts once, padding included)",
+            "tokens run: each prompt once per group, no padding)",
         ),
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
         (

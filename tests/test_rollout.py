@@ -14,6 +14,7 @@ from common.rollout import (
     RolloutBatch,
     TokenSampler,
     decode,
+    pack_responses,
     prefill,
     prepacked_linears,
     response_mask_from_ids,
@@ -315,28 +316,19 @@ def test_shared_prompt_prefill_samples_like_one_prefill_per_row(rollout, do_samp
     assert len(set(shared.responses)) > 3 if do_sample else len(set(shared.responses)) <= 3
 
 
-def test_shared_prefix_cache_holds_the_prompt_once_per_row(tiny):
-    from common.rollout import shared_prefix_cache
-
-    model, tokenizer = tiny
-    enc = tokenizer(["q1", "a longer second question"], return_tensors="pt", padding=True)
-    cache = shared_prefix_cache(
-        model, enc["input_ids"], enc["attention_mask"], torch.arange(2).repeat_interleave(4)
-    )
-    assert cache.get_seq_length() == enc["input_ids"].shape[1] - 1
-    keys = cache.layers[0].keys  # (n_prompts * G, heads, P - 1, head_dim)
-    assert keys.shape[0] == 8
-    assert torch.equal(keys[0], keys[3]) and not torch.equal(keys[3], keys[4])
-
-
-def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(rollout):
-    """sequence_logprobs with prompt_groups runs each prompt once and gathers its keys and values to
-    the group's rows: log-probs, entropies and gradients equal the one-pass values (float rounding)."""
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_packed_pass_gives_the_padded_logprobs_and_gradients(rollout, share_prompts):
+    """sequence_logprobs with response_mask packs the rows into one padding-free row (each prompt
+    once per group, or once per row): log-probs, entropies and gradients equal the padded pass's on
+    the response tokens (float32 rounding of different summation orders), and are 0 after EOS."""
     model = rollout.model
-    batch = rollout.sample(["q1", "a longer second question", "q3"], group_size=3)
+    batch = rollout.sample(["q1", "a longer second question", "q3"], group_size=3, max_new_tokens=8)
+    mask = batch.response_mask.clone()
+    mask[0, 2:] = 0  # rows of different lengths, so the padded pass computes padding the packed one skips
+    mask[4, 5:] = 0
     model.train()
     results = []
-    for groups in (None, batch.group_index):
+    for packed in (False, True):
         model.zero_grad(set_to_none=True)
         logprob, entropy = sequence_logprobs(
             model,
@@ -344,21 +336,57 @@ def test_shared_prompt_forward_gives_the_same_logprobs_and_gradients(rollout):
             batch.attention_mask,
             batch.prompt_len,
             return_entropy=True,
-            prompt_groups=groups,
+            response_mask=mask if packed else None,
+            prompt_groups=batch.group_index if packed and share_prompts else None,
         )
-        ((logprob * batch.response_mask).sum() + entropy.mean()).backward()
+        ((logprob * mask).sum() + (entropy * mask).mean()).backward()
         results.append((logprob.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters()]))
-    (lp_plain, ent_plain, g_plain), (lp_shared, ent_shared, g_shared) = results
-    torch.testing.assert_close(lp_shared, lp_plain, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ent_shared, ent_plain, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g_plain, g_shared, strict=True):
+    (lp_plain, ent_plain, g_plain), (lp_packed, ent_packed, g_packed) = results
+    torch.testing.assert_close(lp_packed, lp_plain * mask, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_packed, ent_plain * mask, atol=1e-5, rtol=1e-5)
+    assert (lp_packed[mask == 0] == 0).all()
+    for a, b in zip(g_plain, g_packed, strict=True):
         assert (a - b).norm() <= 1e-4 * a.norm() + 1e-7
-    # a wrong gather (rows given another group's prompt) changes the log-probs
-    wrong = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1])  # q2's rows would get q1's prompt
+    # a wrong grouping (q2's rows given q1's prompt) changes the log-probs: the prompt really is shared
+    wrong = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1])
     lp_wrong, _ = sequence_logprobs(
-        model, batch.input_ids, batch.attention_mask, batch.prompt_len, prompt_groups=wrong
+        model,
+        batch.input_ids,
+        batch.attention_mask,
+        batch.prompt_len,
+        response_mask=mask,
+        prompt_groups=wrong,
     )
-    assert (lp_wrong - lp_plain).abs().max() > 1e-3
+    assert (lp_wrong - lp_plain * mask).abs().max() > 1e-3
+
+
+def test_pack_responses_hand_example():
+    """Two rows of one prompt and one of another (P = 3, left padding 0): the prompt tokens appear
+    once per group, responses through EOS only, positions restart per prompt, and each response
+    sees its prompt and itself."""
+    input_ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 5, 6, 9, 2, 2], [4, 4, 4, 3, 3, 3]])
+    attention_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    response_mask = attention_mask[:, 3:].float()
+    packed = pack_responses(input_ids, attention_mask, 3, response_mask, torch.tensor([0, 0, 1]))
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 2, 9, 2, 4, 4, 4, 3, 3, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3, 4, 5]]
+    # row 0's tokens 7, 8, 2 come from columns 1 (prompt end), 2, 3; row 1's 9, 2 from 1 and 5
+    assert packed.source.tolist() == [1, 2, 3, 1, 5, 9, 10, 11]
+    assert packed.target.tolist() == [7, 8, 2, 9, 2, 3, 3, 3]
+    assert packed.rows.tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and packed.cols.tolist() == [
+        0,
+        1,
+        2,
+        0,
+        1,
+        0,
+        1,
+        2,
+    ]
+    allowed = packed.attention_mask[0, 0]
+    assert allowed[5].nonzero().flatten().tolist() == [0, 1, 5]  # row 1's first token: prompt + itself
+    assert allowed[6].nonzero().flatten().tolist() == [0, 1, 5, 6]
+    assert allowed[9].nonzero().flatten().tolist() == [7, 8, 9]  # the other prompt's last token
 
 
 @pytest.fixture(scope="module")
