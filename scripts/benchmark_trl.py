@@ -56,6 +56,7 @@ def load_workload_task() -> tuple[Task, float]:
     """The task of configs/task/addition.yaml and reward.format_weight of configs/train.yaml, read
     without Hydra (not installed in the TRL venv); the benchmark overrides neither."""
     task_cfg = yaml.safe_load((CONFIGS / "task" / "addition.yaml").read_text())
+    task_cfg.pop("defaults", None)  # the Hydra schema line, not a task argument
     format_weight = yaml.safe_load((CONFIGS / "train.yaml").read_text())["reward"]["format_weight"]
     return build_task(task_cfg.pop("name"), **task_cfg), float(format_weight)
 
