@@ -459,27 +459,67 @@ def packed_attention_mask(model: torch.nn.Module, allowed: Tensor, dtype: torch.
     return None
 
 
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """logprob and entropy of softmax(logits / tau) per row, in chunks of rows, saving only the
+    logits for backward (see token_logprobs)."""
+
+    @staticmethod
+    def forward(
+        ctx, logits: Tensor, targets: Tensor, temperature: float, chunk: int
+    ) -> tuple[Tensor, Tensor]:
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 (gradcheck)
+        logprob = logits.new_empty(logits.shape[0], dtype=dtype)  # (K,)
+        entropy = torch.empty_like(logprob)  # (K,)
+        for start in range(0, logits.shape[0], chunk):
+            part = slice(start, start + chunk)
+            lsm = torch.log_softmax(logits[part].to(dtype) / temperature, dim=-1)  # (k, V)
+            logprob[part] = lsm.gather(-1, targets[part, None]).squeeze(-1)
+            entropy[part] = -(lsm.exp() * lsm).sum(dim=-1)
+        ctx.save_for_backward(logits, targets, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprob, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprob: Tensor, grad_entropy: Tensor) -> tuple[Tensor, None, None, None]:
+        """With x = logits / tau, p = softmax(x), H = -sum_v p_v log p_v:
+        d logprob / d x_j = [j = y] - p_j          d H / d x_j = -p_j (log p_j + H)
+        """
+        logits, targets, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # (K, V)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            lsm = torch.log_softmax(logits[part].to(entropy.dtype) / ctx.temperature, dim=-1)  # (k, V)
+            p = lsm.exp()
+            g_lp, g_h = grad_logprob[part, None], grad_entropy[part, None]  # (k, 1)
+            g = -p * (g_lp + g_h * (lsm + entropy[part, None]))
+            g.scatter_add_(-1, targets[part, None], g_lp)
+            grad[part] = g / ctx.temperature
+        return grad, None, None, None
+
+
 def token_logprobs(
     logits: Tensor, targets: Tensor, temperature: float, return_entropy: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """log softmax(logits / temperature)[target] and the entropy, over the last dim, without a
-    full log_softmax tensor:
+    """log softmax(logits / tau)[target] and the entropy of softmax(logits / tau), over the last dim:
 
-        logprob  = logits[y] / tau - logsumexp(logits / tau)
-        entropy  = logsumexp(logits / tau) - sum_v softmax(logits / tau)_v * logits[v] / tau
+        logprob  = log p_y,   entropy = -sum_v p_v log p_v,   p = softmax(logits / tau)
+
+    Computed in chunks of rows (~32 MB of float32 each) by one autograd function that keeps only
+    the logits for backward and recomputes the softmax there, instead of autograd saving the
+    scaled logits, their softmax and its product with the logits, each as large as the logits
+    (tokens x 49k vocabulary for SmolLM2), and the same again for their gradients.
 
     Args:
         logits: (..., V); targets: (...) token ids.
     Returns:
         logprob (...) float32; entropy (...) float32, or None unless return_entropy.
     """
-    logits = logits.float() / temperature
-    log_z = torch.logsumexp(logits, dim=-1)  # (...)
-    logprob = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z
-    entropy = None
-    if return_entropy:
-        entropy = log_z - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    return logprob, entropy
+    V = logits.shape[-1]
+    chunk = max(1, 2**23 // V)  # rows per chunk: 8M float32 values
+    logprob, entropy = ChunkedTokenLogprobs.apply(
+        logits.reshape(-1, V), targets.reshape(-1), temperature, chunk
+    )
+    return logprob.view(targets.shape), entropy.view(targets.shape) if return_entropy else None
 
 
 def sequence_logprobs(

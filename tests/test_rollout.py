@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import common.rollout as rollout_module
 from common.models import load_policy
 from common.rollout import (
+    ChunkedTokenLogprobs,
     HFRollout,
     RolloutBatch,
     TokenSampler,
@@ -19,6 +21,7 @@ from common.rollout import (
     prepacked_linears,
     response_mask_from_ids,
     sequence_logprobs,
+    token_logprobs,
 )
 
 TINY = {
@@ -524,3 +527,32 @@ def test_prepacked_linears_match_plain_linears_and_are_restored(tiny):
     with pytest.raises(RuntimeError, match="boom"), prepacked_linears(model, rows=2):
         raise RuntimeError("boom")
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_token_logprobs_hand_values_and_gradients():
+    """Logits (0, ln 3): p = (1/4, 3/4), log p_1 = ln 0.75, entropy = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    = 0.5623; at temperature 0.5 the logits double. Gradients of the chunked function (which
+    recomputes the softmax in backward) match autograd through log_softmax, across chunk edges."""
+    logits = torch.tensor([[0.0, math.log(3.0)]])
+    logprob, entropy = token_logprobs(logits, torch.tensor([1]), 1.0, return_entropy=True)
+    assert logprob.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert entropy.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+    logprob, _ = token_logprobs(logits, torch.tensor([0]), 0.5, return_entropy=False)  # p = (1/10, 9/10)
+    assert logprob.item() == pytest.approx(math.log(0.1), abs=1e-6)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 7, (5,), generator=g)
+    w_lp, w_h = (
+        torch.randn(5, dtype=torch.float64, generator=g),
+        torch.randn(5, dtype=torch.float64, generator=g),
+    )
+    lp, h = ChunkedTokenLogprobs.apply(x, y, 0.7, 2)  # chunks of 2 rows: 2 + 2 + 1
+    (lp @ w_lp + h @ w_h).backward()
+    xr = x.detach().clone().requires_grad_()
+    lsm = torch.log_softmax(xr / 0.7, dim=-1)
+    ref_lp, ref_h = lsm.gather(-1, y[:, None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    (ref_lp @ w_lp + ref_h @ w_h).backward()
+    torch.testing.assert_close(lp, ref_lp.detach())
+    torch.testing.assert_close(h, ref_h.detach())
+    torch.testing.assert_close(x.grad, xr.grad)
