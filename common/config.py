@@ -157,6 +157,7 @@ class TrainerConfig:
     batch_size: int
     mini_batch_size: int | None
     micro_batch_size: int
+    max_tokens_per_micro_batch: int | None
     eval_every: int
     eval_num_prompts: int
     log_samples_every: int
@@ -182,6 +183,13 @@ class TrainerConfig:
             "trainer.mini_batch_size",
             f"must divide trainer.batch_size={self.batch_size}",
             mini,
+        )
+        tokens = self.max_tokens_per_micro_batch
+        require(
+            tokens is None or tokens >= 1,
+            "trainer.max_tokens_per_micro_batch",
+            "must be >= 1 or null",
+            tokens,
         )
         world = launched_world_size()
         require(
@@ -434,6 +442,7 @@ class TrainSettings:
     num_samples_logged: int
     save_every: int
     fail_on_reward_error: bool
+    max_tokens_per_micro_batch: int = 0  # 0 = micro-batches by rows only
     max_num_gen_batches: int = 1
     gen_batch_size: int = 0  # prompts per dynamic-sampling round (filter mode); 0 = batch_size
     on_exhausted: str = "partial"  # filter mode after max_num_gen_batches: partial, skip or error

@@ -2,8 +2,9 @@
 and the optimizer steps of `epochs` x mini-batches.
 
 A mini-batch is one optimizer step; it runs in micro-batches of `trainer.micro_batch_size`
-sequences whose gradients accumulate, each normalised by the whole mini-batch's denominator, so
-the result does not depend on the micro-batch size (DAPO Eq. 12 holds across micro-batches).
+sequences (and, if set, about `trainer.max_tokens_per_micro_batch` tokens) whose gradients
+accumulate, each normalised by the whole mini-batch's denominator, so the result does not depend
+on how the mini-batch is split (DAPO Eq. 12 holds across micro-batches).
 """
 
 from __future__ import annotations
@@ -40,13 +41,20 @@ class Critic:
 
 @torch.no_grad()
 def batched_forward(
-    forward: Callable[[dict[str, Any]], torch.Tensor], batch: dict[str, Any], micro_batch_size: int
+    forward: Callable[[dict[str, Any]], torch.Tensor],
+    batch: dict[str, Any],
+    micro_batches: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Run `forward(micro_batch) -> (B, t)` over the batch in micro-batches; returns (N, T), zero-padded."""
-    out = []
-    for rows in torch.arange(batch["input_ids"].shape[0]).split(micro_batch_size):
-        out.append(_pad_right(forward(micro_batch(batch, rows)), batch["response_mask"].shape[1]))
-    return torch.cat(out)
+    """Run `forward(micro_batch) -> (B, t)` over the micro-batches (row indices, e.g. from
+    split_micro_batches); returns (N, T), each row where it was, zero-padded."""
+    N, T = batch["response_mask"].shape
+    out = None
+    for rows in micro_batches:
+        values = _pad_right(forward(micro_batch(batch, rows)), T)  # (B, T)
+        if out is None:
+            out = values.new_zeros(N, T)
+        out[rows] = values
+    return out
 
 
 def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str, Any]], torch.Tensor]:
@@ -119,11 +127,42 @@ def autocast(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def micro_batch_order(batch: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
-    """`rows` longest response first: the first micro-batch is the largest (it fails fast if memory
-    is short). Rows of one group that share a micro-batch also share their prompt's forward
-    (sequence_logprobs packs each micro-batch without padding)."""
-    return rows[batch["response_mask"][rows].sum(1).argsort(descending=True, stable=True)]
+def split_micro_batches(
+    batch: dict[str, Any], rows: torch.Tensor, micro_batch_size: int, max_tokens: int = 0
+) -> list[torch.Tensor]:
+    """`rows` in micro-batches of at most `micro_batch_size` rows and, with `max_tokens` > 0, at
+    most `max_tokens` tokens where it can (a row longer than that goes alone); verl's dynamic batch
+    size (use_dynamic_bsz, ppo_max_token_len_per_gpu). The tokens of a micro-batch are what its
+    packed forward runs (sequence_logprobs): each group's prompt once plus every response through EOS.
+
+    Rows go group by group, the group with most tokens first (the first micro-batch fails fast if
+    memory is short), so rows that share a prompt share a micro-batch and its prompt's forward.
+    The split changes the cost of a step, not its gradient: every micro-batch loss is normalised
+    by the whole mini-batch's denominator (accumulate_gradients).
+    """
+    P = batch["prompt_len"]
+    groups = batch["group_index"][rows] if "group_index" in batch else torch.arange(len(rows))  # (n,)
+    responses = batch["response_mask"][rows].sum(dim=1).long()  # (n,)
+    prompts = batch["attention_mask"][rows, :P].sum(dim=1).long()  # (n,)
+    _, group = torch.unique(groups, return_inverse=True)  # (n,) 0 .. n_groups-1
+    size = torch.zeros(int(group.max()) + 1 if len(rows) else 0, dtype=torch.long)
+    size.index_add_(0, group, responses)
+    # groups by size, largest first (ties: lower group id); rows keep their order within a group
+    order = sorted(range(len(rows)), key=lambda i: (-int(size[group[i]]), int(group[i]), i))
+    micros, current, tokens, open_groups = [], [], 0, set()
+    for i in order:
+        g = int(group[i])
+        cost = int(responses[i]) + (0 if g in open_groups else int(prompts[i]))
+        if current and (len(current) == micro_batch_size or (max_tokens and tokens + cost > max_tokens)):
+            micros.append(rows[current])
+            current, tokens, open_groups = [], 0, set()
+            cost = int(responses[i]) + int(prompts[i])
+        current.append(i)
+        tokens += cost
+        open_groups.add(g)
+    if current:
+        micros.append(rows[current])
+    return micros
 
 
 def accumulate_gradients(
@@ -136,6 +175,7 @@ def accumulate_gradients(
     critic: torch.nn.Module | None = None,
     bf16: bool = False,
     dist: DistContext = SINGLE,
+    max_tokens: int = 0,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -165,8 +205,7 @@ def accumulate_gradients(
     part = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg, algo.loss_scale_factor)
     denominator = dist.all_reduce(part) or 1.0
     total, means, n_total = 0.0, WeightedMeans(), 0.0
-    rows = micro_batch_order(batch, rows)
-    micros = list(rows.split(micro_batch_size))
+    micros = split_micro_batches(batch, rows, micro_batch_size, max_tokens)
     n_passes = int(dist.all_reduce(len(micros), "max"))
     for i in range(n_passes):
         real = i < len(micros)
@@ -241,6 +280,7 @@ def update_policy(
                 critic_model,
                 settings.bf16,
                 dist,
+                settings.max_tokens_per_micro_batch,
             )
             total = dist.all_reduce(total)
             grad_norm = clip_and_step(
@@ -307,7 +347,10 @@ def add_logprobs_and_values(
 ) -> None:
     """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
     batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
-    micro = settings.micro_batch_size
+    N = batch["input_ids"].shape[0]
+    micro = split_micro_batches(
+        batch, torch.arange(N), settings.micro_batch_size, settings.max_tokens_per_micro_batch
+    )
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
         # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:

@@ -39,12 +39,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from common.config import TrainSettings
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.models import make_reference
 from common.rollout import HFRollout, pack_responses
 from common.sampling import score_samples
 from common.trainer import build_batch
-from common.update import add_logprobs_and_values, micro_batch, micro_batch_order, update_policy
+from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
 from scripts.build import (
     build_algorithm,
     build_optimizer,
@@ -198,17 +199,19 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     generated = int(rollout.lengths.sum())
     # the workload's tokens: prompt + response of every row, padding left out
     processed = int(rollout.attention_mask.sum()) * algo.epochs
-    computed = computed_tokens(batch, settings.micro_batch_size) * algo.epochs
+    computed = computed_tokens(batch, settings) * algo.epochs
     N, T = rollout.response_mask.shape
     return StepMeasure(times, meter.rss_mb, generated, processed, computed, (N, rollout.prompt_len, T))
 
 
-def computed_tokens(batch: dict[str, Any], micro_batch_size: int) -> int:
+def computed_tokens(batch: dict[str, Any], settings: TrainSettings) -> int:
     """Tokens the update's forward passes actually run: per micro-batch, each distinct prompt once
     plus every row's response through EOS (the packed pass of sequence_logprobs, no padding)."""
     total = 0
-    rows = micro_batch_order(batch, torch.arange(batch["input_ids"].shape[0]))
-    for micro in rows.split(micro_batch_size):
+    rows = torch.arange(batch["input_ids"].shape[0])
+    for micro in split_micro_batches(
+        batch, rows, settings.micro_batch_size, settings.max_tokens_per_micro_batch
+    ):
         mb = micro_batch(batch, micro)
         packed = pack_responses(
             mb["input_ids"], mb["attention_mask"], mb["prompt_len"], mb["response_mask"], mb["group_index"]

@@ -191,6 +191,7 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         batch_size=t.batch_size,
         mini_batch_size=t.mini_batch_size or t.batch_size,
         micro_batch_size=t.micro_batch_size,
+        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch or 0,
         max_grad_norm=cfg.optim.max_grad_norm,
         format_weight=cfg.reward.format_weight,
         eval_every=t.eval_every,

@@ -157,3 +157,20 @@ def test_gpu_check_without_a_gpu_stops_with_one_line():
         result.stderr.strip().startswith("gpu_check: no CUDA device") and len(result.stderr.splitlines()) == 1
     )
     assert result.stdout == ""
+
+
+def test_trl_benchmark_reads_the_workload_task_and_reward():
+    """The TRL benchmark builds the task of configs/task/addition.yaml without Hydra (not in its
+    venv) and scores a completion the way our trainer does: correct + format_weight x format."""
+    from scripts.benchmark_trl import load_workload_task, make_reward
+
+    task, format_weight = load_workload_task()
+    assert task.name == "addition" and format_weight == 0.1 and len(task.train) > 0
+    example = task.train[0]
+    reward = make_reward(task, format_weight)
+    scores = reward(
+        prompts=[[{"role": "user", "content": example.prompt}]] * 2,
+        completions=[[{"content": f"<answer>{example.answer}</answer>"}], [{"content": "no idea"}]],
+        answer=[example.answer] * 2,
+    )
+    assert scores == pytest.approx([1.1, 0.0])

@@ -15,7 +15,7 @@ from common.models import make_reference
 from common.sampling import PromptStream, collect, generate_and_score
 from common.tasks import Example, Task, build_task
 from common.trainer import build_batch
-from common.update import accumulate_gradients
+from common.update import accumulate_gradients, split_micro_batches
 from scripts.build import build_algorithm, build_settings
 from scripts.train import run
 from tests.conftest import TEST_SEED, compose_train
@@ -141,7 +141,8 @@ def tiny_setup(cache_dir):
 
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
 def test_gradient_is_the_same_with_one_and_four_micro_batches(tiny_setup, loss_agg):
-    """DAPO Eq. 12 across micro-batches: the normaliser is the whole update batch's."""
+    """DAPO Eq. 12 across micro-batches: the normaliser is the whole update batch's, whether the
+    micro-batches are cut by rows (2 of 8) or by tokens (at most 20 packed tokens)."""
     cfg, model, engine, task = tiny_setup
     cfg = compose_train(
         *TINY_CHAR_SHARE, "group_size=g4", f"algorithm.loss_agg={loss_agg}", "algorithm.kl_coef=0"
@@ -159,16 +160,20 @@ def test_gradient_is_the_same_with_one_and_four_micro_batches(tiny_setup, loss_a
     batch["loss_mask"][5] = 0  # a fully masked row (overlong filtering) leaves the seq-mean denominators
     algo.compute_advantages(batch)
     rows = torch.arange(8)
+    assert len(split_micro_batches(batch, rows, 8, max_tokens=20)) > 2
     grads = []
-    for micro in (8, 2):
+    for micro, max_tokens in ((8, 0), (2, 0), (8, 20)):
         model.zero_grad(set_to_none=True)
-        loss, _, _ = accumulate_gradients(model, algo, batch, rows, micro, temperature=1.0)
+        loss, _, _ = accumulate_gradients(
+            model, algo, batch, rows, micro, temperature=1.0, max_tokens=max_tokens
+        )
         grads.append(([p.grad.clone() for p in model.parameters()], loss))
-    (g_full, loss_full), (g_micro, loss_micro) = grads
-    assert loss_full == pytest.approx(loss_micro, abs=1e-5)
-    # equal up to float32 summation order; a wrong normaliser would be off by a factor of ~1.5-4
-    for a, b in zip(g_full, g_micro, strict=True):
-        assert (a - b).norm() <= 1e-4 * a.norm() + 1e-8
+    g_full, loss_full = grads[0]
+    for g_micro, loss_micro in grads[1:]:
+        assert loss_full == pytest.approx(loss_micro, abs=1e-5)
+        # equal up to float32 summation order; a wrong normaliser would be off by a factor of ~1.5-4
+        for a, b in zip(g_full, g_micro, strict=True):
+            assert (a - b).norm() <= 1e-4 * a.norm() + 1e-8
 
 
 def _always(keep: bool):

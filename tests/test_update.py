@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.rollout import HFRollout
-from common.update import add_logprobs_and_values, update_policy
+from common.update import add_logprobs_and_values, split_micro_batches, update_policy
 from scripts.build import build_algorithm, build_optimizer, build_policy, build_settings
 from tests.conftest import compose_train
 
@@ -159,3 +159,26 @@ def test_old_log_probs_come_from_eval_mode_even_without_disable_dropout(cache_di
         )
     # the same eval-mode function, one forward against another (shared-prompt cache or not): float rounding
     torch.testing.assert_close(batch["old_logprob"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_split_micro_batches_keeps_groups_together_and_caps_tokens():
+    """Three groups of two rows, prompts of 3, 2, 3 tokens, responses of 2, 4 | 1, 1 | 5, 5 tokens.
+    The largest group (10 response tokens) goes first, then 6, then 2. By rows (4): [4, 5, 0, 1],
+    [2, 3]. At most 12 tokens (a prompt counts once per micro-batch): 3 + 5 = 8 and + 5 > 12, so
+    row 4 alone, row 5 alone (8 + 3 + 2 > 12), rows 0, 1, 2 (5 + 4 + 2 + 1 = 12), row 3 (2 + 1)."""
+    lengths, prompts = [2, 4, 1, 1, 5, 5], [3, 3, 2, 2, 3, 3]
+    batch = {
+        "prompt_len": 3,
+        "group_index": torch.tensor([0, 0, 1, 1, 2, 2]),
+        "response_mask": (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).float(),
+        "attention_mask": torch.cat(
+            [(torch.arange(3)[None, :] >= 3 - torch.tensor(prompts)[:, None]).long(), torch.ones(6, 5)], 1
+        ),
+    }
+    rows = torch.arange(6)
+    by_rows = split_micro_batches(batch, rows, 4)
+    assert [m.tolist() for m in by_rows] == [[4, 5, 0, 1], [2, 3]]
+    by_tokens = split_micro_batches(batch, rows, 6, max_tokens=12)
+    assert [m.tolist() for m in by_tokens] == [[4], [5], [0, 1, 2], [3]]
+    # a subset of rows (a mini-batch) comes back as those rows
+    assert [m.tolist() for m in split_micro_batches(batch, torch.tensor([3, 0, 2]), 8)] == [[0, 3, 2]]
