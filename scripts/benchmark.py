@@ -15,9 +15,10 @@ warm-up step):
   - the design notes' naive rollout (one `generate` call per sample) on the same prompts, and the
     speed-up of the batched rollout over it;
   - the rollout's physical bound: per decode step, reading every weight once at the memory
-    bandwidth measured in the same process, or the step's FLOPs (2 x parameters x rows) at the
-    measured matmul rate, whichever takes longer; plus the prompt pass at the matmul rate. The
-    batched rollout's seconds over that bound say how far generation is from the machine's limit;
+    bandwidth measured in the same process, or the FLOPs of the rows still decoding (2 x parameters
+    x rows) at the measured matmul rate, whichever takes longer; plus each distinct prompt's pass
+    at the matmul rate. The batched rollout's seconds over that bound say how far generation is
+    from the machine's limit;
   - peak resident memory, of the whole run and of each phase (the largest over the timed steps of
     the peak within the phase; each includes what the process holds throughout: weights, AdamW
     state, the reference model).
@@ -103,19 +104,21 @@ def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> f
 
 
 def rollout_bound_s(
-    n_params: int, weight_bytes: int, shape: tuple[int, int, int], bandwidth: float, flops: float
+    n_params: int, weight_bytes: int, work: RolloutWork, bandwidth: float, flops: float
 ) -> float:
-    """Lower bound on the seconds of one batched rollout of shape (rows N, prompt P, decode steps T).
+    """Lower bound on the seconds of one batched rollout that computes only what it must:
 
-        prompt pass    2 x params x N x P FLOPs at the matmul rate
-        decode step    max(weights read once at the bandwidth, 2 x params x N FLOPs at the matmul rate)
+        prompt pass       2 x params x (each distinct prompt's tokens, once) FLOPs at the matmul rate
+        decode step t     max(weights read once at the bandwidth,
+                              2 x params x (rows still decoding at t) FLOPs at the matmul rate)
 
-    `generate` runs T decode steps, T = the longest response, whatever the others' lengths.
-    Attention over the KV cache and the sampling are left out: the bound is optimistic.
+    over t = 0 .. T-1, T = the longest response: a step reads every weight once however few rows
+    it runs. Attention over the KV cache and the sampling are left out: the bound is optimistic.
     """
-    N, P, T = shape
-    decode_step = max(weight_bytes / bandwidth, 2 * n_params * N / flops)
-    return 2 * n_params * N * P / flops + T * decode_step
+    lengths = torch.tensor(work.lengths)
+    live = [(lengths > t).sum().item() for t in range(int(lengths.max()) if len(lengths) else 0)]
+    decode = sum(max(weight_bytes / bandwidth, 2 * n_params * n / flops) for n in live)
+    return 2 * n_params * work.prompt_tokens / flops + decode
 
 
 def naive_rollout(
@@ -163,6 +166,14 @@ class PhaseMeter:
 
 
 @dataclass(frozen=True)
+class RolloutWork:
+    """What a rollout had to compute: its distinct prompts' tokens and every row's response length."""
+
+    prompt_tokens: int
+    lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class StepMeasure:
     """What one benchmarked step measured."""
 
@@ -171,7 +182,7 @@ class StepMeasure:
     generated: int  # response tokens sampled
     processed: int  # prompt + response tokens of the update's passes, padding left out
     computed: int  # tokens the update's passes actually run (see computed_tokens)
-    rollout_shape: tuple[int, int, int]  # rows N, prompt width P, decode steps T
+    rollout_work: RolloutWork
 
 
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
@@ -200,8 +211,11 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     # the workload's tokens: prompt + response of every row, padding left out
     processed = int(rollout.attention_mask.sum()) * algo.epochs
     computed = computed_tokens(batch, settings) * algo.epochs
-    N, T = rollout.response_mask.shape
-    return StepMeasure(times, meter.rss_mb, generated, processed, computed, (N, rollout.prompt_len, T))
+    groups = rollout.group_index.tolist()
+    first_rows = [groups.index(g) for g in dict.fromkeys(groups)]  # one row per distinct prompt
+    prompt_tokens = int(rollout.attention_mask[first_rows, : rollout.prompt_len].sum())
+    work = RolloutWork(prompt_tokens, tuple(rollout.lengths.tolist()))
+    return StepMeasure(times, meter.rss_mb, generated, processed, computed, work)
 
 
 def computed_tokens(batch: dict[str, Any], settings: TrainSettings) -> int:
@@ -291,7 +305,7 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
     )
     peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = mean([rollout_bound_s(n_params, weight_bytes, r.rollout_shape, bandwidth, peak) for r in runs])
+    bound = mean([rollout_bound_s(n_params, weight_bytes, r.rollout_work, bandwidth, peak) for r in runs])
     update_flops = 6 * n_params * processed / seconds["update_s"]
     computed_flops = 6 * n_params * computed / seconds["update_s"]
 
@@ -321,7 +335,9 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "memory_bandwidth_bytes_per_s": bandwidth,
         "rollout_bound_s": bound,
         "rollout_over_bound": seconds["rollout_s"] / bound,
-        "peak_rss_mb": peak_rss_mb(),
+        # the high-water mark restarts with each phase: the run's peak is the largest of the phases'
+        # and of what came after the last reset (the naive loop)
+        "peak_rss_mb": max(peak_rss_mb(), *(mb for r in runs for mb in r.rss_mb.values())),
         "peak_rss_mb_per_phase": {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb},
         "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.benchmark import format_table, main, rollout_bound_s
+from scripts.benchmark import RolloutWork, format_table, main, rollout_bound_s
 from scripts.report import engine_table
 from tests.conftest import ROOT
 
@@ -73,11 +73,13 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
 
 
 def test_rollout_bound_by_hand():
-    # 10 parameters in 40 bytes, N=2 rows, P=3 prompt columns, T=5 decode steps
-    # bandwidth 10 B/s, 20 FLOP/s: prompt 2*10*2*3/20 = 6 s; a decode step max(40/10, 2*10*2/20) = 4 s
-    assert rollout_bound_s(10, 40, (2, 3, 5), bandwidth=10.0, flops=20.0) == pytest.approx(6 + 5 * 4)
-    # 2 FLOP/s makes decoding compute-bound: prompt 120/2 = 60 s; a decode step max(4, 40/2) = 20 s
-    assert rollout_bound_s(10, 40, (2, 3, 5), bandwidth=10.0, flops=2.0) == pytest.approx(60 + 5 * 20)
+    # 10 parameters in 40 bytes, 6 prompt tokens, responses of 5 and 2 tokens: 5 decode steps with
+    # 2, 2, 1, 1, 1 rows still decoding
+    work = RolloutWork(prompt_tokens=6, lengths=(5, 2))
+    # bandwidth 10 B/s, 20 FLOP/s: prompt 2*10*6/20 = 6 s; each step weight-bound, max(40/10, n) = 4 s
+    assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=20.0) == pytest.approx(6 + 5 * 4)
+    # 2 FLOP/s makes decoding compute-bound: prompt 120/2 = 60 s; steps max(4, 10 n) = 20, 20, 10, 10, 10 s
+    assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=2.0) == pytest.approx(60 + 70)
 
 
 def test_trl_benchmark_without_trl_says_how_to_install_it():
