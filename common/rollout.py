@@ -419,6 +419,8 @@ def pack_responses(
         start += p
         for row in group_rows:
             n = lengths[row]
+            if n == 0:  # nothing of this row is scored
+                continue
             ids.append(input_ids[row, P : P + n])
             positions.append(torch.arange(p, p + n))
             owner.append(torch.full((n,), u))

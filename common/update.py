@@ -141,9 +141,10 @@ def split_micro_batches(
     by the whole mini-batch's denominator (accumulate_gradients).
     """
     P = batch["prompt_len"]
-    groups = batch["group_index"][rows] if "group_index" in batch else torch.arange(len(rows))  # (n,)
-    responses = batch["response_mask"][rows].sum(dim=1).long()  # (n,)
-    prompts = batch["attention_mask"][rows, :P].sum(dim=1).long()  # (n,)
+    # bookkeeping on the CPU, whatever device the batch is on
+    groups = batch["group_index"][rows].cpu() if "group_index" in batch else torch.arange(len(rows))  # (n,)
+    responses = batch["response_mask"][rows].sum(dim=1).long().cpu()  # (n,)
+    prompts = batch["attention_mask"][rows, :P].sum(dim=1).long().cpu()  # (n,)
     _, group = torch.unique(groups, return_inverse=True)  # (n,) 0 .. n_groups-1
     size = torch.zeros(int(group.max()) + 1 if len(rows) else 0, dtype=torch.long)
     size.index_add_(0, group, responses)

@@ -390,6 +390,10 @@ def test_pack_responses_hand_example():
     assert allowed[5].nonzero().flatten().tolist() == [0, 1, 5]  # row 1's first token: prompt + itself
     assert allowed[6].nonzero().flatten().tolist() == [0, 1, 5, 6]
     assert allowed[9].nonzero().flatten().tolist() == [7, 8, 9]  # the other prompt's last token
+    response_mask[1] = 0  # a row with nothing to score adds no tokens
+    empty = pack_responses(input_ids, attention_mask, 3, response_mask, torch.tensor([0, 0, 1]))
+    assert empty.input_ids.tolist() == [[5, 6, 7, 8, 2, 4, 4, 4, 3, 3, 3]]
+    assert empty.rows.tolist() == [0, 0, 0, 2, 2, 2] and len(empty.source) == len(empty.target) == 6
 
 
 @pytest.fixture(scope="module")
