@@ -560,3 +560,22 @@ def test_token_logprobs_hand_values_and_gradients():
     torch.testing.assert_close(lp, ref_lp.detach())
     torch.testing.assert_close(h, ref_h.detach())
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_packed_pass_with_eager_attention_takes_an_additive_mask(rollout):
+    """Eager attention adds its mask to the scores: the packed pass hands it 0 / dtype-min instead of
+    sdpa's booleans, and the log-probs still equal the padded pass's."""
+    model = copy.deepcopy(rollout.model).eval()
+    model.set_attn_implementation("eager")
+    batch = rollout.sample(["q1", "a longer second question"], group_size=2, max_new_tokens=6)
+    with torch.no_grad():
+        padded, _ = sequence_logprobs(model, batch.input_ids, batch.attention_mask, batch.prompt_len)
+        packed, _ = sequence_logprobs(
+            model,
+            batch.input_ids,
+            batch.attention_mask,
+            batch.prompt_len,
+            response_mask=batch.response_mask,
+            prompt_groups=batch.group_index,
+        )
+    torch.testing.assert_close(packed, padded * batch.response_mask, atol=1e-5, rtol=1e-5)
