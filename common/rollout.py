@@ -447,18 +447,23 @@ def pack_responses(
     )
 
 
-def packed_attention_mask(model: torch.nn.Module, allowed: Tensor, dtype: torch.dtype) -> Tensor | None:
+# attention implementations that take a custom 4D mask (flash attention does not): the packed pass
+PACKED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The model's attention implementation (config._attn_implementation), e.g. "sdpa"."""
+    return getattr(_base_model(model).config, "_attn_implementation", None)
+
+
+def packed_attention_mask(model: torch.nn.Module, allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """`allowed` (1, 1, L, L) in the form the model's attention takes a custom 4D mask: bool for
-    sdpa, additive float (0 / dtype min) for eager; None for other implementations (flash
-    attention takes no 4D mask), which then run the padded pass."""
-    implementation = getattr(_base_model(model).config, "_attn_implementation", None)
-    if implementation == "sdpa":
+    sdpa, additive float (0 / dtype min) for eager (one of PACKED_ATTENTION)."""
+    if attention_implementation(model) == "sdpa":
         return allowed
-    if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )
-    return None
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
@@ -546,14 +551,15 @@ def sequence_logprobs(
     `generate` does), so left padding does not change a row's values. Positions after EOS are
     computed like any other; the caller masks them.
 
-    Packed (`response_mask` given, the training passes): the batch runs as one row without padding
-    (`pack_responses`): each distinct prompt once (rows with equal `prompt_groups` ids share it,
-    e.g. a GRPO group; None = every row its own prompt), followed by the responses through their
-    last masked-in token, each attending only to its prompt and its own earlier tokens (a 4D
-    mask). Causal attention makes every token's value equal the padded pass's (to float rounding);
-    the forward runs prompt tokens once per group instead of once per row (the shared-prefix
-    forward of Prefix Grouper, Liu et al. 2025, arXiv:2506.05433) and no padding at all (what
-    verl's remove-padding and TRL's padding_free do), and only response tokens reach the LM head.
+    Packed (`response_mask` given, the training passes; attention in PACKED_ATTENTION, otherwise the
+    padded pass runs): the batch runs as one row without padding (`pack_responses`): each
+    distinct prompt once (rows with equal `prompt_groups` ids share it, e.g. a GRPO group; None =
+    every row its own prompt), followed by the responses through their last masked-in token, each
+    attending only to its prompt and its own earlier tokens (a 4D mask). Causal attention makes
+    every token's value equal the padded pass's (to float rounding); the forward runs prompt tokens
+    once per group instead of once per row (the shared-prefix forward of Prefix Grouper, Liu et al.
+    2025, arXiv:2506.05433) and no padding at all (what verl's remove-padding and TRL's
+    padding_free do), and only response tokens reach the LM head.
     Gradients flow through the shared prompt. Positions outside response_mask get 0.
 
     Args:
@@ -568,22 +574,22 @@ def sequence_logprobs(
     N, T = input_ids.shape[0], input_ids.shape[1] - prompt_len
     assert prompt_len >= 1 and T >= 1, f"{prompt_len=} and response width {T=} must both be >= 1"
     keep_some = takes_logits_to_keep(model)
-    if response_mask is not None:
+    if response_mask is not None and attention_implementation(model) in PACKED_ATTENTION:
         groups = prompt_groups if prompt_groups is not None else torch.arange(N, device=input_ids.device)
         packed = pack_responses(input_ids, attention_mask, prompt_len, response_mask, groups)
-        mask = packed_attention_mask(model, packed.attention_mask, next(model.parameters()).dtype)
-        if mask is not None:
-            logits = model(
-                input_ids=packed.input_ids,
-                attention_mask=mask,
-                position_ids=packed.position_ids,
-                use_cache=False,
-                **({"logits_to_keep": packed.source} if keep_some else {}),
-            ).logits[0]  # (K, V): the logits that predict each response token
-            if not keep_some:
-                logits = logits[packed.source]
-            logprob, entropy = token_logprobs(logits, packed.target, temperature, return_entropy)  # (K,)
-            return packed.unpack(logprob, N, T), packed.unpack(entropy, N, T) if return_entropy else None
+        logits = model(
+            input_ids=packed.input_ids,
+            attention_mask=packed_attention_mask(
+                model, packed.attention_mask, next(model.parameters()).dtype
+            ),
+            position_ids=packed.position_ids,
+            use_cache=False,
+            **({"logits_to_keep": packed.source} if keep_some else {}),
+        ).logits[0]  # (K, V): the logits that predict each response token
+        if not keep_some:
+            logits = logits[packed.source]
+        logprob, entropy = token_logprobs(logits, packed.target, temperature, return_entropy)  # (K,)
+        return packed.unpack(logprob, N, T), packed.unpack(entropy, N, T) if return_entropy else None
     position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (N, P+T)
     logits = model(
         input_ids=input_ids,

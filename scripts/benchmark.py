@@ -115,8 +115,7 @@ def rollout_bound_s(
     over t = 0 .. T-1, T = the longest response: a step reads every weight once however few rows
     it runs. Attention over the KV cache and the sampling are left out: the bound is optimistic.
     """
-    lengths = torch.tensor(work.lengths)
-    live = [(lengths > t).sum().item() for t in range(int(lengths.max()) if len(lengths) else 0)]
+    live = [sum(n > t for n in work.lengths) for t in range(max(work.lengths, default=0))]
     decode = sum(max(weight_bytes / bandwidth, 2 * n_params * n / flops) for n in live)
     return 2 * n_params * work.prompt_tokens / flops + decode
 
