@@ -20,6 +20,7 @@ from common.rollout import (
     prefill,
     prepacked_linears,
     response_mask_from_ids,
+    sample_categorical,
     sequence_logprobs,
     token_logprobs,
 )
@@ -479,6 +480,27 @@ def test_token_sampler_draws_the_truncated_softmax(top_k, top_p, kept):
     assert (freq[kept:] == 0).all()  # filtered tokens are never drawn
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
     assert torch.equal(TokenSampler(False)(logits.expand(3, -1)), torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("block", [4, 512])
+def test_sample_categorical_draws_each_row_from_its_weights(block):
+    """Unnormalised weights, zeros inside blocks, an all-zero block and a vocabulary that is not a
+    multiple of the block (11 tokens in blocks of 4: 4 + 4 + 3 and one padding): row 0 has
+    p = [0, 3, 0, 1, 0, 0, 4, 2, 0, 0, 0] / 10, row 1 puts all its mass on token 10 (the last block),
+    row 2 is uniform over 11 tokens. Zero-weight tokens are never drawn; the others within 5
+    standard errors of n = 30000 draws."""
+    weights = torch.zeros(3, 11)
+    weights[0] = torch.tensor([0, 3, 0, 1, 0, 0, 4, 2, 0, 0, 0.0])
+    weights[1, 10] = 0.5
+    weights[2] = 7.0
+    n = 30000
+    tokens = sample_categorical(weights.repeat_interleave(n, dim=0), block=block).view(3, n)  # (3, n)
+    assert tokens.dtype == torch.long and tokens.min() >= 0 and tokens.max() <= 10
+    for row in range(3):
+        p = (weights[row] / weights[row].sum()).double()  # (11,)
+        freq = torch.bincount(tokens[row], minlength=11).double() / n
+        assert (freq[p == 0] == 0).all(), freq  # zero weight: never drawn
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (row, freq, p)
 
 
 def test_decode_runs_only_unfinished_rows(tiny):
