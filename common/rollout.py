@@ -192,10 +192,34 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        """Keep the rows `indices` (copies the buffers once; index_select copies whole rows, 5x faster
-        than advanced indexing `buffer[indices]` on CPU: 28 vs 142 us for 32 rows of 116 tokens)."""
-        self._keys, self._values = self._keys.index_select(0, indices), self._values.index_select(0, indices)
+        """Keep the rows `indices` (n,) in that order, in place: row i becomes row indices[i] and the
+        buffers are narrowed to their first n rows. Only the rows that change slot are copied, and
+        only their cached columns: for `keep_order`'s orders, one row per finished row. (Copying
+        the kept rows into new buffers at each finish cost 5% of a rollout: 171 MB of fresh
+        memory at the first one, for SmolLM2-135M at 32 rows.)"""
+        n = len(indices)
+        dst = (indices != torch.arange(n, device=indices.device)).nonzero().flatten()  # slots that change
+        if len(dst):
+            src = indices[dst]
+            for buffer in (self._keys, self._values):
+                filled = buffer[:, :, : self.length]  # (B, H, L, D)
+                filled.index_copy_(0, dst, filled.index_select(0, src))  # through a copy: src may be a dst
+        self._keys, self._values = self._keys[:n], self._values[:n]
         self._views()
+
+
+def keep_order(going: Tensor) -> Tensor:
+    """The order of the rows still decoding after a step, for `batch_select_indices`: each slot
+    below n = going.sum() whose row finished takes one of the unfinished rows at or above n, so
+    that only as many rows move as finished. going (B,) bool -> order (n,) of row indices.
+
+    E.g. going = [T, F, T, T]: n = 3, slot 1 is free, row 3 moves there: order [0, 3, 2].
+    """
+    n = int(going.sum())
+    order = torch.arange(n, device=going.device)  # (n,)
+    holes = (~going[:n]).nonzero().flatten()  # slots below n whose row finished
+    order[holes] = going[n:].nonzero().flatten() + n  # as many unfinished rows from n on
+    return order
 
 
 def _packed_linear(weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor:
@@ -338,7 +362,8 @@ def decode(
     sampler: Callable[[Tensor], Tensor],
 ) -> Tensor:
     """Sample the responses of all rows in one batched loop, one token per step; a row that samples
-    EOS leaves the batch (its cache rows go too), so every step runs only unfinished rows.
+    EOS leaves the batch (its cache rows go too; an unfinished row from the end of the batch takes
+    its slot, `keep_order`), so every step runs only unfinished rows.
 
     `generate` keeps finished rows in the batch until the longest response ends: with responses of
     mixed lengths most of its rows compute padding. Here a step costs what its live rows cost.
@@ -366,7 +391,7 @@ def decode(
         if t == max_new_tokens - 1 or not going.any():
             break
         if not going.all():
-            keep = going.nonzero().flatten()
+            keep = keep_order(going)  # (n,) the unfinished rows, in their new order
             live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)

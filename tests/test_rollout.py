@@ -7,15 +7,18 @@ import math
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 
 import common.rollout as rollout_module
 from common.models import load_policy
 from common.rollout import (
     ChunkedTokenLogprobs,
     HFRollout,
+    PreallocatedLayer,
     RolloutBatch,
     TokenSampler,
     decode,
+    keep_order,
     pack_responses,
     prefill,
     prepacked_linears,
@@ -504,8 +507,10 @@ def test_sample_categorical_draws_each_row_from_its_weights(block):
 
 
 def test_decode_runs_only_unfinished_rows(tiny):
-    """A row that samples EOS leaves the batch: with a sampler that ends the first live row at each
-    step, the decode forwards see 3, 2, 1 rows and row i ends with EOS at column i."""
+    """A row that samples EOS leaves the batch: with a sampler that ends the first row of the batch
+    at each step, the decode forwards see 3, 2, 1 rows. The last row takes a finished row's slot
+    (`keep_order`): the batch runs rows [0, 1, 2, 3], then [3, 1, 2], [2, 1], [1], so rows 0, 3, 2, 1
+    end with EOS at columns 0, 1, 2, 3."""
     model, tokenizer = tiny
     enc = tokenizer(["q1", "a longer question", "q3", "q4"], return_tensors="pt", padding=True)
     rows_seen = []
@@ -534,7 +539,34 @@ def test_decode_runs_only_unfinished_rows(tiny):
     finally:
         hook.remove()
     assert rows_seen == [4, 3, 2, 1]  # the prefill's 4 prompts, then one decode step per live set
-    assert out.tolist() == [[EOS, 0, 0, 0], [5, EOS, 0, 0], [5, 5, EOS, 0], [5, 5, 5, EOS]]
+    assert out.tolist() == [[EOS, 0, 0, 0], [5, 5, 5, EOS], [5, 5, EOS, 0], [5, EOS, 0, 0]]
+
+
+def test_keep_order_moves_one_row_per_finished_row():
+    """Slots below n = (unfinished rows) whose row finished take the unfinished rows from n on."""
+    T, F = True, False
+    assert keep_order(torch.tensor([T, F, T, T])).tolist() == [0, 3, 2]
+    assert keep_order(torch.tensor([F, F, T, T, T])).tolist() == [3, 4, 2]
+    assert keep_order(torch.tensor([T, T, F, F])).tolist() == [0, 1]  # nothing moves
+    assert keep_order(torch.tensor([F, F])).tolist() == []
+
+
+@pytest.mark.parametrize("indices", [[0, 3, 2], [3, 4, 2], [0, 2, 3], [4, 0], [1, 2, 3, 4, 0]])
+def test_preallocated_layer_keeps_rows_in_place_like_a_dynamic_layer(indices):
+    """In-place row selection (only moved rows copied, buffers narrowed) holds what a DynamicLayer's
+    copy holds, for any order (moved rows that are also sources included); later writes land in
+    the right rows."""
+    keys, values = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 4)  # (B, H, L, D)
+    plain = DynamicLayer()
+    plain.update(keys, values)
+    layer = PreallocatedLayer(keys, values, capacity=6)
+    index = torch.tensor(indices)
+    plain.batch_select_indices(index)
+    layer.batch_select_indices(index)
+    assert torch.equal(layer.keys, plain.keys) and torch.equal(layer.values, plain.values)
+    new_k, new_v = torch.randn(len(indices), 2, 1, 4), torch.randn(len(indices), 2, 1, 4)
+    ours, theirs = layer.update(new_k, new_v), plain.update(new_k, new_v)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_prepacked_linears_match_plain_linears_and_are_restored(tiny):
