@@ -258,32 +258,80 @@ def prepacked_linears(model: torch.nn.Module, rows: int) -> Iterator[None]:
             m.__dict__.pop("forward", None)
 
 
+# An extra forward costs about what this many prompt tokens cost (one pass over the weights, on
+# CPU): a prefix whose sharing saves fewer tokens, (prompts - 1) x its length, runs with the rest.
+MIN_SHARED_PREFIX_SAVING = 32
+
+
+def shared_prefix_length(prompt_ids: Tensor, prompt_mask: Tensor) -> int:
+    """How many tokens every prompt starts with, the same in all: the system message and chat
+    template's header, an instruction shared by a task's questions. At most the shortest prompt's
+    length - 1: each prompt keeps a token of its own, whose logits the prompt pass returns.
+
+    Args:
+        prompt_ids, prompt_mask: (U, P), left-padded.
+    """
+    lengths = prompt_mask.long().sum(dim=1)  # (U,)
+    start = prompt_ids.shape[1] - lengths  # (U,) each prompt's first column
+    columns = start[:, None] + torch.arange(int(lengths.min()) - 1, device=prompt_ids.device)  # (U, m)
+    aligned = prompt_ids.gather(1, columns)  # (U, m) the first m tokens of each prompt
+    differs = (aligned != aligned[:1]).any(dim=0)  # (m,)
+    return int(differs.int().argmax()) if differs.any() else aligned.shape[1]
+
+
 def prefill(
     model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor, capacity: int
-) -> tuple[Cache, Tensor]:
-    """Run each distinct prompt once and hand its KV cache and next-token logits to its rows.
+) -> tuple[Cache, Tensor, Tensor]:
+    """Run each distinct prompt once, their shared prefix once, and hand the KV cache and
+    next-token logits to the rows.
 
     The G rows of a group share their prompt, so their prompt keys and values are identical: the
     prompt runs once per distinct prompt (not G times, as `generate` on the expanded batch does) and
-    is gathered to the rows. Full-attention layers move into PreallocatedLayer buffers of
-    `capacity` tokens. Positions follow the attention mask, as `generate` computes them.
+    is gathered to the rows. A prefix that all prompts share (`shared_prefix_length`, e.g. the
+    system message) runs once in a pass of its own when that saves at least
+    MIN_SHARED_PREFIX_SAVING tokens, and full-attention models only; its cache is repeated to the
+    prompts, which then run their own tokens. The cache then holds [prefix | padding | own
+    tokens] per row, and its mask says so. Full-attention layers move into PreallocatedLayer
+    buffers of `capacity` tokens. Positions follow the mask, as `generate` computes them: the same
+    positions, and the same keys and values (float rounding aside), as one pass over the prompt.
 
     Args:
         prompt_ids, prompt_mask: (U, P), left-padded, one row per distinct prompt.
         rows: (N,) the prompt of each row, e.g. [0]*G + [1]*G + ... for the rollout order.
         capacity: prompt plus response tokens the cache must hold, P + max_new_tokens.
     Returns:
-        the cache with N rows of P tokens, and the logits (N, V) of each row's first response token.
+        the cache with N rows of P tokens, the logits (N, V) of each row's first response token,
+        and the cache's attention mask (N, P) for `decode`.
     """
     cache = DynamicCache(config=_base_model(model).config)
-    position_ids = (prompt_mask.long().cumsum(dim=1) - 1).clamp(min=0)  # (U, P)
+    keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    U, P = prompt_ids.shape
+    mask = prompt_mask.long()  # (U, P) the cache's mask
+    shared = 0
+    if U > 1 and all(type(layer) is DynamicLayer for layer in cache.layers):
+        shared = shared_prefix_length(prompt_ids, prompt_mask)
+        shared = shared if (U - 1) * shared >= MIN_SHARED_PREFIX_SAVING else 0
+    if shared:
+        first = P - int(mask[0].sum())  # prompt 0's first column
+        model(
+            input_ids=prompt_ids[:1, first : first + shared],  # (1, C)
+            position_ids=torch.arange(shared, device=prompt_ids.device)[None],
+            past_key_values=cache,
+            use_cache=True,
+            **keep,
+        )
+        cache.batch_repeat_interleave(U)
+        own = mask.sum(dim=1, keepdim=True) - shared  # (U, 1) tokens after the prefix
+        columns = torch.arange(shared, P, device=prompt_ids.device)  # (P - C,)
+        mask = torch.cat([mask[:, :shared].new_ones(U, shared), (columns >= P - own).long()], dim=1)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]  # (U, P - C)
     logits = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+        input_ids=prompt_ids[:, shared:],  # (U, P - C): each prompt's own tokens, left-padded
+        attention_mask=mask,
         position_ids=position_ids,
         past_key_values=cache,
         use_cache=True,
-        **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
+        **keep,
     ).logits[:, -1]  # (U, V)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized:
@@ -292,7 +340,7 @@ def prefill(
             )
         else:  # other layer kinds (sliding windows) keep their own storage
             layer.batch_select_indices(rows)
-    return cache, logits[rows]
+    return cache, logits[rows], mask[rows]
 
 
 def sample_categorical(probs: Tensor, block: int = 512) -> Tensor:
@@ -371,7 +419,7 @@ def decode(
     Args:
         cache: the prompts' KV cache, N rows of P tokens (`prefill`).
         logits: (N, V) next-token logits after the prompt.
-        attention_mask: (N, P) prompt mask, left padding 0.
+        attention_mask: (N, P) the mask of the cached prompt tokens (`prefill`), padding 0.
         sampler: logits (n, V) -> tokens (n,), e.g. a TokenSampler.
     Returns:
         (N, T) response ids, T = the longest response (<= max_new_tokens); each row is padded with
@@ -758,14 +806,14 @@ class HFRollout:
         model = unwrap(self.model)
         with eval_mode(self.model), torch.inference_mode(), prepacked_linears(model, len(input_ids)):
             rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
-            cache, logits = prefill(
+            cache, logits, cache_mask = prefill(
                 model, enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, P + max_new_tokens
             )
             response_ids = decode(
                 model,
                 cache,
                 logits,
-                attention_mask,
+                cache_mask,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,

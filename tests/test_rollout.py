@@ -25,6 +25,7 @@ from common.rollout import (
     response_mask_from_ids,
     sample_categorical,
     sequence_logprobs,
+    shared_prefix_length,
     token_logprobs,
 )
 
@@ -437,6 +438,62 @@ def test_greedy_decode_equals_generate_while_rows_leave_early(sharp):
     assert torch.equal(batch.response_ids, expected.masked_fill(batch.response_mask == 0, EOS))
 
 
+def test_shared_prefix_length_hand_examples():
+    """Left-padded prompts [5 6 7 8], [5 6 7 9 9 9], [5 6 7 8 2] share 3 tokens; [5 6 7] and
+    [5 6 7 8] share 3, but each prompt keeps one token of its own: 2; [5 6] and [4 6] share none."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [5, 6, 7, 9, 9, 9], [0, 5, 6, 7, 8, 2]])
+    assert shared_prefix_length(ids, ids != 0) == 3
+    ids = torch.tensor([[0, 5, 6, 7], [5, 6, 7, 8]])
+    assert shared_prefix_length(ids, ids != 0) == 2
+    ids = torch.tensor([[5, 6], [4, 6]])
+    assert shared_prefix_length(ids, ids != 0) == 0
+
+
+def test_shared_prefix_runs_once_and_leaves_logits_and_greedy_tokens_as_one_pass(sharp, monkeypatch):
+    """Chat-templated prompts share the system message: it runs once in a (1, C) pass, then each
+    prompt's own tokens. The first-token logits equal those of one pass over the whole prompts
+    (float32 rounding: 1e-5), and greedy decoding from either cache gives the same tokens."""
+    model, tokenizer = sharp
+    rollout = HFRollout(model, tokenizer, group_size=2, max_new_tokens=8)
+    enc = rollout.encode_prompts(["q1", "a longer second question", "q3 with words", "four"], 8)
+    ids, prompt_mask = enc["input_ids"], enc["attention_mask"]
+    C, P = shared_prefix_length(ids, prompt_mask), ids.shape[1]
+    assert 3 * C >= rollout_module.MIN_SHARED_PREFIX_SAVING  # the prefix is worth sharing
+    rows = torch.arange(4).repeat_interleave(2)
+
+    def run():
+        shapes = []
+        hook = model.register_forward_pre_hook(
+            lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+        )
+        try:
+            with torch.no_grad():
+                cache, logits, mask = prefill(model, ids, prompt_mask, rows, P + 8)
+                out = decode(
+                    model,
+                    cache,
+                    logits,
+                    mask,
+                    max_new_tokens=8,
+                    eos_token_id=EOS,
+                    pad_token_id=0,
+                    sampler=TokenSampler(False),
+                )
+        finally:
+            hook.remove()
+        return shapes, logits, mask, out
+
+    shapes, logits, mask, out = run()
+    assert shapes[:2] == [(1, C), (4, P - C)]
+    assert mask.shape == (8, P) and (mask[:, :C] == 1).all()
+    assert torch.equal(mask.sum(dim=1), prompt_mask[rows].sum(dim=1))  # every prompt token cached once
+    monkeypatch.setattr(rollout_module, "MIN_SHARED_PREFIX_SAVING", 10**9)
+    one_shapes, one_logits, one_mask, one_out = run()
+    assert one_shapes[0] == (4, P) and torch.equal(one_mask, prompt_mask[rows].long())
+    torch.testing.assert_close(logits, one_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out, one_out)  # top-2 logit gaps > 0.6 against rounding ~1e-6
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_first_tokens_follow_the_distribution_generate_samples(sharp, temperature):
     """In distribution: the first tokens of 600 sampled rows hit each likely token as often as its
@@ -525,12 +582,12 @@ def test_decode_runs_only_unfinished_rows(tiny):
 
     try:
         with torch.no_grad():
-            cache, logits = prefill(model, enc["input_ids"], enc["attention_mask"], torch.arange(4), 20)
+            cache, logits, mask = prefill(model, enc["input_ids"], enc["attention_mask"], torch.arange(4), 20)
             out = decode(
                 model,
                 cache,
                 logits,
-                enc["attention_mask"],
+                mask,
                 max_new_tokens=6,
                 eos_token_id=EOS,
                 pad_token_id=0,
