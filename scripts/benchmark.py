@@ -17,8 +17,8 @@ warm-up step):
   - the rollout's physical bound: per decode step, reading every weight once at the memory
     bandwidth measured in the same process, or the FLOPs of the rows still decoding (2 x parameters
     x rows) at the measured matmul rate, whichever takes longer; plus each distinct prompt's pass
-    at the matmul rate. The batched rollout's seconds over that bound say how far generation is
-    from the machine's limit;
+    (their shared prefix once) at the matmul rate. The batched rollout's seconds over that bound
+    say how far generation is from the machine's limit;
   - peak resident memory, of the whole run and of each phase (the largest over the timed steps of
     the peak within the phase; each includes what the process holds throughout: weights, AdamW
     state, the reference model).
@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from common.config import TrainSettings
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.models import make_reference
-from common.rollout import HFRollout, pack_responses
+from common.rollout import HFRollout, pack_responses, shared_prefix_length
 from common.sampling import score_samples
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
@@ -108,7 +108,8 @@ def rollout_bound_s(
 ) -> float:
     """Lower bound on the seconds of one batched rollout that computes only what it must:
 
-        prompt pass       2 x params x (each distinct prompt's tokens, once) FLOPs at the matmul rate
+        prompt pass       2 x params x (each distinct prompt's tokens once, the prefix all share
+                          once) FLOPs at the matmul rate
         decode step t     max(weights read once at the bandwidth,
                               2 x params x (rows still decoding at t) FLOPs at the matmul rate)
 
@@ -166,7 +167,8 @@ class PhaseMeter:
 
 @dataclass(frozen=True)
 class RolloutWork:
-    """What a rollout had to compute: its distinct prompts' tokens and every row's response length."""
+    """What a rollout had to compute: its distinct prompts' tokens (the prefix they all share counted
+    once) and every row's response length."""
 
     prompt_tokens: int
     lengths: tuple[int, ...]
@@ -212,7 +214,10 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     computed = computed_tokens(batch, settings) * algo.epochs
     groups = rollout.group_index.tolist()
     first_rows = [groups.index(g) for g in dict.fromkeys(groups)]  # one row per distinct prompt
-    prompt_tokens = int(rollout.attention_mask[first_rows, : rollout.prompt_len].sum())
+    prompt_ids = rollout.input_ids[first_rows, : rollout.prompt_len]  # (U, P)
+    prompt_mask = rollout.attention_mask[first_rows, : rollout.prompt_len]
+    shared = shared_prefix_length(prompt_ids, prompt_mask)  # tokens all prompts start with
+    prompt_tokens = int(prompt_mask.sum()) - (len(first_rows) - 1) * shared
     work = RolloutWork(prompt_tokens, tuple(rollout.lengths.tolist()))
     return StepMeasure(times, meter.rss_mb, generated, processed, computed, work)
 
