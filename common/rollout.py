@@ -323,7 +323,7 @@ def prefill(
         cache.batch_repeat_interleave(U)
         own = mask.sum(dim=1, keepdim=True) - shared  # (U, 1) tokens after the prefix
         columns = torch.arange(shared, P, device=prompt_ids.device)  # (P - C,)
-        mask = torch.cat([mask[:, :shared].new_ones(U, shared), (columns >= P - own).long()], dim=1)
+        mask = torch.cat([mask.new_ones(U, shared), (columns >= P - own).long()], dim=1)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]  # (U, P - C)
     logits = model(
         input_ids=prompt_ids[:, shared:],  # (U, P - C): each prompt's own tokens, left-padded
