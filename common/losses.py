@@ -159,14 +159,6 @@ def policy_loss(
     Masked positions never reach the loss or the stats: their log-ratio is set to 0 before exp, so
     any finite or infinite junk there has no effect on values or gradients.
 
-    Stats (Python floats, means over masked-in tokens):
-        clipfrac       the clipped term is the active one (clipfrac_low + clipfrac_high)
-        clipfrac_low   ratio < 1 - clip_low and A < 0
-        clipfrac_high  ratio > 1 + clip_high and A > 0
-        dual_clipfrac  the dual-clip cap is active (0 without dual_clip)
-        approx_kl      mean(old_logprob - logprob), verl's ppo_kl
-        ratio_mean, ratio_max
-
     Args:
         logprob: (B, T) log-probs of the response tokens under the current policy.
         old_logprob: (B, T) the same under the policy that sampled them.
@@ -180,7 +172,7 @@ def policy_loss(
 
     Returns:
         loss: scalar float32.
-        stats: dict of Python floats, keys above.
+        stats: dict of Python floats, see `clip_stats`.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
@@ -198,25 +190,44 @@ def policy_loss(
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * clipped_ratio
     loss_mat = torch.maximum(loss_unclipped, loss_clipped)  # -min(ratio*A, clip(ratio)*A)
+    dual_active = None
     if dual_clip is not None:
         loss_dual = -advantages * dual_clip
         capped = torch.minimum(loss_mat, loss_dual)
         dual_active = (advantages < 0) & (loss_mat > loss_dual)
         loss_mat = torch.where(advantages < 0, capped, loss_mat)
     loss = aggregate_loss(loss_mat, keep, agg, denominator)
-
     with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), keep),
-            "clipfrac_low": masked_mean(((ratio < 1.0 - clip_low) & (advantages < 0)).float(), keep),
-            "clipfrac_high": masked_mean(((ratio > 1.0 + clip_high) & (advantages > 0)).float(), keep),
-            "dual_clipfrac": masked_mean(dual_active.float(), keep) if dual_clip is not None else 0.0,
-            "approx_kl": masked_mean(-log_ratio, keep),
-            "ratio_mean": masked_mean(ratio, keep),
-            # ratio > 0, so 0 under mask 0 never wins the max; an empty mask gives 0
-            "ratio_max": torch.where(keep, ratio, 0.0).max() if ratio.numel() else 0.0,
-        }
-    return loss, {k: float(v) for k, v in stats.items()}
+        stats = clip_stats(log_ratio, advantages, keep, loss_clipped > loss_unclipped, clip_low, clip_high)
+        dual = 0.0 if dual_active is None else float(masked_mean(dual_active.float(), keep))
+    return loss, {**stats, "dual_clipfrac": dual}
+
+
+def clip_stats(
+    log_ratio: Tensor, advantages: Tensor, keep: Tensor, clipped: Tensor, clip_low: float, clip_high: float
+) -> dict[str, float]:
+    """The clipped surrogate's statistics, Python floats, means over masked-in tokens:
+
+        clipfrac       the clipped term is the active one (`clipped`; clipfrac_low + clipfrac_high)
+        clipfrac_low   ratio < 1 - clip_low and A < 0
+        clipfrac_high  ratio > 1 + clip_high and A > 0
+        approx_kl      mean(old_logprob - logprob) = mean(-log_ratio), verl's ppo_kl
+        ratio_mean, ratio_max
+
+    (`policy_loss` adds dual_clipfrac: the dual-clip cap is active, 0 without dual clip.)
+    All arguments (B, T) but the clip ranges; log_ratio is 0 under mask 0.
+    """
+    ratio = torch.exp(log_ratio)  # (B, T)
+    stats = {
+        "clipfrac": masked_mean(clipped.float(), keep),
+        "clipfrac_low": masked_mean(((ratio < 1.0 - clip_low) & (advantages < 0)).float(), keep),
+        "clipfrac_high": masked_mean(((ratio > 1.0 + clip_high) & (advantages > 0)).float(), keep),
+        "approx_kl": masked_mean(-log_ratio, keep),
+        "ratio_mean": masked_mean(ratio, keep),
+        # ratio > 0, so 0 under mask 0 never wins the max; an empty mask gives 0
+        "ratio_max": torch.where(keep, ratio, 0.0).max() if ratio.numel() else 0.0,
+    }
+    return {k: float(v) for k, v in stats.items()}
 
 
 def batch_policy_loss(
