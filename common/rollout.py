@@ -362,7 +362,8 @@ def sample_categorical(probs: Tensor, block: int = 512) -> Tensor:
     cdf = mass.cumsum(dim=-1)  # (n, K)
     u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]  # (n, 1), in [0, total)
     k = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)  # (n, 1): cdf[k-1] <= u < cdf[k]
-    within = (u - (cdf.gather(1, k) - mass.gather(1, k))) / mass.gather(1, k)  # (n, 1), in [0, 1)
+    picked = mass.gather(1, k)  # (n, 1) the chosen block's mass
+    within = (u - (cdf.gather(1, k) - picked)) / picked  # (n, 1), in [0, 1)
     inner = blocks[torch.arange(n, device=probs.device), k.squeeze(1)].cumsum(dim=-1, dtype=torch.float64)
     j = torch.searchsorted(inner, within * inner[:, -1:], right=True).clamp(max=block - 1)  # (n, 1)
     return (k * block + j).squeeze(1)
