@@ -76,8 +76,7 @@ def group_stats(values: Tensor, group_index: Tensor) -> GroupStats:
 
     Sums are accumulated in float64, so the mean is the correctly rounded group mean and a group of
     equal values has std exactly 0. The one place these are computed: the group-relative
-    advantages, DAPO's filter (spread) and resample (std) tests, and the trainer's share of groups
-    with mixed rewards (spread).
+    advantages and `mixed_groups` (spread).
 
     Example:
         values      = [1, 0, 1, 1, 0]
@@ -107,6 +106,35 @@ def group_stats(values: Tensor, group_index: Tensor) -> GroupStats:
     spread = empty.scatter_reduce(0, inverse, values, "amax", include_self=False)
     spread -= empty.scatter_reduce(0, inverse, values, "amin", include_self=False)  # (n_groups,)
     return GroupStats(ids, inverse, count, mean, std, spread)
+
+
+# A group is mixed (carries a learning signal) when its rewards differ by more than this
+MIXED_SPREAD = 1e-6
+
+
+def mixed_groups(rewards: Tensor, group_index: Tensor) -> Tensor:
+    """Which groups are mixed: their rewards are not all equal (DAPO Eq. 11: 0 < |{correct}| < G).
+
+        mixed_g = max_{i in g} R_i - min_{i in g} R_i > 1e-6
+
+    The one definition of a mixed group, shared by DAPO's filter (dapo.filter_groups), the resample
+    mode (dapo.groups_to_resample: the groups that are not mixed) and the logged share of mixed
+    groups (reward/mixed_group_frac), which all read the task's correctness. A flat group has zero
+    group-relative advantage for every response, so it adds nothing to the policy gradient.
+
+    Example:
+        rewards     = [1, 0, 1, 1, 0]
+        group_index = [0, 0, 1, 1, 2]
+        mixed       = [True, False, False]     (ids 0, 1, 2; a group of one is never mixed)
+
+    Args:
+        rewards: (N,) one reward per row.
+        group_index: (N,) integer group id of each row (groups ragged, ids unsorted).
+
+    Returns:
+        (n_groups,) bool over the sorted group ids (group_stats(...).ids).
+    """
+    return group_stats(rewards, group_index).spread > MIXED_SPREAD
 
 
 def compute_group_relative_advantages(

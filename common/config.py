@@ -154,6 +154,7 @@ class TrainerConfig:
     """trainer: steps, batch sizes, evaluation, checkpoints, devices and data parallel."""
 
     max_steps: int
+    max_generated_tokens: int | None
     batch_size: int
     mini_batch_size: int | None
     micro_batch_size: int
@@ -176,6 +177,12 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0", self.max_steps)
+        require(
+            self.max_generated_tokens is None or self.max_generated_tokens >= 1,
+            "trainer.max_generated_tokens",
+            "must be >= 1 or null",
+            self.max_generated_tokens,
+        )
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
         mini = self.mini_batch_size or self.batch_size
         require(
@@ -366,6 +373,7 @@ class TrainConfig:
     """
 
     experiment_name: str
+    arm: str
     seed: int
     resume: str | None
     model: ModelConfig
@@ -443,6 +451,7 @@ class TrainSettings:
     save_every: int
     fail_on_reward_error: bool
     max_tokens_per_micro_batch: int = 0  # 0 = micro-batches by rows only
+    max_generated_tokens: int = 0  # token budget of the run; 0 = max_steps alone
     max_num_gen_batches: int = 1
     gen_batch_size: int = 0  # prompts per dynamic-sampling round (filter mode); 0 = batch_size
     on_exhausted: str = "partial"  # filter mode after max_num_gen_batches: partial, skip or error

@@ -94,7 +94,7 @@ def drop_rows_after(path: Path, step: int) -> None:
 @dataclass(frozen=True)
 class WandbInit:
     """Where and how W&B files a run: wandb.init's project, entity, group (the experiment), name,
-    job_type (the algorithm), tags and config (the resolved config)."""
+    job_type (the arm: the algorithm or a named variant of it), tags and config (the resolved config)."""
 
     project: str = "rl-lab"
     entity: str | None = None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.advantage import mixed_groups
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext
@@ -159,7 +160,28 @@ def collect(
         stats.update(resample_stats)
     stats["sampling/samples"] = len(samples.rollout)
     stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
+    stats.update(sampled_reward_metrics([samples]))
     return samples, stats
+
+
+def sampled_reward_metrics(parts: list[Samples]) -> dict[str, float]:
+    """The step's reward over everything it sampled, before any filter: the same footing for every
+    algorithm (DAPO's kept groups are selected for being mixed, so their reward is higher by
+    construction; the trainer logs that as reward/kept_<term>).
+
+        reward/<term>             mean of each reward term over every sampled response
+        reward/mixed_group_frac   share of the sampled groups that are mixed in correctness
+                                  (common.advantage.mixed_groups, the filter's own test); in the
+                                  resample mode, after its groups have grown
+
+    Args:
+        parts: the step's scored rollouts (each generation round of the filter mode, or one).
+    """
+    terms = {k: torch.cat([p.terms[k] for p in parts]) for k in parts[0].terms}  # (N_all,) each
+    metrics = {f"reward/{k}": v.float().mean().item() for k, v in terms.items()}
+    mixed = torch.cat([mixed_groups(p.terms["correct"], p.rollout.group_index) for p in parts])  # (n_groups,)
+    metrics["reward/mixed_group_frac"] = mixed.float().mean().item()
+    return metrics
 
 
 class DynamicSamplingError(RuntimeError):
@@ -192,6 +214,7 @@ def fill_with_filtered_groups(
     target = settings.batch_size // dist.world_size  # this rank's groups
     gen_batch_size = settings.gen_batch_size or settings.batch_size
     kept: list[Samples] = []
+    sampled: list[Samples] = []  # every round's rollout, for the step's reward before the filter
     n_kept = n_seen = n_generated = n_tokens = gen_batch = 0
     short = True
     while gen_batch < settings.max_num_gen_batches and short:
@@ -199,6 +222,7 @@ def fill_with_filtered_groups(
         examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
         if n_kept < target:
             samples = generate_and_score(engine, task, examples, algo, settings)
+            sampled.append(samples)
             keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
             n_seen += keep.numel()
             n_generated += samples.rollout.input_ids.shape[0]
@@ -217,6 +241,7 @@ def fill_with_filtered_groups(
         "sampling/groups_dropped": n_seen - n_kept,
         "sampling/kept_group_frac": n_kept / max(n_seen, 1),
     }
+    stats.update(sampled_reward_metrics(sampled))  # every rank samples in the first round
     shortfall = (
         f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
         "(dynamic_sampling.max_num_gen_batches)"

@@ -80,6 +80,7 @@ class LoopState:
     step: int = 0
     samples_total: int = 0
     tokens_total: int = 0
+    policy_updates_total: int = 0
     wall_s: float = 0.0
     bad_steps: int = 0
 

@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from common.advantage import group_stats
 from common.algorithm import Algorithm
 from common.checkpoint import (
     MODEL_ONLY,
@@ -93,13 +92,12 @@ class RunContext:
 
 
 def rollout_metrics(samples: Samples, group_size_hint: int) -> dict[str, float]:
-    """reward/<term> means, group signal and response statistics of one step's training batch."""
+    """reward/kept_<term> means and response statistics of one step's training batch: what the
+    update sees, after any dynamic-sampling filter (the reward of everything sampled is
+    reward/<term>, from common.sampling.sampled_reward_metrics)."""
     r = samples.rollout
-    metrics = {f"reward/{k}": v.float().mean().item() for k, v in samples.terms.items()}
+    metrics = {f"reward/kept_{k}": v.float().mean().item() for k, v in samples.terms.items()}
     metrics["reward/errors"] = samples.errors
-    # share of groups whose rewards differ: only those carry a learning signal
-    spread = group_stats(samples.terms["total"], r.group_index).spread  # (n_groups,)
-    metrics["reward/mixed_group_frac"] = float((spread > 1e-6).sum()) / max(spread.numel(), 1)
     lengths = r.lengths.float()
     metrics.update(
         {
@@ -220,7 +218,7 @@ def perf_metrics(ctx: RunContext, samples: Samples, times: list[float]) -> dict[
 
 def step_summary(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     """The one-line console summary of a step."""
-    if "reward/total" not in metrics:
+    if "rollout/response_length" not in metrics:
         return f"Step {step}/{max_steps} | no group kept by dynamic sampling: update skipped"
     line = (
         f"Step {step}/{max_steps} | reward {metrics['reward/total']:.3f} "
@@ -232,11 +230,14 @@ def step_summary(step: int, max_steps: int, metrics: dict[str, float]) -> str:
     return line
 
 
-def evaluate_if_due(ctx: RunContext, examples: list[Example], step: int) -> dict[str, float]:
-    """Held-out evaluation at step 0, every trainer.eval_every steps and at the last step; {} when
-    not due. Data parallel: a collective, every rank decodes its share of the prompts."""
+def evaluate_if_due(
+    ctx: RunContext, examples: list[Example], step: int, last: bool = False
+) -> dict[str, float]:
+    """Held-out evaluation at step 0, every trainer.eval_every steps and at the `last` step (the
+    step budget or the token budget reached); {} when not due. Data parallel: a collective, every
+    rank decodes its share of the prompts."""
     settings = ctx.settings
-    due = step % settings.eval_every == 0 or step == settings.max_steps if settings.eval_every > 0 else False
+    due = settings.eval_every > 0 and (step % settings.eval_every == 0 or last)
     if not (due and examples):
         return {}
     t = time.perf_counter()
@@ -248,12 +249,15 @@ def evaluate_if_due(ctx: RunContext, examples: list[Example], step: int) -> dict
 
 def advance(loop: LoopState, step: int, metrics: dict[str, float], t_start: float) -> dict[str, float]:
     """Count the finished step into the loop's counters; the metrics gain the totals and the wall
-    clock (the compute axis counts every generated sample and token, kept or dropped)."""
+    clock (the compute axis counts every generated sample and token, kept or dropped; the update
+    budget counts the policy's optimizer steps)."""
     loop.step = step
     loop.samples_total += metrics["sampling/samples"]
     loop.tokens_total += metrics["sampling/tokens"]
+    loop.policy_updates_total += int(metrics.get("policy/optimizer_steps", 0))  # 0: update skipped
     metrics["sampling/samples_total"] = loop.samples_total
     metrics["sampling/tokens_total"] = loop.tokens_total
+    metrics["policy/optimizer_steps_total"] = loop.policy_updates_total
     metrics["perf/wall_s"] = time.perf_counter() - t_start
     return metrics
 
@@ -285,7 +289,8 @@ def failed_update(samples: Samples | None, metrics: dict[str, float]) -> bool:
 
 
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
-    """Run up to settings.max_steps steps; returns the last step's metrics (with the last evaluation).
+    """Run until the budget is spent (see `finished`: settings.max_steps steps or
+    settings.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
 
     `resume_state` is a checkpoint's trainer state (its weights already loaded into `ctx.model`):
     the run continues after the checkpoint's step with the same RNG streams, data order and
@@ -308,7 +313,7 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     if resume_state is not None:
         loop = resumable.load_state_dict(resume_state)
         log.info("resumed after step %d", loop.step)
-    last: dict[str, float] = {}
+    last_metrics: dict[str, float] = {}
     t_start = time.perf_counter() - loop.wall_s
 
     def checkpoint(name: str, model_only: bool = False) -> Path:
@@ -331,14 +336,15 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
         if loop.step == 0 and (initial := evaluate_if_due(ctx, eval_examples, 0)) and logger:
             logger.log(0, initial)
             tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
-        while loop.step < settings.max_steps:
+        while not finished(loop, settings):
             step = loop.step + 1
             samples, metrics = train_step(ctx, step, stream, generator)
             metrics = advance(loop, step, reduce_metrics(metrics, dist), t_start)
-            metrics.update(evaluate_if_due(ctx, eval_examples, step))
+            last = finished(loop, settings)
+            metrics.update(evaluate_if_due(ctx, eval_examples, step, last))
             progress.update(1)
             log_step(ctx, step, samples, metrics)
-            last = metrics
+            last_metrics = metrics
             # 5. faults: a step whose every update was non-finite changed nothing; K in a row end the run
             loop.bad_steps = loop.bad_steps + 1 if failed_update(samples, metrics) else 0
             if loop.bad_steps >= settings.max_bad_steps:
@@ -347,15 +353,30 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
                     f"non-finite loss or gradient in {loop.bad_steps} steps in a row "
                     f"(trainer.max_bad_steps); the last good state is saved in {path}"
                 )
-            if dist.any(stop.requested) and step < settings.max_steps:
+            if dist.any(stop.requested) and not last:
                 raise RunInterruptedError(step, checkpoint(f"step_{step}"))
-            if settings.save_every > 0 and step % settings.save_every == 0 and step < settings.max_steps:
+            if settings.save_every > 0 and step % settings.save_every == 0 and not last:
                 try:
                     checkpoint(f"step_{step}")
                 except OSError as err:  # disk full, quota: the previous checkpoint is intact
                     log.error("checkpoint at step %d failed (%s); training goes on", step, err)
+    if loop.step < settings.max_steps:
+        log.info(
+            "token budget reached: %d generated tokens after step %d (trainer.max_generated_tokens=%d)",
+            loop.tokens_total,
+            loop.step,
+            settings.max_generated_tokens,
+        )
     save_final(ctx, checkpoint("final", model_only=settings.save_only_model), loop.step)
-    return last
+    return last_metrics
+
+
+def finished(loop: LoopState, settings: TrainSettings) -> bool:
+    """The run's budget is spent: trainer.max_steps steps, or trainer.max_generated_tokens tokens
+    generated (every sampled token, kept or dropped: sampling/tokens_total), whichever comes first.
+    The step that crosses the token budget is completed and is the run's last."""
+    budget = settings.max_generated_tokens
+    return loop.step >= settings.max_steps or (budget > 0 and loop.tokens_total >= budget)
 
 
 def progress_bar(ctx: RunContext, initial: int) -> tqdm:

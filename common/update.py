@@ -301,6 +301,8 @@ def update_policy(
             "policy/lr": scheduler.get_last_lr()[0],
             "policy/skipped_updates": skipped,
             "policy/updated": float(optimizer is not None),
+            # the policy's optimizer steps taken (none during the critic's warm-up): the update budget
+            "policy/optimizer_steps": float(len(losses)) if optimizer is not None else 0.0,
         }
     )
     return metrics

@@ -9,11 +9,12 @@ until its rewards differ. Both are pure; the sampling loop itself lives in commo
 import torch
 from torch import Tensor
 
-from common.advantage import group_stats
+from common.advantage import mixed_groups
 
 
 def filter_groups(rewards: Tensor, group_size: int) -> Tensor:
-    """Keep mask over groups with differing rewards (DAPO Eq. 11: 0 < |{correct}| < G).
+    """Keep mask over groups with differing rewards (DAPO Eq. 11: 0 < |{correct}| < G): the mixed
+    groups of common.advantage.mixed_groups, for contiguous groups of G.
 
         keep_g = max_g(R) - min_g(R) > 1e-6
 
@@ -37,29 +38,30 @@ def filter_groups(rewards: Tensor, group_size: int) -> Tensor:
             f"number of rewards ({rewards.numel()}) must be a multiple of group_size ({group_size})"
         )
     group_index = torch.arange(rewards.numel(), device=rewards.device) // group_size  # (N,)
-    return group_stats(rewards, group_index).spread > 1e-6  # (n_groups,)
+    return mixed_groups(rewards, group_index)  # (n_groups,)
 
 
-def groups_to_resample(rewards: Tensor, group_index: Tensor, std_threshold: float = 1e-6) -> Tensor:
-    """Ids of the groups whose rewards are all equal, for the "resample" mode (DAPO Eq. 11).
+def groups_to_resample(rewards: Tensor, group_index: Tensor) -> Tensor:
+    """Ids of the groups whose rewards are all equal, for the "resample" mode (DAPO Eq. 11): the
+    groups that common.advantage.mixed_groups does not call mixed.
 
-        resample_g = std_g(R) < std_threshold
+        resample_g = max_g(R) - min_g(R) <= 1e-6
 
-    std is unbiased, as in compute_relative_rewards; a group of one response has std 0 and is
-    returned. Groups may differ in size and ids need be neither contiguous nor sorted.
+    A group of one response is returned. Groups may differ in size and ids need be neither
+    contiguous nor sorted.
 
     Example:
         rewards     = [1, 0, 1, 1, 0]
         group_index = [0, 0, 1, 1, 2]
-        std         = (0.71, 0, 0)  -> [1, 2]
+        spread      = (1, 0, 0)  -> [1, 2]
 
     Args:
         rewards: (N,) one reward per response.
         group_index: (N,) integer group id of each row.
-        std_threshold: a group with a smaller std counts as all-equal.
 
     Returns:
         Sorted 1-D LongTensor of group ids (values taken from group_index).
     """
-    stats = group_stats(rewards, torch.as_tensor(group_index).long())
-    return stats.ids[stats.std < std_threshold]
+    group_index = torch.as_tensor(group_index).long()
+    ids = torch.unique(group_index)  # (n_groups,) sorted, the order of mixed_groups
+    return ids[~mixed_groups(rewards, group_index)]

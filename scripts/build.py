@@ -188,6 +188,7 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
     filtering = ds.mode == "filter"
     return TrainSettings(
         max_steps=t.max_steps,
+        max_generated_tokens=t.max_generated_tokens or 0,
         batch_size=t.batch_size,
         mini_batch_size=t.mini_batch_size or t.batch_size,
         micro_batch_size=t.micro_batch_size,

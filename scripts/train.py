@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,6 +43,7 @@ from common.distributed import (
 )
 from common.logging import RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
+from common.provenance import record_start
 from common.sampling import DynamicSamplingError
 from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import TaskError
@@ -126,6 +128,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         return _run(cfg, shared_run_dir(run_dir, dist) if dist.enabled else run_dir, dist)
     finally:
         shutdown(dist)
+
+
+def sweep_num_threads(hydra_cfg: DictConfig, cores: int) -> int | None:
+    """Torch threads per run of a parallel local sweep (hydra/launcher=local with n_jobs > 1, or
+    n_jobs < 0 as joblib counts: -1 = one job per core): cores // jobs, at least 1, so the runs
+    share the cores instead of each taking all of them (two 2-thread PPO runs on 2 cores took 3x
+    as long per step as two 1-thread runs). None outside such a sweep: torch's own default."""
+    n_jobs = OmegaConf.select(hydra_cfg, "launcher.n_jobs")
+    if hydra_cfg.mode != RunMode.MULTIRUN or not isinstance(n_jobs, int) or n_jobs in (0, 1):
+        return None
+    jobs = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+    return max(1, cores // jobs)
 
 
 def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
@@ -222,15 +236,15 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
 def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> RunLogger:
     """The run's W&B / JSONL logger, continuing the W&B run of a resumed checkpoint."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    name = f"{cfg.algorithm.name}-{cfg.task.name}-s{cfg.seed}"
+    name = f"{cfg.arm}-{cfg.task.name}-s{cfg.seed}"
     wandb_init = WandbInit(
         project=cfg.logger.project,
         entity=cfg.logger.entity,
         group=cfg.experiment_name,
         name=name,
-        job_type=cfg.algorithm.name,
+        job_type=cfg.arm,
         tags=(
-            cfg.algorithm.name,
+            *dict.fromkeys((cfg.arm, cfg.algorithm.name)),  # the arm, and its algorithm when it differs
             cfg.task.name,
             cfg.model.name,
             f"G{cfg.rollout.group_size}",
@@ -246,7 +260,10 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
         run_id=resume_state["wandb_run_id"] if resume_state else None,
         resume_step=resume_state["step"] if resume_state else None,
     )
-    log.info("run %s in %s\n%s", name, run_dir, OmegaConf.to_yaml(cfg, resolve=True))
+    start = record_start(run_dir, Path(__file__).resolve().parents[1])
+    log.info(
+        "run %s in %s (commit %s)\n%s", name, run_dir, start["commit"], OmegaConf.to_yaml(cfg, resolve=True)
+    )
     return logger
 
 
@@ -255,6 +272,8 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_bool_overrides(cfg, HydraConfig.get().overrides.task)
+        if cfg.trainer.num_threads is None:  # recorded in the run's config like a setting
+            cfg.trainer.num_threads = sweep_num_threads(HydraConfig.get(), len(os.sched_getaffinity(0)))
         run(cfg, run_dir)
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)

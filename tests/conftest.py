@@ -49,13 +49,14 @@ TINY_RUN = (
 )
 
 
-def compose_train(*overrides: str) -> DictConfig:
+def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
     """Compose configs/train.yaml with overrides, as `python -m scripts.train` would: on the typed
-    schemas, a value of the wrong type raising the ConfigError that the entry point prints."""
+    schemas, a value of the wrong type raising the ConfigError that the entry point prints.
+    hydra=True keeps Hydra's own node (cfg.hydra: the sweeper's params, the launcher)."""
     store_schemas()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         try:
-            return compose("train", overrides=list(overrides), return_hydra_config=False)
+            return compose("train", overrides=list(overrides), return_hydra_config=hydra)
         except ConfigCompositionException as err:
             error = as_config_error(err)
             if error is None:

@@ -189,33 +189,118 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
 
 
-def test_compare_presets_match_budgets_across_algorithms():
-    for preset in ("compare", "compare_tiny"):
-        budgets = set()
-        for algorithm in ("ppo", "grpo", "dapo"):
-            cfg = compose_train(f"algorithm={algorithm}", f"experiment={preset}")
-            assert cfg.algorithm.name == algorithm
-            validate(cfg)
-            settings = build_settings(cfg)
-            # passes (ppo_epochs / num_iterations) x mini-batches per pass
-            optimizer_steps = build_algorithm(cfg.algorithm).epochs * (
-                settings.batch_size // settings.mini_batch_size
-            )
-            budgets.add(
-                (
-                    cfg.trainer.batch_size,
-                    cfg.rollout.group_size,
-                    cfg.rollout.max_new_tokens,
-                    cfg.trainer.max_steps,
-                    optimizer_steps,
-                )
-            )
-        assert len(budgets) == 1, f"{preset}: unmatched budgets {budgets}"
-        assert optimizer_steps > 1, "one optimizer step per rollout batch never moves the ratio"
+def comparison_presets() -> list[str]:
+    """Every experiment preset that compares arms (its sweep has an arm list)."""
+    presets = []
+    for name in options("experiment"):
+        sweep = compose_train(f"experiment={name}", hydra=True).hydra.sweeper.params
+        if "arm" in sweep:
+            presets.append(name)
+    return presets
+
+
+def policy_update_budget(cfg) -> tuple[int, int, int]:
+    """(rollouts, policy optimizer steps, rollouts the policy did not learn from) of a run, from its
+    composed config alone: the critic's warm-up steps roll out but do not step the policy."""
+    algo = build_algorithm(cfg.algorithm)
+    warmup = cfg.critic.warmup_steps if algo.needs_critic else 0
+    mini = cfg.trainer.mini_batch_size or cfg.trainer.batch_size
+    per_rollout = algo.epochs * (cfg.trainer.batch_size // mini)  # passes x mini-batches per pass
+    return cfg.trainer.max_steps, (cfg.trainer.max_steps - warmup) * per_rollout, warmup
+
+
+def test_comparison_presets_are_found():
+    assert {"compare", "compare_tiny", "compare_tokens", "dapo_ablation"} <= set(comparison_presets())
+
+
+@pytest.mark.parametrize("preset", ["compare", "compare_tiny", "compare_tokens", "dapo_ablation"])
+def test_every_arm_and_algorithm_of_a_comparison_makes_the_same_policy_updates(preset):
+    # every algorithm, and every arm of the preset's sweep (which select algorithms and variants)
+    arms = str(compose_train(f"experiment={preset}", hydra=True).hydra.sweeper.params.arm).split(",")
+    variants = [f"algorithm={a}" for a in ("ppo", "grpo", "dapo")] + [f"arm={arm}" for arm in arms]
+    budgets = {}
+    for variant in variants:
+        cfg = compose_train(variant, f"experiment={preset}")
+        validate(cfg)
+        rollouts, updates, unused = policy_update_budget(cfg)
+        assert unused == 0, f"{preset} {variant}: {unused} rollouts without a policy update (critic warm-up)"
+        budgets[variant] = (
+            cfg.trainer.batch_size,
+            cfg.rollout.group_size,
+            cfg.rollout.max_new_tokens,
+            cfg.trainer.max_generated_tokens,
+            rollouts,
+            updates,
+        )
+    assert len(set(budgets.values())) == 1, f"{preset}: unmatched budgets {budgets}"
+    assert updates > rollouts, "one optimizer step per rollout batch never moves the ratio"
+
+
+def test_the_update_budget_counts_the_critic_warm_up():
+    # 20 steps x 4 mini-batches, of which the first 2 steps only train the critic
+    cfg = compose_train("experiment=compare", "arm=ppo", "critic.warmup_steps=2")
+    assert policy_update_budget(cfg) == (20, 72, 2)
+
+
+def test_arms_set_their_name_and_what_makes_them():
+    cfg = compose_train("arm=drgrpo")
+    a = cfg.algorithm
+    assert (cfg.arm, a.name, a.scale_by_std, a.loss_agg) == ("drgrpo", "grpo", False, "seq-mean-token-sum-norm")
+    assert compose_train().arm == "grpo" and compose_train("algorithm=ppo").arm == "ppo"
+
+
+def test_dapo_ladder_adds_one_technique_per_rung():
+    rungs = [
+        "dapo0_naive_grpo",
+        "dapo1_overlong_filter",
+        "dapo2_clip_higher",
+        "dapo3_soft_overlong",
+        "dapo4_token_loss",
+        "dapo5_dynamic_sampling",
+    ]
+
+    def switches(arm: str) -> dict:
+        cfg = compose_train(f"arm={arm}", "experiment=dapo_ablation")
+        a = cfg.algorithm
+        return {
+            "overlong_filter": a.overlong_filter,
+            "clip_high": a.clip_high,
+            "overlong_shaping": a.overlong_shaping,
+            "loss_agg": a.loss_agg,
+            "dynamic_sampling": cfg.dynamic_sampling.mode,
+            "kl_coef": a.kl_coef,
+            "scale_by_std": a.scale_by_std,
+        }
+
+    ladder = [switches(rung) for rung in rungs]
+    assert ladder[0] == {
+        "overlong_filter": False,
+        "clip_high": 0.2,
+        "overlong_shaping": False,
+        "loss_agg": "seq-mean-token-mean",
+        "dynamic_sampling": "disabled",
+        "kl_coef": 0.0,
+        "scale_by_std": True,
+    }
+    added = ["overlong_filter", "clip_high", "overlong_shaping", "loss_agg", "dynamic_sampling"]
+    for i, key in enumerate(added, start=1):
+        changed = {k for k in ladder[i] if ladder[i][k] != ladder[i - 1][k]}
+        assert changed == {key}, f"rung {rungs[i]} changes {changed}, not only {key}"
+    # the top rung is the DAPO preset plus overlong filtering
+    dapo = switches("dapo")
+    assert ladder[-1] == {**dapo, "overlong_filter": True}
+    drgrpo = switches("dapo0_drgrpo")
+    assert drgrpo == {**ladder[0], "scale_by_std": False, "loss_agg": "seq-mean-token-sum-norm"}
+
+
+def test_overlong_penalty_has_the_papers_weight_relative_to_the_reward():
+    # DAPO Eq. 13 reaches -1 against a +-1 correctness reward: half its range; correctness here is 0/1
+    cfg = compose_train("algorithm=dapo")
+    assert cfg.algorithm.overlong_factor == 0.5 * (1 - 0)
 
 
 def test_compare_presets_keep_a_weights_only_final_checkpoint():
-    for preset in ("compare", "compare_tiny"):
+    for preset in comparison_presets():
         cfg = compose_train(f"experiment={preset}")
         settings = build_settings(cfg)
         assert settings.save_only_model and not settings.keep_step_checkpoints, preset

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import dapo
-from common.advantage import compute_relative_rewards
+from common.advantage import compute_relative_rewards, mixed_groups
 from dapo.sampling import filter_groups, groups_to_resample
 
 
@@ -51,5 +51,14 @@ def test_groups_to_resample_ragged_unsorted_ids():
     rewards = [0.5, 1.0, 0.3, 0.5, 0.0, 0.5]
     group_index = torch.tensor([9, 4, 7, 9, 4, 9])
     assert groups_to_resample(rewards, group_index).tolist() == [7, 9]
-    # a loose threshold also flags the (1, 0) group: std sqrt(0.5) = 0.707 < 1
-    assert groups_to_resample(rewards, group_index, std_threshold=1.0).tolist() == [4, 7, 9]
+
+
+def test_filter_resample_and_metric_share_one_definition_of_a_mixed_group():
+    # G = 3, contiguous: (1, 1, 1) flat, (0, 1, 0) mixed, (0, 0, 0) flat, (0.5, 0.5, 0.5 + 1e-7) flat
+    # (a spread of 1e-7 is within MIXED_SPREAD = 1e-6), (0, 0, 1e-5) mixed
+    rewards = torch.tensor([1, 1, 1, 0, 1, 0, 0, 0, 0, 0.5, 0.5, 0.5 + 1e-7, 0, 0, 1e-5])
+    group_index = torch.arange(15) // 3
+    mixed = mixed_groups(rewards, group_index)
+    assert mixed.tolist() == [False, True, False, False, True]
+    assert filter_groups(rewards, 3).tolist() == mixed.tolist()
+    assert groups_to_resample(rewards, group_index).tolist() == [0, 2, 3]
