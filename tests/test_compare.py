@@ -25,7 +25,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from scripts import compare
-from scripts.compare import Run, aggregate, find_runs, load_run, plot, summary_table
+from scripts.comparison import curves
+from scripts.comparison.curves import aggregate
+from scripts.comparison.figure import plot
+from scripts.comparison.runs import Run, find_runs, group_runs, load_run
+from scripts.comparison.tables import summary_table
 from tests.conftest import ROOT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -69,6 +73,7 @@ def write_run(
             "policy/loss": "nan" if step == 1 else 0.01,
             "sampling/samples_total": 16 * step,
             "sampling/tokens_total": tokens_per_step * step,
+            "policy/optimizer_steps_total": 4 * step,
             "perf/step_s": step_s,
             "perf/wall_s": step_s * step,
         }
@@ -169,7 +174,7 @@ def test_group_sizes_that_differ_within_an_algorithm_split_the_label(tmp_path):
     write_run(tmp_path, "dapo", 0, steps=2, accuracy={0: 0.1}, tokens_per_step=10, step_s=1, kl_per_step=None)
     labels = sorted(run.label for run in find_runs([tmp_path]))
     assert labels == ["dapo", "grpo-G16", "grpo-G4"]
-    assert list(compare.group_runs(find_runs([tmp_path]))) == ["grpo-G4", "grpo-G16", "dapo"]
+    assert list(group_runs(find_runs([tmp_path]))) == ["grpo-G4", "grpo-G16", "dapo"]
 
 
 def test_missing_path_and_empty_folder_exit_with_one_line(tmp_path):
@@ -185,7 +190,14 @@ def test_missing_path_and_empty_folder_exit_with_one_line(tmp_path):
 
 def make_run(rows: list[dict], seed: int = 0) -> Run:
     return Run(
-        path=f"run{seed}", algorithm="grpo", label="grpo", seed=seed, config={}, rows=rows, finished=True
+        path=f"run{seed}",
+        algorithm="grpo",
+        arm="grpo",
+        label="grpo",
+        seed=seed,
+        config={},
+        rows=rows,
+        finished=True,
     )
 
 
@@ -240,7 +252,7 @@ def test_aggregate_interpolates_within_each_run_only():
 def test_aggregate_of_a_missing_key_is_empty(sweep):
     x, mean, std, n = aggregate(by_algorithm(find_runs([sweep]), "dapo"), "kl/value", "step")
     assert len(x) == len(mean) == len(std) == len(n) == 0
-    x, iqm, low, high, n = compare.aggregate_iqm(
+    x, iqm, low, high, n = curves.aggregate_iqm(
         by_algorithm(find_runs([sweep]), "dapo"), "kl/value", "step", reps=10, seed=0
     )
     assert len(x) == len(iqm) == len(low) == len(high) == len(n) == 0
@@ -249,7 +261,7 @@ def test_aggregate_of_a_missing_key_is_empty(sweep):
 def test_aggregate_iqm_by_tokens_bands_the_runs_present():
     # runs_by_tokens on the token grid (0, 100, 200, 300): seed 0 (0.1, 0.3, 0.5, 0.9), seed 1
     # (0.1, 0.4, 0.7, -). Two runs: IQM = mean, band = [min, max]; one run: a point
-    x, iqm, low, high, n = compare.aggregate_iqm(
+    x, iqm, low, high, n = curves.aggregate_iqm(
         runs_by_tokens(), "eval/accuracy", "sampling/tokens_total", reps=10_000, seed=0
     )
     np.testing.assert_allclose(x, [0, 100, 200, 300])
@@ -267,9 +279,11 @@ def test_summary_table_hand_computed(sweep):
     rows = table_rows(markdown)
     assert list(rows) == ["ppo", "grpo", "dapo"]
     assert "sample std (ddof=1)" in markdown
-    # runs, final acc, best acc, start acc, steps to 0.6, tokens to 0.6, s/step, final KL, tokens
+    # runs, final acc, best acc, start acc, steps to 0.6, tokens to 0.6, s/step, final KL, tokens,
+    # policy updates (4 per step)
     # ppo: final (0.5, 0.7) -> 0.600 ± 0.2 / sqrt(2) = 0.141; start (0.2, 0.4) -> 0.300 ± 0.141;
-    # only seed 1 reaches 0.6, at step 5 = 500 tokens; s/step (30, 50) -> 40.0 ± 14.1; KL 0.01 each
+    # only seed 1 reaches 0.6, at step 5 = 500 tokens; s/step (30, 50) -> 40.0 ± 14.1; KL 0.01 each;
+    # 10 steps each -> 40 ± 0 updates
     assert rows["ppo"] == [
         "2/2",
         "0.600 ± 0.141",
@@ -280,9 +294,10 @@ def test_summary_table_hand_computed(sweep):
         "40.0 ± 14.1",
         "0.0100 ± 0.0000",
         "1.0k ± 0",
+        "40 ± 0",
     ]
     # grpo: the crashed seed's last evaluation (0.5) is its final: (0.8, 0.5) -> 0.650 ± 0.212;
-    # tokens (2000, 1400) -> 1.7k ± 424
+    # tokens (2000, 1400) -> 1.7k ± 424; updates (40, 28) -> 34 ± 8.49
     assert rows["grpo"] == [
         "1/2",
         "0.650 ± 0.212",
@@ -293,9 +308,10 @@ def test_summary_table_hand_computed(sweep):
         "40.0 ± 0.0",
         "0.0170 ± 0.0042",
         "1.7k ± 424",
+        "34 ± 8",
     ]
     # dapo: final (0.9, 0.8); best (0.9, 0.8); reaches 0.6 at steps (5, 10) -> 7.5 ± 3.5 = tokens
-    # (750, 1500) -> 1.1k ± 530; no KL term
+    # (750, 1500) -> 1.1k ± 530; no KL term; updates (48, 40) -> 44 ± 5.66
     assert rows["dapo"] == [
         "2/2",
         "0.850 ± 0.071",
@@ -306,6 +322,7 @@ def test_summary_table_hand_computed(sweep):
         "20.0 ± 0.0",
         "—",
         "1.6k ± 212",
+        "44 ± 6",
     ]
     crashed = [line for line in markdown.splitlines() if "no final checkpoint" in line]
     assert len(crashed) == 1 and "grpo-addition-s1" in crashed[0] and crashed[0].endswith("used steps 1..7")
@@ -316,7 +333,7 @@ def test_iqm_and_probability_of_improvement_sections_hand_computed(sweep):
     markdown = summary_table(find_runs([sweep]), threshold=0.6)
     iqm = statistics_rows(markdown, "## Interquartile mean")
     assert table_after(markdown, "## Interquartile mean")[0] == [
-        "algorithm", "held-out acc", "runs", "IQM", "95% CI", "mean ± std"
+        "arm", "held-out acc", "runs", "IQM", "95% CI", "mean ± std"
     ]  # fmt: skip
     # 2 runs: the IQM is their mean; a resample of 2 runs is (a, a), (a, b) or (b, b), and (a, a) and
     # (b, b) each have chance 1/4 > 2.5%, so the 95% interval is [min, max]
@@ -455,3 +472,49 @@ def test_wandb_not_logged_in_or_offline_exits_with_one_line(monkeypatch):
     monkeypatch.setattr("common.logging.wandb_logged_in", lambda: True)
     with pytest.raises(SystemExit, match=r"could not read W&B group 'sweep' \(offline\? ConnectionError"):
         compare.main(["--wandb-group", "sweep"])
+
+
+# --- arms ------------------------------------------------------------------------------------------
+
+
+def test_runs_are_grouped_by_arm_and_ordered_with_the_ladder_rung_by_rung(tmp_path):
+    # two arms of the same algorithm stay apart; runs without an arm key group by algorithm
+    for arm, seed in [("grpo", 0), ("drgrpo", 0), ("drgrpo", 1), ("dapo10_x", 0), ("dapo2_x", 0)]:
+        run_dir = write_run(tmp_path, "grpo", seed, steps=2, accuracy={0: 0.1, 2: 0.2}, tokens_per_step=10,
+                            step_s=1, kl_per_step=None)  # fmt: skip
+        config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        if arm != "grpo":
+            config.arm = arm
+        OmegaConf.save(config, run_dir / ".hydra" / "config.yaml")
+        run_dir.rename(run_dir.with_name(f"{arm}-{seed}"))
+    groups = group_runs(find_runs([tmp_path]))
+    # ARM_ORDER first (grpo, drgrpo), then natural order: dapo2 before dapo10
+    assert list(groups) == ["grpo", "drgrpo", "dapo2_x", "dapo10_x"]
+    assert [run.seed for run in groups["drgrpo"]] == [0, 1]
+    assert {run.algorithm for runs in groups.values() for run in runs} == {"grpo"}
+
+
+def test_probability_of_improvement_is_a_matrix_beyond_three_arms(sweep):
+    # a fourth arm, "zz", whose final accuracies (1.0, 1.0) are above every other run
+    for seed in (0, 1):
+        run_dir = write_run(sweep, "zz", seed, steps=10, accuracy={0: 0.3, 10: 1.0}, tokens_per_step=1,
+                            step_s=1, kl_per_step=None)  # fmt: skip
+        run_dir.rename(run_dir.with_name(f"zz-{seed}"))
+    markdown = summary_table(find_runs([sweep]), threshold=0.6)
+    header, *rows = table_after(markdown, "## Probability of improvement")
+    assert header == ["P(row > column)", "ppo", "grpo", "dapo", "zz"]
+    cells = {row[0]: row[1:] for row in rows}
+    # the pairs of the 3-arm list above, and their mirrors: P(grpo > ppo) = 1 - 0.375 = 0.625,
+    # interval [1 - 1, 1 - 0] = [0, 1]; nobody beats zz, zz beats everybody
+    assert cells["ppo (2 runs)"] == ["—", "0.38 [0.00, 1.00]", "0.00 [0.00, 0.00]", "0.00 [0.00, 0.00]"]
+    assert cells["grpo (2 runs)"][0] == "0.62 [0.00, 1.00]"
+    assert cells["dapo (2 runs)"][1] == "0.88 [0.50, 1.00]"
+    assert cells["zz (2 runs)"] == ["1.00 [1.00, 1.00]"] * 3 + ["—"]
+
+
+def test_many_arms_get_distinct_colours():
+    from scripts.comparison.figure import label_colours
+
+    labels = ["ppo", "grpo", "dapo", *(f"arm{i}" for i in range(20))]
+    colours = label_colours(labels)
+    assert colours["ppo"] == "tab:blue" and len(set(colours.values())) == len(labels)

@@ -245,7 +245,12 @@ def test_the_update_budget_counts_the_critic_warm_up():
 def test_arms_set_their_name_and_what_makes_them():
     cfg = compose_train("arm=drgrpo")
     a = cfg.algorithm
-    assert (cfg.arm, a.name, a.scale_by_std, a.loss_agg) == ("drgrpo", "grpo", False, "seq-mean-token-sum-norm")
+    assert (cfg.arm, a.name, a.scale_by_std, a.loss_agg) == (
+        "drgrpo",
+        "grpo",
+        False,
+        "seq-mean-token-sum-norm",
+    )
     assert compose_train().arm == "grpo" and compose_train("algorithm=ppo").arm == "ppo"
 
 
