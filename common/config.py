@@ -374,6 +374,7 @@ class TrainConfig:
 
     experiment_name: str
     arm: str
+    objective: str
     seed: int
     resume: str | None
     model: ModelConfig

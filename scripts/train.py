@@ -13,6 +13,7 @@ common.trainer.RunContext and calls common.trainer.train with it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -267,20 +268,51 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
     return logger
 
 
+def worst_objective(hydra_cfg: DictConfig) -> float:
+    """What a run that yields no objective returns to its sweeper: the worst value for the sweep's
+    direction (-inf when it maximises, +inf when it minimises), which Optuna records as a finished,
+    losing trial (a nan makes hydra-optuna-sweeper 1.3 with optuna 2.10 stop the whole study);
+    nan for sweepers without a direction (the basic sweeper ignores the value)."""
+    direction = OmegaConf.select(hydra_cfg, "sweeper.direction")
+    if isinstance(direction, str):
+        return -math.inf if direction == "maximize" else math.inf
+    return math.nan
+
+
+def objective(metrics: dict[str, float], key: str) -> float:
+    """The value a Hydra sweeper (hydra/sweeper=optuna) optimises: `key` (config key `objective`,
+    default eval/accuracy) of the run's last step; the worst value (worst_objective), with a
+    warning, when the last step has no finite value of it (e.g. trainer.eval_every=0)."""
+    value = metrics.get(key, math.nan)
+    if not math.isfinite(value):
+        log.warning("objective %s: the last step has no finite value (got %s)", key, value)
+        return worst_objective(HydraConfig.get())
+    return float(value)
+
+
+def failed(message: str, exit_code: int) -> float:
+    """A run that cannot go on: its one line on stderr, then the exit status `exit_code`, except
+    inside a sweep (-m), where it returns the worst objective instead, so the other runs go on and
+    a sweeper such as Optuna records the trial as lost."""
+    print(message, file=sys.stderr)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return worst_objective(HydraConfig.get())
+    sys.exit(exit_code)
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """One run; returns its objective (see `objective`) for sweepers."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_bool_overrides(cfg, HydraConfig.get().overrides.task)
         if cfg.trainer.num_threads is None:  # recorded in the run's config like a setting
             cfg.trainer.num_threads = sweep_num_threads(HydraConfig.get(), len(os.sched_getaffinity(0)))
-        run(cfg, run_dir)
+        return objective(run(cfg, run_dir), cfg.objective)
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return failed(f"error: {err}", 2)
     except (RunAbortedError, DynamicSamplingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return failed(f"error: {err}", 1)
     except RunInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun
             print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
