@@ -239,7 +239,7 @@ class RolloutConfig:
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
         require_option("rollout.engine", self.engine, ROLLOUT_ENGINES)
         if self.engine == "vllm":
-            from common.rollout_vllm import vllm_available  # the optional engine's module, on demand
+            from common.rollout.vllm_engine import vllm_available  # the optional engine's module, on demand
 
             usable, reason = vllm_available()
             if not usable:

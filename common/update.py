@@ -22,8 +22,8 @@ import torch
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
+from common.logprobs import eval_mode, sequence_logprobs
 from common.losses import aggregation_denominator
-from common.rollout import eval_mode, sequence_logprobs
 
 log = logging.getLogger("rl_lab")
 

@@ -42,8 +42,10 @@ from omegaconf import DictConfig
 
 from common.config import TrainSettings
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
+from common.logprobs import pack_responses
 from common.models import make_reference
-from common.rollout import HFRollout, pack_responses, shared_prefix_length
+from common.rollout import HFRollout
+from common.rollout.decode import shared_prefix_length
 from common.sampling import score_samples
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy

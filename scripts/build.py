@@ -330,7 +330,7 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HF
     )
     if r.engine == "hf":
         return HFRollout(model, tokenizer, **sampling)
-    from common.rollout_vllm import VLLMRollout  # optional extra, GPU only
+    from common.rollout.vllm_engine import VLLMRollout  # optional extra, GPU only
 
     # vLLM builds its copy from a folder; the weights are synced from the policy right after
     with tempfile.TemporaryDirectory(prefix="rl-lab-vllm-") as folder:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from common.rollout_vllm import vllm_available
+from common.rollout.vllm_engine import vllm_available
 from scripts.build import ConfigError, validate
 from tests.conftest import ROOT, compose_train
 
@@ -17,7 +17,7 @@ USABLE, REASON = vllm_available()
 
 
 def test_importing_the_engine_does_not_import_vllm():
-    code = "import sys, common.rollout_vllm, scripts.build; print('vllm' in sys.modules)"
+    code = "import sys, common.rollout.vllm_engine, scripts.build; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

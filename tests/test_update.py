@@ -144,7 +144,7 @@ def test_first_step_is_on_policy_with_a_dropout_model(cache_dir, disable):
 
 
 def test_old_log_probs_come_from_eval_mode_even_without_disable_dropout(cache_dir):
-    from common.rollout import sequence_logprobs
+    from common.logprobs import sequence_logprobs
 
     _, model, engine = dropout_policy(cache_dir, disable=False)
     cfg = compose_train(*TINY, "algorithm=grpo", "trainer.batch_size=2", "trainer.mini_batch_size=1")

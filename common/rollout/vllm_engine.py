@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from common.models import is_lora, merged_copy
-from common.rollout import HFRollout, RolloutBatch
+from common.rollout.batch import RolloutBatch
+from common.rollout.decode import HFRollout
 
 
 class VLLMUnavailableError(RuntimeError):
