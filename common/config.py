@@ -34,8 +34,8 @@ from omegaconf.errors import (
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from common.distributed import launched_world_size
+from common.rollout.engine import ENGINES
 
-ROLLOUT_ENGINES = ("hf", "vllm")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
@@ -237,13 +237,15 @@ class RolloutConfig:
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
-        require_option("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        require_option("rollout.engine", self.engine, ENGINES)
         if self.engine == "vllm":
             from common.rollout.vllm_engine import vllm_available  # the optional engine's module, on demand
 
             usable, reason = vllm_available()
             if not usable:
-                raise ConfigError(f"rollout.engine: vllm: {reason}; rollout.engine=hf works everywhere")
+                raise ConfigError(
+                    f"rollout.engine: vllm: {reason}; rollout.engine=hf (or generate) works everywhere"
+                )
             require(
                 0 < self.gpu_memory_utilization < 1,
                 "rollout.gpu_memory_utilization",

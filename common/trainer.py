@@ -55,7 +55,7 @@ from common.distributed import (
 )
 from common.evaluation import evaluate
 from common.logging import RunLogger, peak_rss_mb
-from common.rollout import HFRollout
+from common.rollout.engine import RolloutEngine
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
 from common.state import LoopState, Resumable, RunAbortedError, RunInterruptedError, StopRequest
 from common.tasks import Example, Task
@@ -76,7 +76,7 @@ class RunContext:
     model: torch.nn.Module
     tokenizer: Any
     reference: torch.nn.Module | None
-    engine: HFRollout
+    engine: RolloutEngine
     algo: Algorithm
     task: Task
     optimizer: torch.optim.Optimizer

@@ -44,8 +44,8 @@ from common.config import TrainSettings
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.logprobs import pack_responses
 from common.models import make_reference
-from common.rollout import HFRollout
 from common.rollout.decode import shared_prefix_length
+from common.rollout.engine import RolloutEngine
 from common.sampling import score_samples
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
@@ -124,7 +124,7 @@ def rollout_bound_s(
 
 
 def naive_rollout(
-    engine: HFRollout, prompts: list[str], group_size: int, max_new_tokens: int
+    engine: RolloutEngine, prompts: list[str], group_size: int, max_new_tokens: int
 ) -> tuple[float, int]:
     """The design notes' loop: one `generate` call per sample (G calls per prompt). Returns (s, tokens)."""
     tokenizer, model = engine.tokenizer, engine.model

@@ -36,7 +36,7 @@ from common.config import (
 )
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
-from common.rollout import HFRollout
+from common.rollout.engine import RolloutEngine, make_engine
 from common.sampling import FlatGroups, GroupFilter
 from common.tasks import TASKS, Task, build_task, task_schema
 from common.update import Critic
@@ -313,9 +313,9 @@ def truncated_sampling_warning(rollout: DictConfig) -> str | None:
     )
 
 
-def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
-    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings;
-    warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
+def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The rollout engine cfg.rollout.engine (common.rollout.engine.ENGINES) with cfg.rollout's sampling
+    settings; warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
     r = cfg.rollout
     if (warning := truncated_sampling_warning(r)) is not None:
         log.warning(warning)
@@ -328,14 +328,13 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HF
         system_prompt=r.system_prompt,
         max_prompt_len=r.max_prompt_len,
     )
-    if r.engine == "hf":
-        return HFRollout(model, tokenizer, **sampling)
-    from common.rollout.vllm_engine import VLLMRollout  # optional extra, GPU only
-
+    if r.engine != "vllm":
+        return make_engine(r.engine, model, tokenizer, **sampling)
     # vLLM builds its copy from a folder; the weights are synced from the policy right after
     with tempfile.TemporaryDirectory(prefix="rl-lab-vllm-") as folder:
         save_hf(model, tokenizer, folder)
-        return VLLMRollout(
+        return make_engine(
+            "vllm",
             model,
             tokenizer,
             model_path=folder,

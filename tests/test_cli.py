@@ -36,7 +36,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "algorithm", ["grpo", "dapo", "ppo", "grpo dynamic_sampling=filter", "grpo dynamic_sampling=resample"]
+    "algorithm",
+    [
+        "grpo",
+        "dapo",
+        "ppo",
+        "grpo dynamic_sampling=filter",
+        "grpo dynamic_sampling=resample",
+        "grpo rollout.engine=generate",  # the plain engine trains end to end
+    ],
 )
 def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
     # char_share: the tiny model earns reward, so DAPO's filter keeps groups and every algorithm updates

@@ -1,5 +1,5 @@
 """The optional vLLM engine: importable without vLLM, a clear error where it cannot run, and on a
-GPU with vLLM the same batch layout and greedy text as the HF engine, also after a weight sync."""
+GPU with vLLM the same batch layout and greedy text as the decode engine, also after a weight sync."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_vllm_engine_without_vllm_or_gpu_is_a_config_error():
 
 
 def test_unknown_engine_is_a_config_error():
-    with pytest.raises(ConfigError, match="rollout.engine.*options: hf, vllm"):
+    with pytest.raises(ConfigError, match="rollout.engine.*options: hf, decode, generate, vllm"):
         validate(compose_train("model=tiny", "rollout.engine=sglang"))
 
 

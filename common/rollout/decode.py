@@ -12,8 +12,9 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from common.distributed import unwrap
 from common.fences import base_model, takes_logits_to_keep
-from common.logprobs import eval_mode, sequence_logprobs
-from common.rollout.batch import RolloutBatch, response_mask_from_ids
+from common.logprobs import eval_mode
+from common.rollout.base import BaseRollout
+from common.rollout.batch import RolloutBatch
 from common.rollout.kv_cache import PreallocatedLayer, keep_order
 from common.rollout.prepack import prepacked_linears
 from common.rollout.sampler import TokenSampler
@@ -160,83 +161,11 @@ def decode(
     return out[:, :width]
 
 
-class HFRollout:
-    """Samples G responses per prompt from a Hugging Face causal LM in one batched decode loop
-    (`prefill` + `decode`: the sampling distribution of `generate`, without its padding work).
-
-    Args:
-        model, tokenizer: from `common.models.load_policy` (left padding, pad token set).
-        group_size: G, responses per prompt.
-        max_new_tokens: response budget in tokens, EOS included.
-        temperature, top_p, top_k: sampling; top_p = 1.0 and top_k = 0 switch those filters off.
-        system_prompt: system message; None keeps the chat template's default.
-        max_prompt_len: longest prompt in tokens after the chat template; None = context - max_new_tokens.
+class DecodeRollout(BaseRollout):
+    """The fast decode engine (rollout.engine=hf, or decode): G responses per prompt from a Hugging
+    Face causal LM in one batched decode loop (`prefill` + `decode`: the sampling distribution of
+    `generate`, without its padding work). Arguments: BaseRollout's.
     """
-
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        group_size: int,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        system_prompt: str | None = None,
-        max_prompt_len: int | None = None,
-    ):
-        if group_size < 1 or max_new_tokens < 1:
-            raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use do_sample=False")
-        if tokenizer.padding_side != "left":
-            raise ValueError("the tokenizer must pad on the left (load it with common.models.load_policy)")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.group_size = group_size
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.system_prompt = system_prompt
-        self.max_prompt_len = max_prompt_len
-        self.eos_token_id = tokenizer.eos_token_id
-        self.pad_token_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
-        )
-        self.last_batch: RolloutBatch | None = None
-
-    def format_prompts(self, prompts: list[str]) -> list[str]:
-        """Chat-template each user prompt, ending with the assistant header (add_generation_prompt)."""
-        if getattr(self.tokenizer, "chat_template", None) is None:  # base model: plain text
-            return [f"{self.system_prompt}\n\n{p}" if self.system_prompt else p for p in prompts]
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [
-            self.tokenizer.apply_chat_template(
-                system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        """Raise ValueError naming the first prompt that would not fit (checked once at start-up)."""
-        enc = self.tokenizer(self.format_prompts(prompts), add_special_tokens=False)
-        self._check_prompt_lengths([len(ids) for ids in enc["input_ids"]], self.max_new_tokens)
-
-    def _check_prompt_lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        limits = []
-        if self.max_prompt_len is not None:
-            limits.append((self.max_prompt_len, f"max_prompt_len {self.max_prompt_len}"))
-        if context is not None:
-            limits.append((context - max_new_tokens, f"context {context} - max_new_tokens {max_new_tokens}"))
-        for i, length in enumerate(prompt_lengths):
-            for limit, what in limits:
-                if length > limit:
-                    raise ValueError(
-                        f"prompt {i} is {length} tokens long, over the limit of {limit} ({what})"
-                    )
 
     def sample(
         self,
@@ -285,67 +214,6 @@ class HFRollout:
 
         return self.assemble(prompts, G, input_ids, attention_mask, response_ids)
 
-    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> dict[str, Tensor]:
-        """Chat-templated prompts tokenised once each, left-padded to (n_prompts, P); raises
-        ValueError for a prompt that does not fit. The template already holds the special tokens."""
-        enc = self.tokenizer(
-            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        self._check_prompt_lengths(enc["attention_mask"].sum(dim=1).tolist(), max_new_tokens)
-        return enc
 
-    def assemble(
-        self,
-        prompts: list[str],
-        group_size: int,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        response_ids: Tensor,
-    ) -> RolloutBatch:
-        """The RolloutBatch of generated responses: prompt block (N, P) and its mask as sampled,
-        response ids (N, T) masked through each row's first EOS and padded after it, decoded text."""
-        response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
-        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
-        texts = self.tokenizer.batch_decode(
-            [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            input_ids=torch.cat([input_ids, response_ids], dim=1),  # (N, P + T)
-            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
-            response_mask=response_mask,
-            prompt_len=input_ids.shape[1],
-            prompts_expanded=[p for p in prompts for _ in range(group_size)],
-            responses=texts,
-            lengths=lengths,
-            truncated=truncated,
-            group_index=torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group_size),
-            pad_token_id=self.pad_token_id,
-        )
-
-    # whether `sync_weights` has work to do after an update (an engine with its own copy of the weights)
-    syncs_weights = False
-
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """After an update: nothing to do, this engine samples from the policy module itself."""
-
-    def generate_responses(self, prompts: list[str]) -> tuple[list[str], Tensor, list[str]]:
-        """Sample G responses per prompt and score them (the seed's contract).
-
-        Returns:
-            responses: (N,) decoded texts, N = len(prompts) * G.
-            log_probs: (N, T) float32 log-probs at the sampling temperature, 0 where response_mask is 0.
-            prompts_expanded: (N,) [q1]*G + [q2]*G + ...; reward response i against prompts_expanded[i].
-        The full batch (ids, masks, lengths) is kept in `self.last_batch`.
-        """
-        batch = self.sample(prompts)
-        with eval_mode(self.model), torch.no_grad():
-            logprob, _ = sequence_logprobs(
-                self.model,
-                batch.input_ids,
-                batch.attention_mask,
-                batch.prompt_len,
-                temperature=self.temperature,
-            )
-        self.last_batch = batch
-        return batch.responses, logprob * batch.response_mask, batch.prompts_expanded
+# the engine's first name, as configs, docs and callers know it (rollout.engine=hf)
+HFRollout = DecodeRollout

@@ -1,4 +1,5 @@
-"""vLLM rollout engine (`rollout.engine=vllm`): generation on a GPU through vLLM, same batch as HFRollout.
+"""vLLM rollout engine (`rollout.engine=vllm`): generation on a GPU through vLLM, the same batch as
+the other engines (BaseRollout's prompts and assembly; a vllm.LLM does the sampling).
 
 Only the sampling moves to vLLM (paged attention, continuous batching, prefix sharing within a
 group); the training forward still computes every log-prob (old, reference, current), so the loss
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 
 from common.models import is_lora, merged_copy
+from common.rollout.base import BaseRollout
 from common.rollout.batch import RolloutBatch
-from common.rollout.decode import HFRollout
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -41,10 +42,10 @@ def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.model.load_weights(weights=weights)
 
 
-class VLLMRollout(HFRollout):
-    """HFRollout's interface (sample / generate_responses / check_prompts) with vLLM sampling.
+class VLLMRollout(BaseRollout):
+    """The engine interface (common.rollout.engine.RolloutEngine) with a vllm.LLM doing the sampling.
 
-    Args (besides HFRollout's):
+    Args (besides BaseRollout's):
         model_path: a local HF folder with the policy's weights (config + tokenizer), from which vLLM
             builds its copy; the caller passes the converted / downloaded model folder.
         gpu_memory_utilization: share of the GPU vLLM may take for weights and KV cache (verl:
@@ -105,7 +106,7 @@ class VLLMRollout(HFRollout):
         max_new_tokens: int | None = None,
     ) -> RolloutBatch:
         """G responses per prompt from vLLM (SamplingParams.n = G keeps them in group order),
-        assembled into the same left-padded prompt + right-padded response batch as HFRollout."""
+        assembled into the same left-padded prompt + right-padded response batch as every engine."""
         G = group_size or self.group_size
         max_new_tokens = max_new_tokens or self.max_new_tokens
         enc = self.encode_prompts(prompts, max_new_tokens)

@@ -1,0 +1,154 @@
+"""What every rollout engine shares, whatever generates the tokens: the sampling settings, chat-templated
+and length-checked prompts, the assembly of a RolloutBatch, and the seed's `generate_responses`.
+
+The engines (common/rollout/decode.py, generate.py, vllm_engine.py) subclass `BaseRollout` and add
+`sample`; none inherits another's generation. The loop sees them only as common.rollout.engine.RolloutEngine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from common.rollout.batch import RolloutBatch, response_mask_from_ids
+from common.rollout.seed import generate_responses
+
+
+class BaseRollout:
+    """The sampling settings and prompt handling of an engine; subclasses implement `sample`.
+
+    Args:
+        model, tokenizer: from `common.models.load_policy` (left padding, pad token set).
+        group_size: G, responses per prompt.
+        max_new_tokens: response budget in tokens, EOS included.
+        temperature, top_p, top_k: sampling; top_p = 1.0 and top_k = 0 switch those filters off.
+        system_prompt: system message; None keeps the chat template's default.
+        max_prompt_len: longest prompt in tokens after the chat template; None = context - max_new_tokens.
+    """
+
+    # whether `sync_weights` has work to do after an update (an engine with its own copy of the weights)
+    syncs_weights = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        group_size: int,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        system_prompt: str | None = None,
+        max_prompt_len: int | None = None,
+    ) -> None:
+        if group_size < 1 or max_new_tokens < 1:
+            raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use do_sample=False")
+        if tokenizer.padding_side != "left":
+            raise ValueError("the tokenizer must pad on the left (load it with common.models.load_policy)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.group_size = group_size
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.system_prompt = system_prompt
+        self.max_prompt_len = max_prompt_len
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        )
+        self.last_batch: RolloutBatch | None = None
+
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        """Chat-template each user prompt, ending with the assistant header (add_generation_prompt)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:  # base model: plain text
+            return [f"{self.system_prompt}\n\n{p}" if self.system_prompt else p for p in prompts]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [
+            self.tokenizer.apply_chat_template(
+                system + [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise ValueError naming the first prompt that would not fit (checked once at start-up)."""
+        enc = self.tokenizer(self.format_prompts(prompts), add_special_tokens=False)
+        self._check_prompt_lengths([len(ids) for ids in enc["input_ids"]], self.max_new_tokens)
+
+    def _check_prompt_lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        limits = []
+        if self.max_prompt_len is not None:
+            limits.append((self.max_prompt_len, f"max_prompt_len {self.max_prompt_len}"))
+        if context is not None:
+            limits.append((context - max_new_tokens, f"context {context} - max_new_tokens {max_new_tokens}"))
+        for i, length in enumerate(prompt_lengths):
+            for limit, what in limits:
+                if length > limit:
+                    raise ValueError(
+                        f"prompt {i} is {length} tokens long, over the limit of {limit} ({what})"
+                    )
+
+    def sample(
+        self,
+        prompts: list[str],
+        group_size: int | None = None,
+        *,
+        do_sample: bool = True,
+        max_new_tokens: int | None = None,
+    ) -> RolloutBatch:
+        """G responses for each prompt in ONE batched generation, rows [q1]*G + [q2]*G + ...;
+        do_sample=False decodes greedily (evaluation). The model's train/eval mode is restored."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample")
+
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> dict[str, Tensor]:
+        """Chat-templated prompts tokenised once each, left-padded to (n_prompts, P); raises
+        ValueError for a prompt that does not fit. The template already holds the special tokens."""
+        enc = self.tokenizer(
+            self.format_prompts(prompts), return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        self._check_prompt_lengths(enc["attention_mask"].sum(dim=1).tolist(), max_new_tokens)
+        return enc
+
+    def assemble(
+        self,
+        prompts: list[str],
+        group_size: int,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_ids: Tensor,
+    ) -> RolloutBatch:
+        """The RolloutBatch of generated responses: prompt block (N, P) and its mask as sampled,
+        response ids (N, T) masked through each row's first EOS and padded after it, decoded text."""
+        response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        texts = self.tokenizer.batch_decode(
+            [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            input_ids=torch.cat([input_ids, response_ids], dim=1),  # (N, P + T)
+            attention_mask=torch.cat([attention_mask, response_mask.long()], dim=1),
+            response_mask=response_mask,
+            prompt_len=input_ids.shape[1],
+            prompts_expanded=[p for p in prompts for _ in range(group_size)],
+            responses=texts,
+            lengths=lengths,
+            truncated=truncated,
+            group_index=torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group_size),
+            pad_token_id=self.pad_token_id,
+        )
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """After an update: nothing to do when the engine samples from the policy module itself."""
+
+    def generate_responses(self, prompts: list[str]) -> tuple[list[str], Tensor, list[str]]:
+        """The seed's contract (common.rollout.seed.generate_responses); the batch is kept in `last_batch`."""
+        return generate_responses(self, prompts)
