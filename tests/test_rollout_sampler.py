@@ -49,3 +49,28 @@ def test_sample_categorical_draws_each_row_from_its_weights(block):
         freq = torch.bincount(tokens[row], minlength=11).double() / n
         assert (freq[p == 0] == 0).all(), freq  # zero weight: never drawn
         assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (row, freq, p)
+
+
+def test_sample_categorical_edges_of_the_uniform_pick_weighted_tokens_inside_the_vocabulary():
+    """Uniforms of exactly 0, 1 - 2^-53, 1 - 1e-16 (rounds to 1 in float64) and 1.0, on weights with
+    zeros at both ends and inside, and an 11-token vocabulary in blocks of 4 (one padding weight at
+    the end of the last block): each draw is a token of positive weight with an index below 11.
+    Without the clamp, u = 1 lands past the last block's mass on the padding: index 11."""
+    weights = torch.tensor(
+        [
+            [0, 0, 1e-3, 5, 0, 3, 0, 2, 0, 7e-4, 0.0],  # zeros first and last
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0],  # all mass on the last real token
+            [1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # all mass on the first token
+            [0, 1e-30, 0, 0, 0, 0, 0, 0, 0, 0, 1e-30],  # tiny masses
+        ]
+    )
+    edges = torch.tensor([0.0, 1 - 2**-53, 1 - 1e-16, 1.0], dtype=torch.float64)
+    for uniform in edges:
+        for block in (4, 512):
+            tokens = sample_categorical(weights, block=block, uniform=uniform.expand(len(weights)))
+            assert (tokens < 11).all(), (uniform, block, tokens)
+            assert (weights[torch.arange(len(weights)), tokens] > 0).all(), (uniform, block, tokens)
+    # the first and the last weighted token are what the edges pick
+    first = sample_categorical(weights, block=4, uniform=torch.zeros(4, dtype=torch.float64))
+    last = sample_categorical(weights, block=4, uniform=torch.ones(4, dtype=torch.float64))
+    assert first.tolist() == [2, 10, 0, 1] and last.tolist() == [9, 10, 0, 10]

@@ -7,7 +7,14 @@ from torch import Tensor
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 
-def sample_categorical(probs: Tensor, block: int = 512) -> Tensor:
+def below(x: Tensor, top: Tensor) -> Tensor:
+    """`x` clamped into [0, top): into [0, the largest float64 below top]. An inverse-CDF target in
+    that range lands, under searchsorted(cdf, x, right=True), on the first entry whose cumulative
+    sum rises above x: an entry of weight > 0, inside the array (cdf[-1] = top > x)."""
+    return torch.minimum(x.clamp(min=0.0), torch.nextafter(top, torch.zeros_like(top)))
+
+
+def sample_categorical(probs: Tensor, block: int = 512, uniform: Tensor | None = None) -> Tensor:
     """One draw per row from the categorical distribution with (unnormalised, >= 0) weights
     `probs` (n, V) -> token ids (n,), by inverse CDF in two levels.
 
@@ -16,7 +23,15 @@ def sample_categorical(probs: Tensor, block: int = 512) -> Tensor:
     picks the token by the block's own cumulative sum. P(token i) = mass(block) / total *
     p_i / mass(block) = p_i / total: the categorical that `torch.multinomial` draws from, from one
     random number per row, without a cumulative sum (or a float64 copy) of the whole vocabulary.
-    A token of weight 0 is never drawn: no cumulative sum rises at it.
+
+    A token of weight 0 is never drawn, and the index is always inside the vocabulary: float64
+    rounding can put u * total at the total, or the position inside the block (`within`) at 1.0 or
+    just below 0 (about 1e-16 per draw), which past the last block's last token would pick a
+    padding weight or an index past V; both targets are clamped into [0, their total) (`below`).
+
+    Args:
+        probs: (n, V) weights >= 0, each row with a positive sum.
+        uniform: (n,) the uniforms in [0, 1] to draw with; None = torch.rand (tests force edges).
     """
     n, V = probs.shape
     if V % block:
@@ -24,12 +39,16 @@ def sample_categorical(probs: Tensor, block: int = 512) -> Tensor:
     blocks = probs.view(n, -1, block)  # (n, K, block)
     mass = blocks.sum(dim=-1, dtype=torch.float64)  # (n, K)
     cdf = mass.cumsum(dim=-1)  # (n, K)
-    u = torch.rand(n, 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]  # (n, 1), in [0, total)
-    k = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)  # (n, 1): cdf[k-1] <= u < cdf[k]
+    if uniform is None:
+        uniform = torch.rand(n, dtype=torch.float64, device=probs.device)
+    total = cdf[:, -1:]  # (n, 1)
+    u = below(uniform.to(torch.float64)[:, None] * total, total)  # (n, 1), in [0, total)
+    k = torch.searchsorted(cdf, u, right=True)  # (n, 1): cdf[k-1] <= u < cdf[k], so mass[k] > 0
     picked = mass.gather(1, k)  # (n, 1) the chosen block's mass
-    within = (u - (cdf.gather(1, k) - picked)) / picked  # (n, 1), in [0, 1)
+    within = (u - (cdf.gather(1, k) - picked)) / picked  # (n, 1), in [0, 1) up to rounding
     inner = blocks[torch.arange(n, device=probs.device), k.squeeze(1)].cumsum(dim=-1, dtype=torch.float64)
-    j = torch.searchsorted(inner, within * inner[:, -1:], right=True).clamp(max=block - 1)  # (n, 1)
+    target = below(within * inner[:, -1:], inner[:, -1:])  # (n, 1), in [0, the block's mass)
+    j = torch.searchsorted(inner, target, right=True)  # (n, 1): a token of weight > 0 in the block
     return (k * block + j).squeeze(1)
 
 
