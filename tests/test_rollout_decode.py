@@ -43,7 +43,7 @@ class DecodeSpy:
         def no_eos(step_logits):
             return sampler(step_logits.masked_fill(torch.arange(step_logits.shape[1]) == EOS, -torch.inf))
 
-        out = self.decode(model, cache, logits, attention_mask, **{**kwargs, "sampler": no_eos})
+        out, logprob = self.decode(model, cache, logits, attention_mask, **{**kwargs, "sampler": no_eos})
         self.sampled.append(out.clone())  # (N, T) before any EOS is written
         if self.eos_at is not None:
             out = out.clone()
@@ -51,7 +51,7 @@ class DecodeSpy:
                 if col is not None and col < out.shape[1]:
                     out[row, col] = EOS
                     out[row, col + 1 :] = kwargs["pad_token_id"]
-        return out
+        return out, logprob
 
 
 def test_seed_contract_two_prompts_group_of_four(rollout, monkeypatch):
@@ -241,7 +241,7 @@ def test_shared_prefix_runs_once_and_leaves_logits_and_greedy_tokens_as_one_pass
         try:
             with torch.no_grad():
                 cache, logits, mask = prefill(model, ids, prompt_mask, rows, P + 8)
-                out = decode(
+                out, _ = decode(
                     model,
                     cache,
                     logits,
@@ -309,15 +309,15 @@ def test_decode_runs_only_unfinished_rows(tiny):
         lambda _m, _a, kw: rows_seen.append(kw["input_ids"].shape[0]), with_kwargs=True
     )
 
-    def first_live_row_ends(logits):  # (n, V) -> (n,)
+    def first_live_row_ends(logits):  # (n, V) -> (n,), (n,)
         token = torch.full((logits.shape[0],), 5)
         token[0] = EOS
-        return token
+        return token, torch.full((logits.shape[0],), -0.5)
 
     try:
         with torch.no_grad():
             cache, logits, mask = prefill(model, enc["input_ids"], enc["attention_mask"], torch.arange(4), 20)
-            out = decode(
+            out, logprob = decode(
                 model,
                 cache,
                 logits,
@@ -331,3 +331,5 @@ def test_decode_runs_only_unfinished_rows(tiny):
         hook.remove()
     assert rows_seen == [4, 3, 2, 1]  # the prefill's 4 prompts, then one decode step per live set
     assert out.tolist() == [[EOS, 0, 0, 0], [5, 5, 5, EOS], [5, 5, EOS, 0], [5, EOS, 0, 0]]
+    # each row's sampled log-probs land in its own row, through its EOS, 0 after it
+    assert logprob.tolist() == [[-0.5, 0, 0, 0], [-0.5] * 4, [-0.5] * 3 + [0], [-0.5] * 2 + [0, 0]]

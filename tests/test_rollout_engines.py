@@ -103,3 +103,44 @@ def test_the_loop_imports_no_concrete_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['common.rollout.batch', 'common.rollout.engine']"
+
+
+@pytest.mark.parametrize("name", CPU_ENGINES)
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_rollout_logprobs_are_those_of_the_distribution_sampled_from(tiny, name, top_k):
+    """Every engine returns each sampled token's log-prob under the distribution it drew it from:
+    in float32 at temperature 0.7 that is the training forward's log softmax(logits / 0.7) (to
+    kernel rounding; the decode engine's cache and prepacked linears sum in other orders), and with
+    top-k the same renormalised over the k kept tokens. 0 after EOS, and 0 for greedy decoding."""
+    model, tokenizer = tiny
+    engine = make_engine(name, model, tokenizer, group_size=3, max_new_tokens=6, temperature=0.7, top_k=top_k)
+    batch = engine.sample(["q1", "a longer second question"])
+    with torch.no_grad():
+        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        )
+        scores = logits.logits[:, batch.prompt_len - 1 : -1] / 0.7  # (N, T, V)
+        if top_k:
+            kth = scores.topk(top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, -torch.inf)
+        expected = torch.log_softmax(scores, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    mask = batch.response_mask.bool()
+    assert batch.rollout_logprob.shape == mask.shape and batch.rollout_logprob.dtype == torch.float32
+    torch.testing.assert_close(batch.rollout_logprob[mask], expected[mask], atol=1e-4, rtol=1e-4)
+    assert (batch.rollout_logprob[~mask] == 0).all()
+    greedy = engine.sample(["q1"], do_sample=False)
+    assert (greedy.rollout_logprob == 0).all()
+
+
+def test_rollout_logprobs_follow_rows_through_select_and_concat(tiny):
+    model, tokenizer = tiny
+    engine = make_engine("hf", model, tokenizer, group_size=2, max_new_tokens=4)
+    a, b = engine.sample(["q1"]), engine.sample(["q2"], max_new_tokens=2)
+    both = type(a).concat([a, b.select([1])])
+    assert both.rollout_logprob.shape == (3, 4)
+    assert torch.equal(both.rollout_logprob[:2], a.rollout_logprob)
+    assert (
+        torch.equal(both.rollout_logprob[2, :2], b.rollout_logprob[1])
+        and (both.rollout_logprob[2, 2:] == 0).all()
+    )

@@ -21,13 +21,16 @@ def test_token_sampler_draws_the_truncated_softmax(top_k, top_p, kept):
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     n = 40000
     sampler = TokenSampler(True, temperature=0.5, top_k=top_k, top_p=top_p)
-    tokens = sampler(logits.expand(n, -1))
+    tokens, logprob = sampler(logits.expand(n, -1))
     p = torch.zeros(6, dtype=torch.float64)
     p[:kept] = torch.softmax(logits[:kept].double() / 0.5, dim=0)  # the kept tokens, renormalised
     freq = torch.bincount(tokens, minlength=6).double() / n
     assert (freq[kept:] == 0).all()  # filtered tokens are never drawn
     assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), (freq, p)
-    assert torch.equal(TokenSampler(False)(logits.expand(3, -1)), torch.zeros(3, dtype=torch.long))
+    # each draw's log-prob is that of the kept, renormalised distribution
+    torch.testing.assert_close(logprob, p.log().float()[tokens])
+    greedy, greedy_logprob = TokenSampler(False)(logits.expand(3, -1))
+    assert torch.equal(greedy, torch.zeros(3, dtype=torch.long)) and (greedy_logprob == 0).all()
 
 
 @pytest.mark.parametrize("block", [4, 512])

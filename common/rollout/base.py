@@ -124,11 +124,14 @@ class BaseRollout:
         input_ids: Tensor,
         attention_mask: Tensor,
         response_ids: Tensor,
+        rollout_logprob: Tensor,
     ) -> RolloutBatch:
         """The RolloutBatch of generated responses: prompt block (N, P) and its mask as sampled,
-        response ids (N, T) masked through each row's first EOS and padded after it, decoded text."""
+        response ids (N, T) masked through each row's first EOS and padded after it, decoded text,
+        and the engine's log-probs (N, T) of the sampled tokens (0 after EOS, whatever they were)."""
         response_mask, lengths, truncated = response_mask_from_ids(response_ids, self.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        rollout_logprob = rollout_logprob.float().masked_fill(response_mask == 0, 0.0)  # -inf after EOS -> 0
         texts = self.tokenizer.batch_decode(
             [row[:n].tolist() for row, n in zip(response_ids, lengths.tolist(), strict=True)],
             skip_special_tokens=True,
@@ -144,6 +147,7 @@ class BaseRollout:
             truncated=truncated,
             group_index=torch.arange(len(prompts), device=input_ids.device).repeat_interleave(group_size),
             pad_token_id=self.pad_token_id,
+            rollout_logprob=rollout_logprob,
         )
 
     def sync_weights(self, model: torch.nn.Module) -> None:

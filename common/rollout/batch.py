@@ -47,6 +47,10 @@ class RolloutBatch:
     truncated: Tensor  # (N,) bool: no EOS within max_new_tokens
     group_index: Tensor  # (N,) long: group id per row; rows with the same id share a prompt
     pad_token_id: int = 0  # fills padding when `concat` widens the prompt or response block
+    # (N, T) float32: each sampled token's log-prob under the distribution the engine drew it from
+    # (its own numerics: vLLM's kernels, a bf16 copy; after temperature, top-k / top-p), 0 after
+    # EOS and for greedy decoding; None for a batch that no engine sampled
+    rollout_logprob: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -74,6 +78,7 @@ class RolloutBatch:
             truncated=self.truncated[index],
             group_index=self.group_index[index],
             pad_token_id=self.pad_token_id,
+            rollout_logprob=None if self.rollout_logprob is None else self.rollout_logprob[index],
         )
 
     @staticmethod
@@ -84,12 +89,13 @@ class RolloutBatch:
         at the common column P. With `offset_groups` (the default) the group ids of each batch are
         shifted past those of the batches before it, so groups from different rollouts stay
         distinct; without it the ids are kept, so extra responses can join existing groups.
+        rollout_logprob is kept when every batch has it.
         """
         assert batches, "concat needs at least one batch"
         P = max(b.prompt_len for b in batches)
         T = max(b.response_mask.shape[1] for b in batches)
         pad = batches[0].pad_token_id
-        input_ids, attention_mask, response_mask, group_index = [], [], [], []
+        input_ids, attention_mask, response_mask, group_index, rollout_logprob = [], [], [], [], []
         offset = 0
         for b in batches:
             dp, dt = P - b.prompt_len, T - b.response_mask.shape[1]
@@ -97,6 +103,8 @@ class RolloutBatch:
             input_ids.append(torch.nn.functional.pad(b.input_ids, (dp, dt), value=pad))
             attention_mask.append(torch.nn.functional.pad(b.attention_mask, (dp, dt), value=0))
             response_mask.append(torch.nn.functional.pad(b.response_mask, (0, dt), value=0.0))
+            if b.rollout_logprob is not None:
+                rollout_logprob.append(torch.nn.functional.pad(b.rollout_logprob, (0, dt), value=0.0))
             group_index.append(b.group_index + offset)
             if offset_groups and len(b):
                 offset += int(b.group_index.max()) + 1
@@ -111,6 +119,7 @@ class RolloutBatch:
             truncated=torch.cat([b.truncated for b in batches]),
             group_index=torch.cat(group_index),
             pad_token_id=pad,
+            rollout_logprob=torch.cat(rollout_logprob) if len(rollout_logprob) == len(batches) else None,
         )
 
 

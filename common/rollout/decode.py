@@ -114,8 +114,8 @@ def decode(
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
-    sampler: Callable[[Tensor], Tensor],
-) -> Tensor:
+    sampler: Callable[[Tensor], tuple[Tensor, Tensor]],
+) -> tuple[Tensor, Tensor]:
     """Sample the responses of all rows in one batched loop, one token per step; a row that samples
     EOS leaves the batch (its cache rows go too; an unfinished row from the end of the batch takes
     its slot, `keep_order`), so every step runs only unfinished rows.
@@ -127,20 +127,22 @@ def decode(
         cache: the prompts' KV cache, N rows of P tokens (`prefill`).
         logits: (N, V) next-token logits after the prompt.
         attention_mask: (N, P) the mask of the cached prompt tokens (`prefill`), padding 0.
-        sampler: logits (n, V) -> tokens (n,), e.g. a TokenSampler.
+        sampler: logits (n, V) -> tokens (n,) and their log-probs (n,), e.g. a TokenSampler.
     Returns:
-        (N, T) response ids, T = the longest response (<= max_new_tokens); each row is padded with
-        pad_token_id after its EOS.
+        (N, T) response ids, T = the longest response (<= max_new_tokens), each row padded with
+        pad_token_id after its EOS; (N, T) float32 log-probs of the sampled tokens under the
+        distribution the sampler drew them from (0 after EOS).
     """
     N = logits.shape[0]
     out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=logits.device)  # (N, T)
+    out_logprob = torch.zeros(N, max_new_tokens, device=logits.device)  # (N, T)
     live = torch.arange(N, device=logits.device)  # rows still decoding
     mask = attention_mask.long()  # (n, P + t)
     position = mask.sum(dim=1, keepdim=True)  # (n, 1) position of the next token
     width = 0
     for t in range(max_new_tokens):
-        token = sampler(logits)  # (n,)
-        out[live, t] = token
+        token, logprob = sampler(logits)  # (n,), (n,)
+        out[live, t], out_logprob[live, t] = token, logprob
         width = t + 1
         going = token != eos_token_id  # (n,)
         if t == max_new_tokens - 1 or not going.any():
@@ -158,7 +160,7 @@ def decode(
             use_cache=True,
         ).logits[:, -1]  # (n, V)
         position = position + 1
-    return out[:, :width]
+    return out[:, :width], out_logprob[:, :width]
 
 
 class DecodeRollout(BaseRollout):
@@ -199,7 +201,7 @@ class DecodeRollout(BaseRollout):
             cache, logits, cache_mask = prefill(
                 model, enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, P + max_new_tokens
             )
-            response_ids = decode(
+            response_ids, rollout_logprob = decode(
                 model,
                 cache,
                 logits,
@@ -208,11 +210,10 @@ class DecodeRollout(BaseRollout):
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
                 sampler=sampler,
-            )  # (N, T), T <= max_new_tokens: the longest response
+            )  # (N, T), (N, T); T <= max_new_tokens: the longest response
         # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
-        response_ids = response_ids.clone()
-
-        return self.assemble(prompts, G, input_ids, attention_mask, response_ids)
+        response_ids, rollout_logprob = response_ids.clone(), rollout_logprob.clone()
+        return self.assemble(prompts, G, input_ids, attention_mask, response_ids, rollout_logprob)
 
 
 # the engine's first name, as configs, docs and callers know it (rollout.engine=hf)

@@ -53,9 +53,9 @@ def sample_categorical(probs: Tensor, block: int = 512, uniform: Tensor | None =
 
 
 class TokenSampler:
-    """Next tokens from logits (n, V) -> (n,): greedy argmax, or a draw from the distribution that
-    `generate` samples from: logits / temperature, then top-k, then top-p (transformers' own
-    warpers, in generate's order), float32 softmax.
+    """Next tokens from logits (n, V) -> (n,), with their log-probs: greedy argmax, or a draw from
+    the distribution that `generate` samples from: logits / temperature, then top-k, then top-p
+    (transformers' own warpers, in generate's order), float32 softmax.
 
     The draw is `sample_categorical`'s two-level inverse CDF: the same categorical distribution as
     `torch.multinomial` (what generate calls), from one random number per row instead of a pass of
@@ -72,10 +72,15 @@ class TokenSampler:
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
 
-    def __call__(self, logits: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens (n,) and their log-probs (n,) float32 under the distribution they were drawn from:
+        log softmax of the warped scores (a top-k / top-p truncated distribution is renormalised
+        over the kept tokens); 0 when greedy, which draws from a point mass."""
         if not self.do_sample:
-            return logits.argmax(dim=-1)
+            return logits.argmax(dim=-1), logits.new_zeros(logits.shape[0], dtype=torch.float32)
         scores = logits.float() / self.temperature  # (n, V)
         for warp in self.warpers:
             scores = warp(None, scores)
-        return sample_categorical(torch.softmax(scores, dim=-1))
+        logp = torch.log_softmax(scores, dim=-1)  # (n, V), -inf where a warper removed the token
+        tokens = sample_categorical(logp.exp())  # (n,)
+        return tokens, logp.gather(1, tokens[:, None]).squeeze(1)

@@ -83,6 +83,9 @@ class VLLMRollout(BaseRollout):
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             enable_prefix_caching=True,
+            # the log-probs it returns are those of the distribution it samples from (after temperature,
+            # top-k, top-p), not of the raw logits: the rollout log-probs of the batch
+            logprobs_mode="processed_logprobs",
         )
         self.sync_weights(model)
 
@@ -123,14 +126,21 @@ class VLLMRollout(BaseRollout):
             top_p=self.top_p if do_sample else 1.0,
             top_k=self.top_k if (do_sample and self.top_k > 0) else -1,
             stop_token_ids=[self.eos_token_id],
+            logprobs=0 if do_sample else None,  # 0: the sampled token's log-prob only
         )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        completions = [list(c.token_ids) for out in outputs for c in out.outputs]  # (N,) [q1]*G + ...
-        T = max(len(c) for c in completions)
+        completions = [c for out in outputs for c in out.outputs]  # (N,) [q1]*G + ...
+        T = max(len(c.token_ids) for c in completions)
         response_ids = torch.full((len(completions), T), self.pad_token_id, dtype=torch.long)
-        for i, ids in enumerate(completions):
-            response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        rollout_logprob = torch.zeros(len(completions), T)  # greedy: a point mass, log-prob 0
+        for i, c in enumerate(completions):
+            response_ids[i, : len(c.token_ids)] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            if do_sample:  # c.logprobs: per token, {token id: Logprob}
+                steps = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids, strict=True)]
+                rollout_logprob[i, : len(steps)] = torch.tensor(steps)
         device = next(self.model.parameters()).device
         input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (N, P)
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
-        return self.assemble(prompts, G, input_ids, attention_mask, response_ids.to(device))
+        return self.assemble(
+            prompts, G, input_ids, attention_mask, response_ids.to(device), rollout_logprob.to(device)
+        )
