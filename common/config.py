@@ -35,6 +35,7 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from common.distributed import launched_world_size
 from common.rollout.engine import ENGINES
+from common.rollout.prepack import PREPACK_MODES
 
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -173,6 +174,8 @@ class TrainerConfig:
     ddp_backend: str
     zero_stage: int
     bf16: bool
+    packed_forward: bool
+    chunked_logprobs: bool
     fail_on_reward_error: bool
 
     def __post_init__(self) -> None:
@@ -230,9 +233,14 @@ class RolloutConfig:
     top_k: int
     system_prompt: str | None
     max_prompt_len: int
+    prepack_linears: str
+    preallocated_cache: bool
+    inplace_row_removal: bool
+    shared_prefix: bool
 
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "rollout.group_size", "must be >= 1", self.group_size)
+        require_option("rollout.prepack_linears", self.prepack_linears, PREPACK_MODES)
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
@@ -463,4 +471,6 @@ class TrainSettings:
     save_only_model: bool = False
     max_bad_steps: int = 3
     bf16: bool = False
+    packed_forward: bool = True  # the training passes pack each micro-batch into one row (common.logprobs)
+    chunked_logprobs: bool = True  # log-probs and entropies by the chunked autograd function
     seed: int = 0

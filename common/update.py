@@ -57,8 +57,11 @@ def batched_forward(
     return out
 
 
-def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str, Any]], torch.Tensor]:
-    """mb -> (B, T) log-probs of the taken tokens under `model`."""
+def logprob_fn(
+    model: torch.nn.Module, temperature: float, packed: bool = True, chunked: bool = True
+) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) log-probs of the taken tokens under `model` (packed / chunked: the training pass's
+    switches, trainer.packed_forward and trainer.chunked_logprobs)."""
 
     def forward(mb: dict[str, Any]) -> torch.Tensor:
         logprob, _ = sequence_logprobs(
@@ -69,6 +72,8 @@ def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str
             temperature=temperature,
             response_mask=mb["response_mask"],
             prompt_groups=mb.get("group_index"),
+            packed=packed,
+            chunked=chunked,
         )
         return logprob
 
@@ -177,6 +182,8 @@ def accumulate_gradients(
     bf16: bool = False,
     dist: DistContext = SINGLE,
     max_tokens: int = 0,
+    packed: bool = True,
+    chunked: bool = True,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -186,7 +193,8 @@ def accumulate_gradients(
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
     fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
-    backward follows the forward's dtypes; log-probs and losses stay float32).
+    backward follows the forward's dtypes; log-probs and losses stay float32). `packed` and
+    `chunked` are the training pass's switches (common.logprobs.sequence_logprobs).
 
     Data parallel (`dist`, with `model` and `critic` wrapped in DDP): the denominator is summed over
     ranks, so it is the global mini-batch's; DDP averages gradients over the W ranks, so each
@@ -223,6 +231,8 @@ def accumulate_gradients(
                     return_entropy=True,
                     response_mask=mb["response_mask"],
                     prompt_groups=mb.get("group_index"),
+                    packed=packed,
+                    chunked=chunked,
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:
@@ -282,6 +292,8 @@ def update_policy(
                 settings.bf16,
                 dist,
                 settings.max_tokens_per_micro_batch,
+                settings.packed_forward,
+                settings.chunked_logprobs,
             )
             total = dist.all_reduce(total)
             grad_norm = clip_and_step(
@@ -354,16 +366,21 @@ def add_logprobs_and_values(
     micro = split_micro_batches(
         batch, torch.arange(N), settings.micro_batch_size, settings.max_tokens_per_micro_batch
     )
+    passes = (settings.packed_forward, settings.chunked_logprobs)
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
         # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
         # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
         if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
             with gathered([model], dist), eval_mode(unwrap(model)):
-                batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
+                batch["old_logprob"] = batched_forward(
+                    logprob_fn(unwrap(model), temperature, *passes), batch, micro
+                )
         if reference is not None:
             with gathered([reference], dist):
-                batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
+                batch["ref_logprob"] = batched_forward(
+                    logprob_fn(reference, temperature, *passes), batch, micro
+                )
         if critic is not None:
             with gathered([critic.model], dist):
                 values = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro)

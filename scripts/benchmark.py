@@ -47,6 +47,7 @@ from common.models import make_reference
 from common.rollout.decode import shared_prefix_length
 from common.rollout.engine import RolloutEngine
 from common.sampling import score_samples
+from common.timing import best_seconds, clock
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
 from scripts.build import (
@@ -73,28 +74,10 @@ WORKLOAD = [
 ]
 
 
-def clock(device: torch.device) -> float:
-    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def best_seconds(device: torch.device, run: Callable[[], object], repeats: int) -> float:
-    """The shortest of `repeats` timed calls of `run`, after one untimed warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t = clock(device)
-        run()
-        best = min(best, clock(device) - t)
-    return best
-
-
 def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """Attainable dense float32 FLOP/s on `device`: best of `repeats` n x n x n matmuls."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_seconds(device, lambda: a @ b, repeats)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats, device)
 
 
 def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> float:
@@ -102,7 +85,7 @@ def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> f
     float32 tensor, counting the bytes read and the bytes written (the warm-up touches the pages)."""
     a = torch.ones(mb * 2**18, device=device)  # mb MB of float32
     b = torch.empty_like(a)
-    return 2 * a.nbytes / best_seconds(device, lambda: b.copy_(a), repeats)
+    return 2 * a.nbytes / best_seconds(lambda: b.copy_(a), repeats, device)
 
 
 def rollout_bound_s(

@@ -26,6 +26,7 @@ def fixed_batch(engine: HFRollout, n_rows: int, response: str) -> dict:
         enc["input_ids"].repeat(n_rows, 1),
         enc["attention_mask"].repeat(n_rows, 1),
         response_ids.repeat(n_rows, 1),
+        torch.zeros(n_rows, response_ids.shape[1]),  # no engine sampled these: no rollout log-probs
     )
     return {
         "input_ids": rollout.input_ids,

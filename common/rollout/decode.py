@@ -1,23 +1,55 @@
-"""The fast decode engine (rollout.engine=hf): each distinct prompt prefilled once (its shared prefix
-once), then one batched loop samples a token per live row per step, finished rows leaving the batch."""
+"""The fast decode engine (rollout.engine=hf, or decode): each distinct prompt prefilled once (their
+shared prefix once), then one batched loop samples a token per live row per step, finished rows
+leaving the batch.
+
+Its speed tricks each have a switch (`DecodeTricks`, from rollout.prepack_linears,
+rollout.preallocated_cache, rollout.inplace_row_removal, rollout.shared_prefix) and a feature check
+that falls back to the plain path, with one warning, when the internals they need are missing or
+changed (common.fences): prepacked linears (prepack.py), the preallocated KV cache and in-place row
+removal (kv_cache.py), the shared-prefix prefill (here). With all of them off it runs transformers'
+DynamicCache and public forward arguments only.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache
 
 from common.distributed import unwrap
-from common.fences import base_model, takes_logits_to_keep
+from common.fences import Fence, base_model, full_attention_only, takes_logits_to_keep
 from common.logprobs import eval_mode
 from common.rollout.base import BaseRollout
 from common.rollout.batch import RolloutBatch
-from common.rollout.kv_cache import PreallocatedLayer, keep_order
-from common.rollout.prepack import prepacked_linears
+from common.rollout.kv_cache import PREALLOCATED_CACHE, keep_order, preallocate
+from common.rollout.prepack import PrepackPolicy, prepacked_linears
 from common.rollout.sampler import TokenSampler
+
+
+@dataclass(frozen=True)
+class DecodeTricks:
+    """The decode engine's speed tricks, each on by default (configs/train.yaml, rollout.*)."""
+
+    prepack_linears: str = "auto"  # auto (measured once per shape set), always or never
+    preallocated_cache: bool = True
+    inplace_row_removal: bool = True
+    shared_prefix: bool = True
+
+
+def probe_shared_prefix() -> str | None:
+    """None when the cache can repeat its rows (Cache.batch_repeat_interleave), else why not."""
+    if not callable(getattr(DynamicCache, "batch_repeat_interleave", None)):
+        return "transformers' DynamicCache has no batch_repeat_interleave"
+    return None
+
+
+SHARED_PREFIX = Fence("rollout.shared_prefix", probe_shared_prefix, "every prompt runs whole")
 
 # An extra forward costs about what this many prompt tokens cost (one pass over the weights, on
 # CPU): a prefix whose sharing saves fewer tokens, (prompts - 1) x its length, runs with the rest.
@@ -41,20 +73,28 @@ def shared_prefix_length(prompt_ids: Tensor, prompt_mask: Tensor) -> int:
 
 
 def prefill(
-    model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, rows: Tensor, capacity: int
+    model: torch.nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    rows: Tensor,
+    capacity: int,
+    *,
+    share_prefix: bool = True,
+    preallocated: bool = True,
+    in_place: bool = True,
 ) -> tuple[Cache, Tensor, Tensor]:
     """Run each distinct prompt once, their shared prefix once, and hand the KV cache and
     next-token logits to the rows.
 
     The G rows of a group share their prompt, so their prompt keys and values are identical: the
     prompt runs once per distinct prompt (not G times, as `generate` on the expanded batch does) and
-    is gathered to the rows. A prefix that all prompts share (`shared_prefix_length`, e.g. the
-    system message) runs once in a pass of its own when that saves at least
-    MIN_SHARED_PREFIX_SAVING tokens, and full-attention models only; its cache is repeated to the
-    prompts, which then run their own tokens. The cache then holds [prefix | padding | own
-    tokens] per row, and its mask says so. Full-attention layers move into PreallocatedLayer
-    buffers of `capacity` tokens. Positions follow the mask, as `generate` computes them: the same
-    positions, and the same keys and values (float rounding aside), as one pass over the prompt.
+    is gathered to the rows. With `share_prefix`, a prefix that all prompts share
+    (`shared_prefix_length`, e.g. the system message) runs once in a pass of its own when that saves
+    at least MIN_SHARED_PREFIX_SAVING tokens, and full-attention models only (`run_shared_prefix`).
+    With `preallocated`, full-attention layers move into PreallocatedLayer buffers of `capacity`
+    tokens (finished rows later leave them `in_place`). Positions follow the mask, as `generate`
+    computes them: the same positions, and the same keys and values (float rounding aside), as one
+    pass over the prompt.
 
     Args:
         prompt_ids, prompt_mask: (U, P), left-padded, one row per distinct prompt.
@@ -69,22 +109,11 @@ def prefill(
     U, P = prompt_ids.shape
     mask = prompt_mask.long()  # (U, P) the cache's mask
     shared = 0
-    if U > 1 and all(type(layer) is DynamicLayer for layer in cache.layers):
+    if share_prefix and U > 1 and full_attention_only(model):
         shared = shared_prefix_length(prompt_ids, prompt_mask)
         shared = shared if (U - 1) * shared >= MIN_SHARED_PREFIX_SAVING else 0
     if shared:
-        first = P - int(mask[0].sum())  # prompt 0's first column
-        model(
-            input_ids=prompt_ids[:1, first : first + shared],  # (1, C)
-            position_ids=torch.arange(shared, device=prompt_ids.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            **keep,
-        )
-        cache.batch_repeat_interleave(U)
-        own = mask.sum(dim=1, keepdim=True) - shared  # (U, 1) tokens after the prefix
-        columns = torch.arange(shared, P, device=prompt_ids.device)  # (P - C,)
-        mask = torch.cat([mask.new_ones(U, shared), (columns >= P - own).long()], dim=1)
+        mask = run_shared_prefix(model, prompt_ids, mask, shared, cache)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, shared:]  # (U, P - C)
     logits = model(
         input_ids=prompt_ids[:, shared:],  # (U, P - C): each prompt's own tokens, left-padded
@@ -94,14 +123,32 @@ def prefill(
         use_cache=True,
         **keep,
     ).logits[:, -1]  # (U, V)
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and layer.is_initialized:
-            cache.layers[i] = PreallocatedLayer(
-                layer.keys.index_select(0, rows), layer.values.index_select(0, rows), capacity
-            )
-        else:  # other layer kinds (sliding windows) keep their own storage
-            layer.batch_select_indices(rows)
+    if preallocated:
+        preallocate(cache, rows, capacity, in_place)
+    else:
+        cache.batch_select_indices(rows)
     return cache, logits[rows], mask[rows]
+
+
+def run_shared_prefix(
+    model: torch.nn.Module, prompt_ids: Tensor, mask: Tensor, shared: int, cache: Cache
+) -> Tensor:
+    """Run the first `shared` tokens, which every prompt starts with, once (a (1, C) pass) into
+    `cache`, and repeat their keys and values to the U prompts, which then run their own tokens.
+    Returns the cache's mask (U, P): [prefix | padding | own tokens] per row."""
+    U, P = prompt_ids.shape
+    first = P - int(mask[0].sum())  # prompt 0's first column
+    model(
+        input_ids=prompt_ids[:1, first : first + shared],  # (1, C)
+        position_ids=torch.arange(shared, device=prompt_ids.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {}),
+    )
+    cache.batch_repeat_interleave(U)
+    own = mask.sum(dim=1, keepdim=True) - shared  # (U, 1) tokens after the prefix
+    columns = torch.arange(shared, P, device=prompt_ids.device)  # (P - C,)
+    return torch.cat([mask.new_ones(U, shared), (columns >= P - own).long()], dim=1)
 
 
 @torch.inference_mode()
@@ -115,10 +162,12 @@ def decode(
     eos_token_id: int,
     pad_token_id: int,
     sampler: Callable[[Tensor], tuple[Tensor, Tensor]],
+    in_place: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Sample the responses of all rows in one batched loop, one token per step; a row that samples
-    EOS leaves the batch (its cache rows go too; an unfinished row from the end of the batch takes
-    its slot, `keep_order`), so every step runs only unfinished rows.
+    EOS leaves the batch (its cache rows go too; with `in_place`, an unfinished row from the end of
+    the batch takes its slot, `keep_order`, else the kept rows keep their order), so every step runs
+    only unfinished rows.
 
     `generate` keeps finished rows in the batch until the longest response ends: with responses of
     mixed lengths most of its rows compute padding. Here a step costs what its live rows cost.
@@ -148,7 +197,7 @@ def decode(
         if t == max_new_tokens - 1 or not going.any():
             break
         if not going.all():
-            keep = keep_order(going)  # (n,) the unfinished rows, in their new order
+            keep = keep_order(going) if in_place else going.nonzero().flatten()  # (n,) unfinished rows
             live, token, mask, position = live[keep], token[keep], mask[keep], position[keep]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
@@ -166,8 +215,16 @@ def decode(
 class DecodeRollout(BaseRollout):
     """The fast decode engine (rollout.engine=hf, or decode): G responses per prompt from a Hugging
     Face causal LM in one batched decode loop (`prefill` + `decode`: the sampling distribution of
-    `generate`, without its padding work). Arguments: BaseRollout's.
+    `generate`, without its padding work). Arguments: BaseRollout's, and the speed tricks'
+    switches (`tricks`); the prepacking decisions of rollout.prepack_linears=auto live in `prepack`.
     """
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, *, tricks: DecodeTricks | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        self.tricks = tricks or DecodeTricks()
+        self.prepack = PrepackPolicy(self.tricks.prepack_linears)
 
     def sample(
         self,
@@ -185,23 +242,48 @@ class DecodeRollout(BaseRollout):
         """
         G = group_size or self.group_size
         max_new_tokens = max_new_tokens or self.max_new_tokens
-        n_prompts = len(prompts)
-        assert n_prompts > 0, "sample needs at least one prompt"
+        assert prompts, "sample needs at least one prompt"
         device = next(self.model.parameters()).device
-
         enc = self.encode_prompts(prompts, max_new_tokens)
         input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (n_prompts, P) -> (N, P)
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
-        P = input_ids.shape[1]
-
+        rows = torch.arange(len(prompts), device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
         sampler = TokenSampler(do_sample, self.temperature, self.top_k, self.top_p)
+        with eval_mode(self.model), torch.inference_mode():
+            response_ids, rollout_logprob = self.decode_rows(
+                enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, max_new_tokens, sampler
+            )  # (N, T), (N, T); T <= max_new_tokens: the longest response
+        # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
+        response_ids, rollout_logprob = response_ids.clone(), rollout_logprob.clone()
+        return self.assemble(prompts, G, input_ids, attention_mask, response_ids, rollout_logprob)
+
+    def decode_rows(
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        rows: Tensor,
+        max_new_tokens: int,
+        sampler: TokenSampler,
+    ) -> tuple[Tensor, Tensor]:
+        """`prefill` the distinct prompts (U, P), then `decode` the N = len(rows) rows, with the
+        tricks that are switched on and whose internals work here."""
         model = unwrap(self.model)
-        with eval_mode(self.model), torch.inference_mode(), prepacked_linears(model, len(input_ids)):
-            rows = torch.arange(n_prompts, device=device).repeat_interleave(G)  # [0]*G + [1]*G + ...
+        preallocated = self.tricks.preallocated_cache and PREALLOCATED_CACHE.available()
+        in_place = preallocated and self.tricks.inplace_row_removal
+        share_prefix = self.tricks.shared_prefix and SHARED_PREFIX.available()
+        prepack = self.prepack.use(model, len(rows), max_new_tokens)
+        with prepacked_linears(model, len(rows)) if prepack else contextlib.nullcontext():
             cache, logits, cache_mask = prefill(
-                model, enc["input_ids"].to(device), enc["attention_mask"].to(device), rows, P + max_new_tokens
+                model,
+                prompt_ids,
+                prompt_mask,
+                rows,
+                prompt_ids.shape[1] + max_new_tokens,
+                share_prefix=share_prefix,
+                preallocated=preallocated,
+                in_place=in_place,
             )
-            response_ids, rollout_logprob = decode(
+            return decode(
                 model,
                 cache,
                 logits,
@@ -210,10 +292,8 @@ class DecodeRollout(BaseRollout):
                 eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id,
                 sampler=sampler,
-            )  # (N, T), (N, T); T <= max_new_tokens: the longest response
-        # Leave inference mode: inference tensors cannot be saved for backward by the loss pass.
-        response_ids, rollout_logprob = response_ids.clone(), rollout_logprob.clone()
-        return self.assemble(prompts, G, input_ids, attention_mask, response_ids, rollout_logprob)
+                in_place=in_place,
+            )
 
 
 # the engine's first name, as configs, docs and callers know it (rollout.engine=hf)

@@ -1,14 +1,28 @@
 """The decode loop's KV cache: buffers sized once for the whole rollout (`PreallocatedLayer`), from
-which finished rows leave in place (`keep_order`)."""
+which finished rows leave in place (`keep_order`).
+
+Both rest on transformers internals: a subclass of cache_utils.DynamicLayer and the per-layer list
+DynamicCache.layers. `PREALLOCATED_CACHE` checks once per process that they are there and that the
+subclass still holds what a DynamicLayer holds; if not, the decode loop keeps transformers' own
+DynamicCache (which concatenates every step and copies the kept rows when rows finish), with one
+warning. rollout.preallocated_cache and rollout.inplace_row_removal switch the tricks off.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
+
+from common.fences import Fence
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # a transformers without per-layer caches: PREALLOCATED_CACHE's probe says so
+    DynamicLayer = None
 
 
-class PreallocatedLayer(DynamicLayer):
+class PreallocatedLayer(DynamicLayer if DynamicLayer is not None else object):
     """A DynamicLayer whose keys and values live in buffers sized once for the whole rollout: a decode
     step writes its column in place. DynamicLayer concatenates instead, copying the whole cache at
     every step (O(T^2) bytes over a response of T tokens; a fifth of a decode step's time measured
@@ -16,10 +30,13 @@ class PreallocatedLayer(DynamicLayer):
 
     `keys` and `values` are views of the first `get_seq_length()` columns, so attention, masks and
     `batch_select_indices` (dropping finished rows) see exactly what a DynamicLayer would hold.
+    `in_place` (rollout.inplace_row_removal): finished rows leave in place (see batch_select_indices);
+    off, the kept rows are copied into new buffers, as DynamicLayer does.
     """
 
-    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int, in_place: bool = True) -> None:
         super().__init__()
+        self.in_place = in_place
         B, H, L, _ = keys.shape  # (rows, kv heads, cached tokens, head dim)
         assert capacity >= L, f"capacity {capacity} below the {L} tokens already cached"
         self._keys = keys.new_empty(B, H, capacity, keys.shape[-1])  # (B, H, capacity, D)
@@ -51,6 +68,13 @@ class PreallocatedLayer(DynamicLayer):
         only their cached columns: for `keep_order`'s orders, one row per finished row. (Copying
         the kept rows into new buffers at each finish cost 5% of a rollout: 171 MB of fresh
         memory at the first one, for SmolLM2-135M at 32 rows.)"""
+        if not self.in_place:
+            self._keys, self._values = (
+                self._keys.index_select(0, indices),
+                self._values.index_select(0, indices),
+            )
+            self._views()
+            return
         n = len(indices)
         dst = (indices != torch.arange(n, device=indices.device)).nonzero().flatten()  # slots that change
         if len(dst):
@@ -74,3 +98,44 @@ def keep_order(going: Tensor) -> Tensor:
     holes = (~going[:n]).nonzero().flatten()  # slots below n whose row finished
     order[holes] = going[n:].nonzero().flatten() + n  # as many unfinished rows from n on
     return order
+
+
+def preallocate(cache: DynamicCache, rows: Tensor, capacity: int, in_place: bool = True) -> None:
+    """Give the cache's prompt rows to the batch rows `rows` (N,) (row i holds prompt rows[i]): its
+    full-attention layers move into PreallocatedLayer buffers of `capacity` tokens; other layer kinds
+    (sliding windows) keep their own storage."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            keys, values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+            cache.layers[i] = PreallocatedLayer(keys, values, capacity, in_place)
+        else:
+            layer.batch_select_indices(rows)
+
+
+def probe_preallocated_cache() -> str | None:
+    """None when DynamicCache keeps a list of layers and PreallocatedLayer holds what a DynamicLayer
+    holds through an update and a row selection, else why not."""
+    if DynamicLayer is None:
+        return "transformers.cache_utils.DynamicLayer is missing"
+    try:
+        if not isinstance(getattr(DynamicCache(), "layers", None), list):
+            return "DynamicCache keeps no list of layers (cache.layers)"
+        keys = torch.arange(24.0).view(2, 1, 3, 4)  # (B, H, L, D)
+        step = torch.full((2, 1, 1, 4), -1.0)
+        plain, ours = DynamicLayer(), PreallocatedLayer(keys, keys + 1, capacity=5)
+        plain.update(keys, keys + 1)
+        for layer in (plain, ours):
+            layer.update(step, step)
+            layer.batch_select_indices(torch.tensor([1]))
+        same = torch.equal(plain.keys, ours.keys) and torch.equal(plain.values, ours.values)
+        same = same and plain.get_seq_length() == ours.get_seq_length() == 4
+    except (AttributeError, TypeError, RuntimeError, ValueError, IndexError) as err:
+        return f"the DynamicLayer subclass fails ({type(err).__name__}: {err})"
+    return None if same else "a DynamicLayer subclass no longer holds what DynamicLayer holds"
+
+
+PREALLOCATED_CACHE = Fence(
+    "rollout.preallocated_cache",
+    probe_preallocated_cache,
+    "transformers' DynamicCache (concatenating) is used",
+)
