@@ -176,6 +176,7 @@ class TrainerConfig:
     bf16: bool
     packed_forward: bool
     chunked_logprobs: bool
+    log_rollout_mismatch: bool
     fail_on_reward_error: bool
 
     def __post_init__(self) -> None:
@@ -473,4 +474,5 @@ class TrainSettings:
     bf16: bool = False
     packed_forward: bool = True  # the training passes pack each micro-batch into one row (common.logprobs)
     chunked_logprobs: bool = True  # log-probs and entropies by the chunked autograd function
+    log_rollout_mismatch: bool = False  # compute pi_old every step to log rollout/ mismatch metrics
     seed: int = 0

@@ -24,6 +24,7 @@ from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
 from common.logprobs import eval_mode, sequence_logprobs
 from common.losses import aggregation_denominator
+from common.rollout_correction import mismatch_metrics, tis_weights
 
 log = logging.getLogger("rl_lab")
 
@@ -349,6 +350,18 @@ def clip_and_step(
     return grad_norm.item()
 
 
+def needs_old_logprob(algo: Algorithm, settings: TrainSettings) -> bool:
+    """pi_old is computed when the algorithm asks for it (a reused batch, PPO's KL reward), when a batch
+    takes several optimizer steps (all but the first are off-policy), and when the rollout is
+    corrected or its mismatch logged (both compare pi_old with the engine's own log-probs)."""
+    return (
+        algo.needs_old_logprob
+        or settings.mini_batch_size < settings.batch_size
+        or algo.rollout_correction != "none"
+        or settings.log_rollout_mismatch
+    )
+
+
 def add_logprobs_and_values(
     batch: dict[str, Any],
     model: torch.nn.Module,
@@ -359,9 +372,11 @@ def add_logprobs_and_values(
     temperature: float,
     device: torch.device,
     dist: DistContext = SINGLE,
-) -> None:
-    """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
-    batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
+) -> dict[str, float]:
+    """Fill batch["old_logprob"] (only when `needs_old_logprob`), batch["ref_logprob"] (only with a
+    reference model) and batch["values"] (PPO), all (N, T); then the rollout correction's weights
+    batch["rollout_is_weights"] (N, T) when algo.rollout_correction is tis. Returns the rollout
+    mismatch metrics (common.rollout_correction), when pi_old and the engine's log-probs are there."""
     N = batch["input_ids"].shape[0]
     micro = split_micro_batches(
         batch, torch.arange(N), settings.micro_batch_size, settings.max_tokens_per_micro_batch
@@ -369,9 +384,8 @@ def add_logprobs_and_values(
     passes = (settings.packed_forward, settings.chunked_logprobs)
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
-        # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
-        # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
-        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+        # Eval mode: pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
+        if needs_old_logprob(algo, settings):
             with gathered([model], dist), eval_mode(unwrap(model)):
                 batch["old_logprob"] = batched_forward(
                     logprob_fn(unwrap(model), temperature, *passes), batch, micro
@@ -385,3 +399,20 @@ def add_logprobs_and_values(
             with gathered([critic.model], dist):
                 values = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro)
             batch["values"] = values.float()
+    return correct_rollout(batch, algo)
+
+
+def correct_rollout(batch: dict[str, Any], algo: Algorithm) -> dict[str, float]:
+    """The mismatch metrics between pi_old and the engine's log-probs, and with rollout_correction=tis
+    the truncated importance weights batch["rollout_is_weights"] (N, T) that the policy loss applies
+    (common.rollout_correction; Yao et al. 2025). {} without pi_old or rollout log-probs."""
+    if algo.rollout_correction == "tis" and "rollout_logprob" not in batch:
+        raise ValueError("algorithm.rollout_correction=tis needs the engine's rollout log-probs in the batch")
+    if "old_logprob" not in batch or "rollout_logprob" not in batch:
+        return {}
+    old, rollout, mask = batch["old_logprob"], batch["rollout_logprob"], batch["response_mask"]
+    metrics = mismatch_metrics(old, rollout, mask)
+    if algo.rollout_correction == "tis":
+        batch["rollout_is_weights"], stats = tis_weights(old, rollout, mask, algo.tis_imp_ratio_cap)
+        metrics.update(stats)
+    return metrics

@@ -208,6 +208,7 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         bf16=t.bf16,
         packed_forward=t.packed_forward,
         chunked_logprobs=t.chunked_logprobs,
+        log_rollout_mismatch=t.log_rollout_mismatch,
         fail_on_reward_error=t.fail_on_reward_error,
         max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
         gen_batch_size=gen_batch_size(ds.gen_batch_size_factor, t.batch_size) if filtering else t.batch_size,
