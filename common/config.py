@@ -34,6 +34,7 @@ from omegaconf.errors import (
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from common.distributed import launched_world_size
+from common.rollout.base import ROLLOUT_DTYPES
 from common.rollout.engine import ENGINES
 from common.rollout.prepack import PREPACK_MODES
 
@@ -234,6 +235,7 @@ class RolloutConfig:
     top_k: int
     system_prompt: str | None
     max_prompt_len: int
+    dtype: str
     prepack_linears: str
     preallocated_cache: bool
     inplace_row_removal: bool
@@ -242,6 +244,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "rollout.group_size", "must be >= 1", self.group_size)
         require_option("rollout.prepack_linears", self.prepack_linears, PREPACK_MODES)
+        require_option("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
@@ -417,6 +420,13 @@ class TrainConfig:
             "2 and 3 shard the weights (FSDP), which is not supported with LoRA (model.lora.enabled): "
             "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
             t.zero_stage,
+        )
+        require(
+            t.zero_stage < 2 or self.rollout.dtype == "float32" or self.rollout.engine == "vllm",
+            "rollout.dtype",
+            "a lower-precision copy of the weights per rollout is not made from FSDP-sharded weights "
+            "(trainer.zero_stage 2 or 3): use float32 or zero_stage 0 / 1",
+            self.rollout.dtype,
         )
         ds = self.dynamic_sampling
         require(

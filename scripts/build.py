@@ -331,6 +331,7 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
         top_k=r.top_k,
         system_prompt=r.system_prompt,
         max_prompt_len=r.max_prompt_len,
+        dtype=r.dtype,
     )
     if r.engine in ("hf", "decode"):
         tricks = DecodeTricks(r.prepack_linears, r.preallocated_cache, r.inplace_row_removal, r.shared_prefix)

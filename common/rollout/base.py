@@ -7,13 +7,43 @@ The engines (common/rollout/decode.py, generate.py, vllm_engine.py) subclass `Ba
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from common.distributed import unwrap
 from common.rollout.batch import RolloutBatch, response_mask_from_ids
 from common.rollout.seed import generate_responses
+
+# rollout.dtype: the dtype of the weights the engine samples with
+ROLLOUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """`model` itself when its floating-point parameters already are `dtype`; else a copy of it whose
+    parameters are cast to `dtype` once, made on entry and freed on exit (per rollout: the weights
+    change after every update). Not autocast, which casts every weight at every call.
+
+    The copy shares nothing with `model` that training changes: deepcopy with the parameters replaced
+    by their cast (a tied LM head stays tied: one parameter, one cast); buffers (e.g. rotary
+    frequencies) are copied as they are. It holds one more copy of the weights at `dtype`'s size
+    (half of float32's for bfloat16) during the rollout.
+    """
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    if all(p.dtype == dtype for p in params):
+        yield model
+        return
+    cast = {id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False) for p in params}
+    replica = copy.deepcopy(model, memo=cast)
+    try:
+        yield replica
+    finally:
+        del replica, cast
 
 
 class BaseRollout:
@@ -26,6 +56,9 @@ class BaseRollout:
         temperature, top_p, top_k: sampling; top_p = 1.0 and top_k = 0 switch those filters off.
         system_prompt: system message; None keeps the chat template's default.
         max_prompt_len: longest prompt in tokens after the chat template; None = context - max_new_tokens.
+        dtype: rollout.dtype, the weights' dtype while sampling (ROLLOUT_DTYPES): "bfloat16" samples
+            from a bf16 copy made per rollout (`rollout_weights`); the engine's log-probs are then
+            the bf16 model's (the rollout log-probs that algorithm.rollout_correction corrects for).
     """
 
     # whether `sync_weights` has work to do after an update (an engine with its own copy of the weights)
@@ -43,6 +76,7 @@ class BaseRollout:
         top_k: int = 0,
         system_prompt: str | None = None,
         max_prompt_len: int | None = None,
+        dtype: str = "float32",
     ) -> None:
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
@@ -50,6 +84,8 @@ class BaseRollout:
             raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use do_sample=False")
         if tokenizer.padding_side != "left":
             raise ValueError("the tokenizer must pad on the left (load it with common.models.load_policy)")
+        if dtype not in ROLLOUT_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(ROLLOUT_DTYPES)} (got {dtype!r})")
         self.model = model
         self.tokenizer = tokenizer
         self.group_size = group_size
@@ -59,11 +95,17 @@ class BaseRollout:
         self.top_k = top_k
         self.system_prompt = system_prompt
         self.max_prompt_len = max_prompt_len
+        self.dtype = dtype
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         )
         self.last_batch: RolloutBatch | None = None
+
+    def rollout_weights(self) -> contextlib.AbstractContextManager[torch.nn.Module]:
+        """The module to sample with, for one rollout: the policy (outside DDP), or its copy in
+        self.dtype (`weights_in`)."""
+        return weights_in(unwrap(self.model), ROLLOUT_DTYPES[self.dtype])
 
     def format_prompts(self, prompts: list[str]) -> list[str]:
         """Chat-template each user prompt, ending with the assistant header (add_generation_prompt)."""

@@ -22,7 +22,6 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from common.distributed import unwrap
 from common.fences import Fence, base_model, full_attention_only, takes_logits_to_keep
 from common.logprobs import eval_mode
 from common.rollout.base import BaseRollout
@@ -266,13 +265,15 @@ class DecodeRollout(BaseRollout):
         sampler: TokenSampler,
     ) -> tuple[Tensor, Tensor]:
         """`prefill` the distinct prompts (U, P), then `decode` the N = len(rows) rows, with the
-        tricks that are switched on and whose internals work here."""
-        model = unwrap(self.model)
+        rollout's weights (`rollout_weights`: the policy, or its copy in rollout.dtype) and the tricks
+        that are switched on and whose internals work here."""
         preallocated = self.tricks.preallocated_cache and PREALLOCATED_CACHE.available()
         in_place = preallocated and self.tricks.inplace_row_removal
         share_prefix = self.tricks.shared_prefix and SHARED_PREFIX.available()
-        prepack = self.prepack.use(model, len(rows), max_new_tokens)
-        with prepacked_linears(model, len(rows)) if prepack else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            model = stack.enter_context(self.rollout_weights())
+            if self.prepack.use(model, len(rows), max_new_tokens):
+                stack.enter_context(prepacked_linears(model, len(rows)))
             cache, logits, cache_mask = prefill(
                 model,
                 prompt_ids,

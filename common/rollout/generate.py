@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
-from common.distributed import unwrap
 from common.logprobs import eval_mode
 from common.rollout.base import BaseRollout
 from common.rollout.batch import RolloutBatch
@@ -56,8 +55,8 @@ class GenerateRollout(BaseRollout):
         enc = self.encode_prompts(prompts, max_new_tokens)
         input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (n_prompts, P) -> (N, P)
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
-        with eval_mode(self.model), torch.inference_mode():
-            out = unwrap(self.model).generate(
+        with eval_mode(self.model), torch.inference_mode(), self.rollout_weights() as model:
+            out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=self.generation_config(do_sample, max_new_tokens),

@@ -50,8 +50,8 @@ class VLLMRollout(BaseRollout):
             builds its copy; the caller passes the converted / downloaded model folder.
         gpu_memory_utilization: share of the GPU vLLM may take for weights and KV cache (verl:
             rollout.gpu_memory_utilization; TRL: vllm_gpu_memory_utilization).
-        dtype: vLLM's weight dtype ("auto" = the checkpoint's).
         seed: vLLM's sampling seed.
+    BaseRollout's `dtype` (rollout.dtype) is vLLM's weight dtype.
     """
 
     syncs_weights = True  # vLLM holds its own copy of the weights
@@ -63,7 +63,6 @@ class VLLMRollout(BaseRollout):
         *,
         model_path: str,
         gpu_memory_utilization: float = 0.3,
-        dtype: str = "auto",
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -79,7 +78,7 @@ class VLLMRollout(BaseRollout):
         self.llm = vllm.LLM(
             model=model_path,
             tokenizer=model_path,
-            dtype=dtype,
+            dtype=self.dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             enable_prefix_caching=True,
