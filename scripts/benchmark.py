@@ -285,26 +285,41 @@ def run_benchmark(
             model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
         ),
     )
-    seconds = {k: mean([r.times[k] for r in runs]) for k in runs[0].times}
-    generated, processed, computed = (
-        mean([getattr(r, k) for r in runs]) for k in ("generated", "processed", "computed")
-    )
-    peak = matmul_flops(device)
-    update_flops = 6 * n_params * processed / seconds["update_s"]
-    computed_flops = 6 * n_params * computed / seconds["update_s"]
-
+    result = {**workload_and_machine(cfg, n_params, steps, device), **step_results(runs, n_params, device)}
     naive_s, naive_tokens = naive_rollout(
         engine,
         [e.prompt for e in examples[:naive_prompts]],
         cfg.rollout.group_size,
         cfg.rollout.max_new_tokens,
     )
-    batched_tps = generated / seconds["rollout_s"]
-    naive_tps = naive_tokens / naive_s
-    result = {
-        **workload_and_machine(cfg, n_params, steps, device),
+    result["naive_rollout_tokens_per_s"] = naive_tokens / naive_s
+    result["naive_rollout_prompts"] = naive_prompts
+    result["batched_over_naive"] = result["rollout_tokens_per_s"] / result["naive_rollout_tokens_per_s"]
+    # the high-water mark restarts with each phase: the run's peak is the largest of the phases'
+    # and of what came after the last reset (the naive loop)
+    result["peak_rss_mb"] = max(peak_rss_mb(), *(mb for r in runs for mb in r.rss_mb.values()))
+    result["peak_rss_mb_per_phase"] = {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb}
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    result["prepack_decisions"] = prepack_decisions(engine)
+    rollout_s, flops = result["seconds_per_step"]["rollout_s"], result["matmul_flops_per_s"]
+    result.update(rollout_bounds(cfg, model, [r.rollout_work for r in runs], rollout_s, flops, device))
+    prompts = [e.prompt for e in examples]
+    result["engine_comparison"] = engine_comparison(cfg, model, tokenizer, prompts, compare, compare_repeats)
+    return result
+
+
+def step_results(runs: list[StepMeasure], n_params: int, device: torch.device) -> dict[str, Any]:
+    """The timed steps' means: seconds per phase, rollout and update tokens/s, the update's FLOP/s
+    against a dense matmul timed now (MFU on the workload's tokens, hardware use on those it runs)."""
+    seconds = {k: mean([r.times[k] for r in runs]) for k in runs[0].times}
+    generated, processed, computed = (
+        mean([getattr(r, k) for r in runs]) for k in ("generated", "processed", "computed")
+    )
+    peak = matmul_flops(device)
+    update_flops = 6 * n_params * processed / seconds["update_s"]
+    return {
         "seconds_per_step": seconds,
-        "rollout_tokens_per_s": batched_tps,
+        "rollout_tokens_per_s": generated / seconds["rollout_s"],
         "generated_tokens_per_step": generated,
         "update_tokens_per_s": processed / seconds["update_s"],
         "processed_tokens_per_step": processed,
@@ -312,23 +327,8 @@ def run_benchmark(
         "matmul_flops_per_s": peak,
         "update_mfu": update_flops / peak,
         "computed_tokens_per_step": computed,
-        "update_hardware_utilization": computed_flops / peak,
-        "naive_rollout_tokens_per_s": naive_tps,
-        "naive_rollout_prompts": naive_prompts,
-        "batched_over_naive": batched_tps / naive_tps,
-        # the high-water mark restarts with each phase: the run's peak is the largest of the phases'
-        # and of what came after the last reset (the naive loop)
-        "peak_rss_mb": max(peak_rss_mb(), *(mb for r in runs for mb in r.rss_mb.values())),
-        "peak_rss_mb_per_phase": {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb},
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "prepack_decisions": prepack_decisions(engine),
+        "update_hardware_utilization": 6 * n_params * computed / seconds["update_s"] / peak,
     }
-    result.update(
-        rollout_bounds(cfg, model, [r.rollout_work for r in runs], seconds["rollout_s"], peak, device)
-    )
-    prompts = [e.prompt for e in examples]
-    result["engine_comparison"] = engine_comparison(cfg, model, tokenizer, prompts, compare, compare_repeats)
-    return result
 
 
 def rollout_bounds(
