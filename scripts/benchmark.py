@@ -161,6 +161,7 @@ class StepMeasure:
     processed: int  # prompt + response tokens of the update's passes, padding left out
     computed: int  # tokens the update's passes actually run (see computed_tokens)
     rollout_work: RolloutWork
+    mismatch: dict[str, float]  # rollout/ mismatch (and TIS) metrics, when pi_old was computed
 
 
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
@@ -176,7 +177,9 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     batch = build_batch(samples, algo, device)
     meter.stop("reward")
     meter.start()
-    add_logprobs_and_values(batch, model, reference, None, algo, settings, engine.temperature, device)
+    mismatch = add_logprobs_and_values(
+        batch, model, reference, None, algo, settings, engine.temperature, device
+    )
     meter.stop("logprob")
     algo.compute_advantages(batch)
     meter.start()
@@ -196,7 +199,7 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     shared = shared_prefix_length(prompt_ids, prompt_mask)  # tokens all prompts start with
     prompt_tokens = int(prompt_mask.sum()) - (len(first_rows) - 1) * shared
     work = RolloutWork(prompt_tokens, tuple(rollout.lengths.tolist()))
-    return StepMeasure(times, meter.rss_mb, generated, processed, computed, work)
+    return StepMeasure(times, meter.rss_mb, generated, processed, computed, work, mismatch)
 
 
 def computed_tokens(batch: dict[str, Any], settings: TrainSettings) -> int:
@@ -301,6 +304,9 @@ def run_benchmark(
     result["peak_rss_mb_per_phase"] = {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb}
     result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result["prepack_decisions"] = prepack_decisions(engine)
+    # how far the rollout's log-probs are from the training forward's (rollout.dtype=bfloat16, vLLM):
+    # logged when pi_old is computed (algorithm.rollout_correction=tis, trainer.log_rollout_mismatch=true)
+    result["rollout_mismatch"] = {k: mean([r.mismatch[k] for r in runs]) for k in runs[0].mismatch}
     rollout_s, flops = result["seconds_per_step"]["rollout_s"], result["matmul_flops_per_s"]
     result.update(rollout_bounds(cfg, model, [r.rollout_work for r in runs], rollout_s, flops, device))
     prompts = [e.prompt for e in examples]

@@ -42,6 +42,7 @@ KEYS = {
     "rollout_over_gemv_bound",
     "engine_comparison",
     "prepack_decisions",
+    "rollout_mismatch",
 }
 
 
@@ -52,6 +53,7 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
             "model=tiny",
             "rollout.max_new_tokens=8",
             "trainer.batch_size=2",
+            "trainer.log_rollout_mismatch=true",
             f"paths.cache_dir={cache_dir}",
             "--steps",
             "1",
@@ -96,6 +98,8 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
     ratio = engines["hf"]["tokens_per_s"] / engines["generate"]["tokens_per_s"]
     assert saved["engine_comparison"]["decode_over_generate"] == pytest.approx(ratio)
     assert saved["workload"]["prepack_linears"] == "auto" and "decode / generate" in format_table(result)
+    # log_rollout_mismatch: the float32 decode engine against the training forward, rounding only
+    assert 0 <= saved["rollout_mismatch"]["rollout/logprob_abs_diff"] < 1e-3
 
 
 def test_rollout_bound_by_hand():
