@@ -17,6 +17,7 @@ from torch import Tensor
 from common.config import require, require_option
 from common.kl import KL_KINDS
 from common.losses import AGG_MODES, batch_policy_loss
+from common.rollout_correction import ROLLOUT_CORRECTIONS
 
 # sums a tensor over data-parallel ranks (DistContext.sum); None: this rank's batch is the batch
 Reduce = Callable[[Tensor], Tensor]
@@ -28,7 +29,9 @@ class Algorithm(Protocol):
     Per step the loop calls `shape_rewards` (extra reward terms, each logged as reward/<name>),
     `loss_mask` (which response tokens train), `compute_advantages` (writes batch["advantages"],
     returns stats to log) and, per micro-batch, `loss`. The flags say what the loop must prepare:
-    a critic, a reference model, behaviour-policy log-probs, `epochs` passes over each batch.
+    a critic, a reference model, behaviour-policy log-probs, `epochs` passes over each batch;
+    `rollout_correction` (with its cap) whether the loss corrects for the rollout engine's
+    distribution (common.rollout_correction), which needs the behaviour-policy log-probs too.
     `state_dict` / `load_state_dict` carry the mutable part (PPO's KL controller) in checkpoints.
     """
 
@@ -36,6 +39,8 @@ class Algorithm(Protocol):
     group_size: int
     loss_agg: str
     loss_scale_factor: int
+    rollout_correction: str
+    tis_imp_ratio_cap: float
     needs_critic: ClassVar[bool]
     group_relative: ClassVar[bool]
 
@@ -89,6 +94,8 @@ class BaseAlgorithm:
     loss_scale_factor: int
     kl_coef: float
     kl_kind: str
+    rollout_correction: str
+    tis_imp_ratio_cap: float
 
     needs_critic: ClassVar[bool] = False
     # advantages compare the responses of a group (so dynamic sampling can drop flat groups)
@@ -114,6 +121,13 @@ class BaseAlgorithm:
         )
         require_option("algorithm.kl_kind", self.kl_kind, KL_KINDS)
         require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", self.kl_coef)
+        require_option("algorithm.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        require(
+            self.tis_imp_ratio_cap >= 1,
+            "algorithm.tis_imp_ratio_cap",
+            "must be >= 1 (a cap below 1 would down-weight tokens the two policies agree on)",
+            self.tis_imp_ratio_cap,
+        )
 
     @property
     def needs_reference(self) -> bool:

@@ -34,8 +34,10 @@ from omegaconf.errors import (
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 from common.distributed import launched_world_size
+from common.rollout.base import ROLLOUT_DTYPES
+from common.rollout.engine import ENGINES
+from common.rollout.prepack import PREPACK_MODES
 
-ROLLOUT_ENGINES = ("hf", "vllm")
 DDP_BACKENDS = ("auto", "gloo", "nccl")
 ZERO_STAGES = (0, 1, 2, 3)
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
@@ -173,6 +175,9 @@ class TrainerConfig:
     ddp_backend: str
     zero_stage: int
     bf16: bool
+    packed_forward: bool
+    chunked_logprobs: bool
+    log_rollout_mismatch: bool
     fail_on_reward_error: bool
 
     def __post_init__(self) -> None:
@@ -230,20 +235,29 @@ class RolloutConfig:
     top_k: int
     system_prompt: str | None
     max_prompt_len: int
+    dtype: str
+    prepack_linears: str
+    preallocated_cache: bool
+    inplace_row_removal: bool
+    shared_prefix: bool
 
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "rollout.group_size", "must be >= 1", self.group_size)
+        require_option("rollout.prepack_linears", self.prepack_linears, PREPACK_MODES)
+        require_option("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
-        require_option("rollout.engine", self.engine, ROLLOUT_ENGINES)
+        require_option("rollout.engine", self.engine, ENGINES)
         if self.engine == "vllm":
-            from common.rollout_vllm import vllm_available  # the optional engine's module, on demand
+            from common.rollout.vllm_engine import vllm_available  # the optional engine's module, on demand
 
             usable, reason = vllm_available()
             if not usable:
-                raise ConfigError(f"rollout.engine: vllm: {reason}; rollout.engine=hf works everywhere")
+                raise ConfigError(
+                    f"rollout.engine: vllm: {reason}; rollout.engine=hf (or generate) works everywhere"
+                )
             require(
                 0 < self.gpu_memory_utilization < 1,
                 "rollout.gpu_memory_utilization",
@@ -408,6 +422,13 @@ class TrainConfig:
             "use zero_stage 0 or 1 (the frozen base is not trained, so its memory is weights only)",
             t.zero_stage,
         )
+        require(
+            t.zero_stage < 2 or self.rollout.dtype == "float32" or self.rollout.engine == "vllm",
+            "rollout.dtype",
+            "a lower-precision copy of the weights per rollout is not made from FSDP-sharded weights "
+            "(trainer.zero_stage 2 or 3): use float32 or zero_stage 0 / 1",
+            self.rollout.dtype,
+        )
         ds = self.dynamic_sampling
         require(
             ds.mode == "disabled" or self.algorithm.group_relative,
@@ -462,4 +483,7 @@ class TrainSettings:
     save_only_model: bool = False
     max_bad_steps: int = 3
     bf16: bool = False
+    packed_forward: bool = True  # the training passes pack each micro-batch into one row (common.logprobs)
+    chunked_logprobs: bool = True  # log-probs and entropies by the chunked autograd function
+    log_rollout_mismatch: bool = False  # compute pi_old every step to log rollout/ mismatch metrics
     seed: int = 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from common.distributed import SINGLE, DistContext
 from common.rewards import score_responses
-from common.rollout import HFRollout
+from common.rollout.engine import RolloutEngine
 from common.tasks import Example, Task
 
 
 def evaluate(
-    engine: HFRollout,
+    engine: RolloutEngine,
     task: Task,
     examples: list[Example],
     format_weight: float,

@@ -144,12 +144,14 @@ def policy_loss(
     agg: str = "token-mean",
     dual_clip: float | None = None,
     denominator: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate policy loss (PPO, DAPO Eq. 1; decoupled Clip-Higher, Eq. 10).
 
         ratio = exp(logprob - old_logprob)
         L     = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
         L     = min(L, -c * A)   for A < 0, if dual_clip = c         (dual-clip PPO, arXiv:1912.09729)
+        L     = w * L            if token_weights w are given         (e.g. TIS, common.rollout_correction)
         loss  = aggregate_loss(L, mask, agg, denominator)
 
     clip_low = clip_high gives the symmetric PPO clip; DAPO raises clip_high (0.28) so that
@@ -169,6 +171,9 @@ def policy_loss(
         agg: aggregation mode, see aggregate_loss.
         dual_clip: c > 1, or None for no dual clip.
         denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
+        token_weights: optional (B, T) constant per-token weights of the loss (no gradient flows
+            through them): truncated importance sampling weights min(pi_old / pi_rollout, C), as
+            verl multiplies its clipped loss by them (tis_imp_ratio_cap).
 
     Returns:
         loss: scalar float32.
@@ -196,6 +201,10 @@ def policy_loss(
         capped = torch.minimum(loss_mat, loss_dual)
         dual_active = (advantages < 0) & (loss_mat > loss_dual)
         loss_mat = torch.where(advantages < 0, capped, loss_mat)
+    if token_weights is not None:
+        loss_mat = (
+            loss_mat * torch.as_tensor(token_weights, dtype=torch.float32, device=logprob.device).detach()
+        )
     loss = aggregate_loss(loss_mat, keep, agg, denominator)
     with torch.no_grad():
         stats = clip_stats(log_ratio, advantages, keep, loss_clipped > loss_unclipped, clip_low, clip_high)
@@ -245,6 +254,8 @@ def batch_policy_loss(
     The ratio is taken against batch["old_logprob"], the behaviour policy, when the batch holds it
     (the trainer records it when the batch is reused or split into several optimizer steps);
     otherwise the behaviour policy is the current one: ratio = 1, but its gradient is not 0.
+    batch["rollout_is_weights"] (N, T), when present (algorithm.rollout_correction=tis), weighs each
+    token's loss (common.rollout_correction.tis_weights).
     """
     old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
     return policy_loss(
@@ -257,6 +268,7 @@ def batch_policy_loss(
         agg=agg,
         dual_clip=dual_clip,
         denominator=denominator,
+        token_weights=batch.get("rollout_is_weights"),
     )
 
 

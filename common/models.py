@@ -236,7 +236,7 @@ def load_policy(
     dtype: str = "float32",
     seed: int = 0,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, ready for `HFRollout` and training.
+    """Load a causal LM and its tokenizer, ready for a rollout engine (common.rollout) and training.
 
     Args:
         source: "smollm2-gguf", "tiny" or "hub" (see the module docstring).

@@ -21,7 +21,8 @@ from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext
 from common.rewards import score_responses
-from common.rollout import HFRollout, RolloutBatch
+from common.rollout import RolloutBatch
+from common.rollout.engine import RolloutEngine
 from common.tasks import Example, Task
 
 log = logging.getLogger("rl_lab")
@@ -121,7 +122,7 @@ def score_samples(
 
 
 def generate_and_score(
-    engine: HFRollout,
+    engine: RolloutEngine,
     task: Task,
     examples: list[Example],
     algo: Algorithm,
@@ -134,7 +135,7 @@ def generate_and_score(
 
 
 def collect(
-    engine: HFRollout,
+    engine: RolloutEngine,
     task: Task,
     stream: PromptStream,
     algo: Algorithm,
@@ -189,7 +190,7 @@ class DynamicSamplingError(RuntimeError):
 
 
 def fill_with_filtered_groups(
-    engine: HFRollout,
+    engine: RolloutEngine,
     task: Task,
     stream: PromptStream,
     algo: Algorithm,
@@ -260,7 +261,7 @@ def fill_with_filtered_groups(
 
 
 def resample_flat_groups(
-    engine: HFRollout,
+    engine: RolloutEngine,
     task: Task,
     samples: Samples,
     algo: Algorithm,

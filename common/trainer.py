@@ -55,7 +55,7 @@ from common.distributed import (
 )
 from common.evaluation import evaluate
 from common.logging import RunLogger, peak_rss_mb
-from common.rollout import HFRollout
+from common.rollout.engine import RolloutEngine
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
 from common.state import LoopState, Resumable, RunAbortedError, RunInterruptedError, StopRequest
 from common.tasks import Example, Task
@@ -76,7 +76,7 @@ class RunContext:
     model: torch.nn.Module
     tokenizer: Any
     reference: torch.nn.Module | None
-    engine: HFRollout
+    engine: RolloutEngine
     algo: Algorithm
     task: Task
     optimizer: torch.optim.Optimizer
@@ -142,6 +142,8 @@ def build_batch(samples: Samples, algo: Algorithm, device: torch.device) -> dict
         "lengths": r.lengths.to(device),
         "prompt_len": r.prompt_len,
     }
+    if r.rollout_logprob is not None:  # the engine's own log-probs: rollout correction and mismatch
+        batch["rollout_logprob"] = r.rollout_logprob.to(device)
     return batch
 
 
@@ -164,10 +166,13 @@ def train_step(
             log.warning("dynamic sampling kept no group on another rank: update skipped on all ranks")
         return None, metrics
     batch = build_batch(samples, algo, ctx.device)
-    # 2. log-probs: behaviour policy (only when the batch is reused), reference (only with KL), values
+    # 2. log-probs: behaviour policy (only when the batch is reused or the rollout corrected), reference
+    # (only with KL), values; the rollout's mismatch against the behaviour policy
     temperature = ctx.engine.temperature
-    add_logprobs_and_values(
-        batch, model, ctx.reference, ctx.critic, algo, ctx.settings, temperature, ctx.device, dist
+    metrics.update(
+        add_logprobs_and_values(
+            batch, model, ctx.reference, ctx.critic, algo, ctx.settings, temperature, ctx.device, dist
+        )
     )
     t_logprob = time.perf_counter()
     # 3. advantages (and, for PPO, returns and KL-shaped token rewards)

@@ -22,8 +22,9 @@ import torch
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
+from common.logprobs import eval_mode, sequence_logprobs
 from common.losses import aggregation_denominator
-from common.rollout import eval_mode, sequence_logprobs
+from common.rollout_correction import mismatch_metrics, tis_weights
 
 log = logging.getLogger("rl_lab")
 
@@ -57,8 +58,11 @@ def batched_forward(
     return out
 
 
-def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str, Any]], torch.Tensor]:
-    """mb -> (B, T) log-probs of the taken tokens under `model`."""
+def logprob_fn(
+    model: torch.nn.Module, temperature: float, packed: bool = True, chunked: bool = True
+) -> Callable[[dict[str, Any]], torch.Tensor]:
+    """mb -> (B, T) log-probs of the taken tokens under `model` (packed / chunked: the training pass's
+    switches, trainer.packed_forward and trainer.chunked_logprobs)."""
 
     def forward(mb: dict[str, Any]) -> torch.Tensor:
         logprob, _ = sequence_logprobs(
@@ -69,6 +73,8 @@ def logprob_fn(model: torch.nn.Module, temperature: float) -> Callable[[dict[str
             temperature=temperature,
             response_mask=mb["response_mask"],
             prompt_groups=mb.get("group_index"),
+            packed=packed,
+            chunked=chunked,
         )
         return logprob
 
@@ -177,6 +183,8 @@ def accumulate_gradients(
     bf16: bool = False,
     dist: DistContext = SINGLE,
     max_tokens: int = 0,
+    packed: bool = True,
+    chunked: bool = True,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -186,7 +194,8 @@ def accumulate_gradients(
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
     fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
-    backward follows the forward's dtypes; log-probs and losses stay float32).
+    backward follows the forward's dtypes; log-probs and losses stay float32). `packed` and
+    `chunked` are the training pass's switches (common.logprobs.sequence_logprobs).
 
     Data parallel (`dist`, with `model` and `critic` wrapped in DDP): the denominator is summed over
     ranks, so it is the global mini-batch's; DDP averages gradients over the W ranks, so each
@@ -223,6 +232,8 @@ def accumulate_gradients(
                     return_entropy=True,
                     response_mask=mb["response_mask"],
                     prompt_groups=mb.get("group_index"),
+                    packed=packed,
+                    chunked=chunked,
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:
@@ -282,6 +293,8 @@ def update_policy(
                 settings.bf16,
                 dist,
                 settings.max_tokens_per_micro_batch,
+                settings.packed_forward,
+                settings.chunked_logprobs,
             )
             total = dist.all_reduce(total)
             grad_norm = clip_and_step(
@@ -337,6 +350,18 @@ def clip_and_step(
     return grad_norm.item()
 
 
+def needs_old_logprob(algo: Algorithm, settings: TrainSettings) -> bool:
+    """pi_old is computed when the algorithm asks for it (a reused batch, PPO's KL reward), when a batch
+    takes several optimizer steps (all but the first are off-policy), and when the rollout is
+    corrected or its mismatch logged (both compare pi_old with the engine's own log-probs)."""
+    return (
+        algo.needs_old_logprob
+        or settings.mini_batch_size < settings.batch_size
+        or algo.rollout_correction != "none"
+        or settings.log_rollout_mismatch
+    )
+
+
 def add_logprobs_and_values(
     batch: dict[str, Any],
     model: torch.nn.Module,
@@ -347,24 +372,47 @@ def add_logprobs_and_values(
     temperature: float,
     device: torch.device,
     dist: DistContext = SINGLE,
-) -> None:
-    """Fill batch["old_logprob"] (only when the batch takes several optimizer steps),
-    batch["ref_logprob"] (only with a reference model) and batch["values"] (PPO), all (N, T)."""
+) -> dict[str, float]:
+    """Fill batch["old_logprob"] (only when `needs_old_logprob`), batch["ref_logprob"] (only with a
+    reference model) and batch["values"] (PPO), all (N, T); then the rollout correction's weights
+    batch["rollout_is_weights"] (N, T) when algo.rollout_correction is tis. Returns the rollout
+    mismatch metrics (common.rollout_correction), when pi_old and the engine's log-probs are there."""
     N = batch["input_ids"].shape[0]
     micro = split_micro_batches(
         batch, torch.arange(N), settings.micro_batch_size, settings.max_tokens_per_micro_batch
     )
+    passes = (settings.packed_forward, settings.chunked_logprobs)
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
     with autocast(device, settings.bf16):
-        # several mini-batches make all but the first off-policy: their ratio needs pi_old. Eval mode:
-        # pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
-        if algo.needs_old_logprob or settings.mini_batch_size < settings.batch_size:
+        # Eval mode: pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
+        if needs_old_logprob(algo, settings):
             with gathered([model], dist), eval_mode(unwrap(model)):
-                batch["old_logprob"] = batched_forward(logprob_fn(unwrap(model), temperature), batch, micro)
+                batch["old_logprob"] = batched_forward(
+                    logprob_fn(unwrap(model), temperature, *passes), batch, micro
+                )
         if reference is not None:
             with gathered([reference], dist):
-                batch["ref_logprob"] = batched_forward(logprob_fn(reference, temperature), batch, micro)
+                batch["ref_logprob"] = batched_forward(
+                    logprob_fn(reference, temperature, *passes), batch, micro
+                )
         if critic is not None:
             with gathered([critic.model], dist):
                 values = batched_forward(value_fn(unwrap(critic.model).eval()), batch, micro)
             batch["values"] = values.float()
+    return correct_rollout(batch, algo)
+
+
+def correct_rollout(batch: dict[str, Any], algo: Algorithm) -> dict[str, float]:
+    """The mismatch metrics between pi_old and the engine's log-probs, and with rollout_correction=tis
+    the truncated importance weights batch["rollout_is_weights"] (N, T) that the policy loss applies
+    (common.rollout_correction; Yao et al. 2025). {} without pi_old or rollout log-probs."""
+    if algo.rollout_correction == "tis" and "rollout_logprob" not in batch:
+        raise ValueError("algorithm.rollout_correction=tis needs the engine's rollout log-probs in the batch")
+    if "old_logprob" not in batch or "rollout_logprob" not in batch:
+        return {}
+    old, rollout, mask = batch["old_logprob"], batch["rollout_logprob"], batch["response_mask"]
+    metrics = mismatch_metrics(old, rollout, mask)
+    if algo.rollout_correction == "tis":
+        batch["rollout_is_weights"], stats = tis_weights(old, rollout, mask, algo.tis_imp_ratio_cap)
+        metrics.update(stats)
+    return metrics

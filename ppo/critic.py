@@ -42,7 +42,7 @@ class ValueModel(nn.Module):
             values[:, t] = head(h[:, P - 1 + t])      t = 0 .. T-1,  T = input_ids.shape[1] - P
 
         h[:, P - 1 + t] is the state before response token t is generated: the same columns as the
-        log-probs of common.rollout.sequence_logprobs (logits[:, P-1:-1]). Position ids follow the
+        log-probs of common.logprobs.sequence_logprobs (logits[:, P-1:-1]). Position ids follow the
         attention mask, so left padding in the prompt leaves a row's values unchanged.
 
         Args:

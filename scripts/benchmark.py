@@ -3,6 +3,7 @@
     python -m scripts.benchmark                     # SmolLM2-135M fp32, 8 prompts x G=4, 64 tokens
     python -m scripts.benchmark --steps 3 --out bench.json rollout.group_size=8 trainer.batch_size=4
     python -m scripts.benchmark model=tiny --naive-prompts 1      # seconds, for a quick check
+    python -m scripts.benchmark --compare-engines hf,generate,hf:bfloat16 trainer.num_threads=2
 
 Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark runs exactly the
 code and settings of a training run. It reports, per step (mean over the timed steps, after one
@@ -19,6 +20,14 @@ warm-up step):
     x rows) at the measured matmul rate, whichever takes longer; plus each distinct prompt's pass
     (their shared prefix once) at the matmul rate. The batched rollout's seconds over that bound
     say how far generation is from the machine's limit;
+  - the same rollout's bound from what the machine's linears reach: per decode step, one pass of
+    the live rows through the model's own linear layers, timed in the same process at each row
+    count (scripts/benchmark_rollout.py), and the GEMV rate they stream the weights at;
+  - an engine comparison: rollout tokens/s of the step's prompts through each of --compare-engines
+    (the decode engine, transformers' generate, a bf16 rollout: hf,generate,hf:bfloat16), and the
+    decode engine over the generate engine;
+  - what rollout.prepack_linears=auto measured and chose, and the machine (CPU model, its ISA flags,
+    cores, threads, torch: common.provenance.machine_info);
   - peak resident memory, of the whole run and of each phase (the largest over the timed steps of
     the peak within the phase; each includes what the process holds throughout: weights, AdamW
     state, the reference model).
@@ -28,11 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +49,26 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from common.config import TrainSettings
+from common.distributed import unwrap
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
+from common.logprobs import pack_responses
 from common.models import make_reference
-from common.rollout import HFRollout, pack_responses, shared_prefix_length
+from common.provenance import machine_info
+from common.rollout.base import ROLLOUT_DTYPES, weights_in
+from common.rollout.decode import shared_prefix_length
+from common.rollout.engine import RolloutEngine
 from common.sampling import score_samples
+from common.timing import best_seconds, clock
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
+from scripts.benchmark_rollout import (
+    RolloutWork,
+    engine_comparison,
+    gemv_bound_s,
+    linear_pass_seconds,
+    live_rows,
+    rollout_bound_s,
+)
 from scripts.build import (
     build_algorithm,
     build_optimizer,
@@ -71,28 +93,10 @@ WORKLOAD = [
 ]
 
 
-def clock(device: torch.device) -> float:
-    """time.perf_counter() after the device's queued work has finished (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def best_seconds(device: torch.device, run: Callable[[], object], repeats: int) -> float:
-    """The shortest of `repeats` timed calls of `run`, after one untimed warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t = clock(device)
-        run()
-        best = min(best, clock(device) - t)
-    return best
-
-
 def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """Attainable dense float32 FLOP/s on `device`: best of `repeats` n x n x n matmuls."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    return 2 * n**3 / best_seconds(device, lambda: a @ b, repeats)
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats, device)
 
 
 def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> float:
@@ -100,29 +104,11 @@ def memory_bandwidth(device: torch.device, mb: int = 256, repeats: int = 5) -> f
     float32 tensor, counting the bytes read and the bytes written (the warm-up touches the pages)."""
     a = torch.ones(mb * 2**18, device=device)  # mb MB of float32
     b = torch.empty_like(a)
-    return 2 * a.nbytes / best_seconds(device, lambda: b.copy_(a), repeats)
-
-
-def rollout_bound_s(
-    n_params: int, weight_bytes: int, work: RolloutWork, bandwidth: float, flops: float
-) -> float:
-    """Lower bound on the seconds of one batched rollout that computes only what it must:
-
-        prompt pass       2 x params x (each distinct prompt's tokens once, the prefix all share
-                          once) FLOPs at the matmul rate
-        decode step t     max(weights read once at the bandwidth,
-                              2 x params x (rows still decoding at t) FLOPs at the matmul rate)
-
-    over t = 0 .. T-1, T = the longest response: a step reads every weight once however few rows
-    it runs. Attention over the KV cache and the sampling are left out: the bound is optimistic.
-    """
-    live = [sum(n > t for n in work.lengths) for t in range(max(work.lengths, default=0))]
-    decode = sum(max(weight_bytes / bandwidth, 2 * n_params * n / flops) for n in live)
-    return 2 * n_params * work.prompt_tokens / flops + decode
+    return 2 * a.nbytes / best_seconds(lambda: b.copy_(a), repeats, device)
 
 
 def naive_rollout(
-    engine: HFRollout, prompts: list[str], group_size: int, max_new_tokens: int
+    engine: RolloutEngine, prompts: list[str], group_size: int, max_new_tokens: int
 ) -> tuple[float, int]:
     """The design notes' loop: one `generate` call per sample (G calls per prompt). Returns (s, tokens)."""
     tokenizer, model = engine.tokenizer, engine.model
@@ -166,15 +152,6 @@ class PhaseMeter:
 
 
 @dataclass(frozen=True)
-class RolloutWork:
-    """What a rollout had to compute: its distinct prompts' tokens (the prefix they all share counted
-    once) and every row's response length."""
-
-    prompt_tokens: int
-    lengths: tuple[int, ...]
-
-
-@dataclass(frozen=True)
 class StepMeasure:
     """What one benchmarked step measured."""
 
@@ -184,6 +161,7 @@ class StepMeasure:
     processed: int  # prompt + response tokens of the update's passes, padding left out
     computed: int  # tokens the update's passes actually run (see computed_tokens)
     rollout_work: RolloutWork
+    mismatch: dict[str, float]  # rollout/ mismatch (and TIS) metrics, when pi_old was computed
 
 
 def time_step(model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples):
@@ -199,7 +177,9 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     batch = build_batch(samples, algo, device)
     meter.stop("reward")
     meter.start()
-    add_logprobs_and_values(batch, model, reference, None, algo, settings, engine.temperature, device)
+    mismatch = add_logprobs_and_values(
+        batch, model, reference, None, algo, settings, engine.temperature, device
+    )
     meter.stop("logprob")
     algo.compute_advantages(batch)
     meter.start()
@@ -219,7 +199,7 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     shared = shared_prefix_length(prompt_ids, prompt_mask)  # tokens all prompts start with
     prompt_tokens = int(prompt_mask.sum()) - (len(first_rows) - 1) * shared
     work = RolloutWork(prompt_tokens, tuple(rollout.lengths.tolist()))
-    return StepMeasure(times, meter.rss_mb, generated, processed, computed, work)
+    return StepMeasure(times, meter.rss_mb, generated, processed, computed, work, mismatch)
 
 
 def computed_tokens(batch: dict[str, Any], settings: TrainSettings) -> int:
@@ -269,20 +249,25 @@ def workload_and_machine(
             "algorithm": cfg.algorithm.name,
             "kl_coef": cfg.algorithm.kl_coef,
             "engine": cfg.rollout.engine,
+            "rollout_dtype": cfg.rollout.dtype,
+            "prepack_linears": cfg.rollout.prepack_linears,
             "bf16": cfg.trainer.bf16,
             "timed_steps": steps,
         },
+        # CPU model and its vector ISA (AVX-512, bf16, AMX decide the kernels), cores, threads, GPU, torch
         "machine": {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "cpu": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
+            **machine_info(),
         },
     }
 
 
-def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, Any]:
+def run_benchmark(
+    cfg: DictConfig, steps: int, naive_prompts: int, compare: list[str], compare_repeats: int
+) -> dict[str, Any]:
     validate(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
     algo = build_algorithm(cfg.algorithm)
     settings = build_settings(cfg)
@@ -303,28 +288,44 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
             model, reference, engine, algo, task, optimizer, scheduler, settings, generator, examples
         ),
     )
-    seconds = {k: mean([r.times[k] for r in runs]) for k in runs[0].times}
-    generated, processed, computed = (
-        mean([getattr(r, k) for r in runs]) for k in ("generated", "processed", "computed")
-    )
-    peak, bandwidth = matmul_flops(device), memory_bandwidth(device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bound = mean([rollout_bound_s(n_params, weight_bytes, r.rollout_work, bandwidth, peak) for r in runs])
-    update_flops = 6 * n_params * processed / seconds["update_s"]
-    computed_flops = 6 * n_params * computed / seconds["update_s"]
-
+    result = {**workload_and_machine(cfg, n_params, steps, device), **step_results(runs, n_params, device)}
     naive_s, naive_tokens = naive_rollout(
         engine,
         [e.prompt for e in examples[:naive_prompts]],
         cfg.rollout.group_size,
         cfg.rollout.max_new_tokens,
     )
-    batched_tps = generated / seconds["rollout_s"]
-    naive_tps = naive_tokens / naive_s
+    result["naive_rollout_tokens_per_s"] = naive_tokens / naive_s
+    result["naive_rollout_prompts"] = naive_prompts
+    result["batched_over_naive"] = result["rollout_tokens_per_s"] / result["naive_rollout_tokens_per_s"]
+    # the high-water mark restarts with each phase: the run's peak is the largest of the phases'
+    # and of what came after the last reset (the naive loop)
+    result["peak_rss_mb"] = max(peak_rss_mb(), *(mb for r in runs for mb in r.rss_mb.values()))
+    result["peak_rss_mb_per_phase"] = {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb}
+    result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    result["prepack_decisions"] = prepack_decisions(engine)
+    # how far the rollout's log-probs are from the training forward's (rollout.dtype=bfloat16, vLLM):
+    # logged when pi_old is computed (algorithm.rollout_correction=tis, trainer.log_rollout_mismatch=true)
+    result["rollout_mismatch"] = {k: mean([r.mismatch[k] for r in runs]) for k in runs[0].mismatch}
+    rollout_s, flops = result["seconds_per_step"]["rollout_s"], result["matmul_flops_per_s"]
+    result.update(rollout_bounds(cfg, model, [r.rollout_work for r in runs], rollout_s, flops, device))
+    prompts = [e.prompt for e in examples]
+    result["engine_comparison"] = engine_comparison(cfg, model, tokenizer, prompts, compare, compare_repeats)
+    return result
+
+
+def step_results(runs: list[StepMeasure], n_params: int, device: torch.device) -> dict[str, Any]:
+    """The timed steps' means: seconds per phase, rollout and update tokens/s, the update's FLOP/s
+    against a dense matmul timed now (MFU on the workload's tokens, hardware use on those it runs)."""
+    seconds = {k: mean([r.times[k] for r in runs]) for k in runs[0].times}
+    generated, processed, computed = (
+        mean([getattr(r, k) for r in runs]) for k in ("generated", "processed", "computed")
+    )
+    peak = matmul_flops(device)
+    update_flops = 6 * n_params * processed / seconds["update_s"]
     return {
-        **workload_and_machine(cfg, n_params, steps, device),
         "seconds_per_step": seconds,
-        "rollout_tokens_per_s": batched_tps,
+        "rollout_tokens_per_s": generated / seconds["rollout_s"],
         "generated_tokens_per_step": generated,
         "update_tokens_per_s": processed / seconds["update_s"],
         "processed_tokens_per_step": processed,
@@ -332,19 +333,51 @@ def run_benchmark(cfg: DictConfig, steps: int, naive_prompts: int) -> dict[str, 
         "matmul_flops_per_s": peak,
         "update_mfu": update_flops / peak,
         "computed_tokens_per_step": computed,
-        "update_hardware_utilization": computed_flops / peak,
-        "naive_rollout_tokens_per_s": naive_tps,
-        "naive_rollout_prompts": naive_prompts,
-        "batched_over_naive": batched_tps / naive_tps,
+        "update_hardware_utilization": 6 * n_params * computed / seconds["update_s"] / peak,
+    }
+
+
+def rollout_bounds(
+    cfg: DictConfig, model: torch.nn.Module, works: list[RolloutWork], rollout_s: float, flops: float, device
+) -> dict[str, Any]:
+    """The rollout's two bounds (scripts/benchmark_rollout.py), each a mean over the timed steps'
+    workloads, and the rollout's seconds over them. The linears are timed in the rollout's dtype,
+    at every live-row count the workloads went through; the GEMV rate is the linear weights' bytes
+    over a pass at the fewest rows."""
+    bandwidth = memory_bandwidth(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    counts = sorted({n for work in works for n in live_rows(work.lengths)})
+    with weights_in(unwrap(model), ROLLOUT_DTYPES[cfg.rollout.dtype]) as rollout_model:
+        linear_s = {n: linear_pass_seconds(rollout_model, n) for n in counts}
+        linear_bytes = sum(
+            m.weight.numel() * m.weight.element_size()
+            for m in rollout_model.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+    bound = mean([rollout_bound_s(n_params, weight_bytes, work, bandwidth, flops) for work in works])
+    gemv = mean([gemv_bound_s(n_params, work, linear_s, flops) for work in works])
+    return {
         "memory_bandwidth_bytes_per_s": bandwidth,
         "rollout_bound_s": bound,
-        "rollout_over_bound": seconds["rollout_s"] / bound,
-        # the high-water mark restarts with each phase: the run's peak is the largest of the phases'
-        # and of what came after the last reset (the naive loop)
-        "peak_rss_mb": max(peak_rss_mb(), *(mb for r in runs for mb in r.rss_mb.values())),
-        "peak_rss_mb_per_phase": {k: max(r.rss_mb[k] for r in runs) for k in runs[0].rss_mb},
-        "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "rollout_over_bound": rollout_s / bound,
+        "linear_pass_s": {str(n): s for n, s in linear_s.items()},  # live rows -> seconds of the linears
+        "gemv_rows": counts[0],
+        "gemv_bytes_per_s": linear_bytes / linear_s[counts[0]],
+        "rollout_gemv_bound_s": gemv,
+        "rollout_over_gemv_bound": rollout_s / gemv,
     }
+
+
+def prepack_decisions(engine: RolloutEngine) -> list[dict[str, Any]]:
+    """What rollout.prepack_linears=auto measured and chose (the decode engine's PrepackPolicy)."""
+    policy = getattr(engine, "prepack", None)
+    if policy is None:
+        return []
+    return [
+        {"rows": rows, "steps": steps, "threads": threads, **asdict(times), "prepacked": chosen}
+        for (_, rows, steps, threads), (times, chosen) in policy.decisions.items()
+    ]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -367,6 +400,14 @@ def format_table(result: dict[str, Any]) -> str:
             f"{result['rollout_bound_s']:.2f} s: the rollout takes {result['rollout_over_bound']:.1f}x it "
             f"(weights at {result['memory_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, FLOPs at the matmul rate)",
         ),
+        (
+            "rollout GEMV bound",
+            f"{result['rollout_gemv_bound_s']:.2f} s: the rollout takes "
+            f"{result['rollout_over_gemv_bound']:.1f}x it (the model's linears timed at each live-row "
+            f"count; at {result['gemv_rows']} rows they stream the weights at "
+            f"{result['gemv_bytes_per_s'] / 1e9:.1f} GB/s)",
+        ),
+        *engine_rows(result["engine_comparison"]),
         ("update tokens/s", f"{result['update_tokens_per_s']:.1f} (prompt + response tokens, fwd + bwd)"),
         ("update GFLOP/s", f"{result['update_flops_per_s'] / 1e9:.1f} (6 x params x tokens / s)"),
         ("matmul GFLOP/s", f"{result['matmul_flops_per_s'] / 1e9:.1f} (2048^3 fp32, same process)"),
@@ -384,7 +425,40 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     if result.get("peak_gpu_mb") is not None:
         rows.append(("peak GPU memory", f"{result['peak_gpu_mb']:.0f} MB (torch allocator)"))
-    return aligned(rows)
+    return aligned(rows + machine_rows(result))
+
+
+def machine_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Table rows of the machine and of the prepacking decisions of rollout.prepack_linears=auto."""
+    m = result["machine"]
+    isa = ", ".join(m["isa"]) or "no AVX2"
+    rows = [
+        (
+            "machine",
+            f"{m['cpu']} ({isa}), {m['cores']} cores, {m['torch_threads']} threads, torch {m['torch']}",
+        )
+    ]
+    for d in result["prepack_decisions"]:
+        chosen = "prepacked" if d["prepacked"] else "plain"
+        rows.append(
+            (
+                "prepacking (auto)",
+                f"{d['rows']} rows: linears {1e3 * d['plain_s']:.1f} ms plain, {1e3 * d['packed_s']:.1f} ms "
+                f"prepacked, reorder {1e3 * d['reorder_s']:.1f} ms -> {chosen}",
+            )
+        )
+    return rows
+
+
+def engine_rows(comparison: dict[str, Any]) -> list[tuple[str, str]]:
+    """Table rows of the engine comparison: each variant's rollout tokens/s, and decode / generate."""
+    rows = [
+        (f"rollout tokens/s, {name}", f"{e['tokens_per_s']:.1f} ({e['rollout_s']:.2f} s per rollout)")
+        for name, e in comparison["engines"].items()
+    ]
+    if "decode_over_generate" in comparison:
+        rows.append(("decode / generate", f"{comparison['decode_over_generate']:.2f}x (rollout tokens/s)"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -395,11 +469,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--naive-prompts", type=int, default=2, help="prompts for the per-sample loop")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON")
+    parser.add_argument(
+        "--compare-engines",
+        default="hf,generate",
+        help="engine variants whose rollout tokens/s to compare on the step's prompts, <rollout.engine>"
+        "[:<rollout.dtype>], comma-separated (e.g. hf,generate,hf:bfloat16); empty = none",
+    )
+    parser.add_argument("--compare-repeats", type=int, default=3, help="timed rollouts per engine variant")
     args = parser.parse_args(argv)
     store_schemas()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[*WORKLOAD, *args.overrides])
-    result = run_benchmark(cfg, args.steps, args.naive_prompts)
+    compare = [v for v in args.compare_engines.split(",") if v]
+    result = run_benchmark(cfg, args.steps, args.naive_prompts, compare, args.compare_repeats)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"written to {args.out}")

@@ -36,7 +36,8 @@ from common.config import (
 )
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
-from common.rollout import HFRollout
+from common.rollout.decode import DecodeTricks
+from common.rollout.engine import RolloutEngine, make_engine
 from common.sampling import FlatGroups, GroupFilter
 from common.tasks import TASKS, Task, build_task, task_schema
 from common.update import Critic
@@ -205,6 +206,9 @@ def build_settings(cfg: DictConfig) -> TrainSettings:
         save_only_model=t.save_only_model,
         max_bad_steps=t.max_bad_steps,
         bf16=t.bf16,
+        packed_forward=t.packed_forward,
+        chunked_logprobs=t.chunked_logprobs,
+        log_rollout_mismatch=t.log_rollout_mismatch,
         fail_on_reward_error=t.fail_on_reward_error,
         max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
         gen_batch_size=gen_batch_size(ds.gen_batch_size_factor, t.batch_size) if filtering else t.batch_size,
@@ -313,9 +317,9 @@ def truncated_sampling_warning(rollout: DictConfig) -> str | None:
     )
 
 
-def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HFRollout:
-    """The rollout engine (cfg.rollout.engine: hf or vllm) with cfg.rollout's sampling settings;
-    warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
+def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+    """The rollout engine cfg.rollout.engine (common.rollout.engine.ENGINES) with cfg.rollout's sampling
+    settings; warns when top-p / top-k truncation makes sampling differ from the training log-probs."""
     r = cfg.rollout
     if (warning := truncated_sampling_warning(r)) is not None:
         log.warning(warning)
@@ -327,15 +331,18 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> HF
         top_k=r.top_k,
         system_prompt=r.system_prompt,
         max_prompt_len=r.max_prompt_len,
+        dtype=r.dtype,
     )
-    if r.engine == "hf":
-        return HFRollout(model, tokenizer, **sampling)
-    from common.rollout_vllm import VLLMRollout  # optional extra, GPU only
-
+    if r.engine in ("hf", "decode"):
+        tricks = DecodeTricks(r.prepack_linears, r.preallocated_cache, r.inplace_row_removal, r.shared_prefix)
+        return make_engine(r.engine, model, tokenizer, tricks=tricks, **sampling)
+    if r.engine == "generate":
+        return make_engine(r.engine, model, tokenizer, **sampling)
     # vLLM builds its copy from a folder; the weights are synced from the policy right after
     with tempfile.TemporaryDirectory(prefix="rl-lab-vllm-") as folder:
         save_hf(model, tokenizer, folder)
-        return VLLMRollout(
+        return make_engine(
+            "vllm",
             model,
             tokenizer,
             model_path=folder,

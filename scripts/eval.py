@@ -45,7 +45,7 @@ from tqdm import tqdm
 from common.checkpoint import CheckpointError, find_latest
 from common.models import ModelLoadError, load_policy
 from common.rewards import score_responses
-from common.rollout import HFRollout
+from common.rollout.engine import RolloutEngine, make_engine
 from common.tasks import TASKS, Example, Task, TaskError, build_task
 from scripts.build import ConfigError, resolve_device
 
@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--system-prompt", default=None, help="system message (default: the run's, else none)"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batched decode")
+    parser.add_argument(
+        "--engine",
+        default="hf",
+        choices=("hf", "decode", "generate"),
+        help="rollout engine: hf / decode (the fast decode loop) or generate (transformers' generate)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -220,7 +226,7 @@ def load_model(kind: str, path: Path | None, args: argparse.Namespace):
 
 
 def evaluate_policy(
-    engine: HFRollout, task: Task, examples: list[Example], *, n: int, k: int, batch_size: int
+    engine: RolloutEngine, task: Task, examples: list[Example], *, n: int, k: int, batch_size: int
 ) -> dict[str, float]:
     """Greedy and sampled metrics over `examples` (see the module docstring), batch_size prompts
     per batched decode: one greedy response and n sampled responses per prompt.
@@ -275,7 +281,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     model, tokenizer = load_model(kind, model_path, args)
     model.to(device)
-    engine = HFRollout(
+    engine = make_engine(
+        args.engine,
         model,
         tokenizer,
         group_size=args.n,

@@ -2,7 +2,8 @@
 # The GPU check in one command, for a CUDA machine (README "Scaling up"):
 #   1. the GPU-marked tests (pytest -m gpu: bf16 training step, vLLM greedy equality before and after a
 #      weight sync, FSDP on NCCL where two GPUs exist);
-#   2. scripts/benchmark.py on the GPU with the HF engine and, where vLLM is installed, with vLLM;
+#   2. scripts/benchmark.py on the GPU with the HF engine (its rollout also in bf16: --compare-engines) and,
+#      where vLLM is installed, with vLLM;
 #   3. one table of both: tokens/s, step time, GPU memory, vLLM over HF.
 # Usage: bash scripts/gpu_check.sh [Hydra overrides for both benchmarks]
 #   MODEL=<hub id or folder> picks the benchmark's model (default: Qwen/Qwen2.5-0.5B-Instruct when it can be
@@ -32,10 +33,11 @@ workload=(trainer.device=cuda trainer.bf16=true trainer.batch_size=32 rollout.gr
 
 status=0
 "$PY" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/tests.log" || status=1
-"$PY" -m scripts.benchmark --steps 2 --out "$out/hf.json" "${workload[@]}" rollout.engine=hf
+"$PY" -m scripts.benchmark --steps 2 --out "$out/hf.json" --compare-engines hf,hf:bfloat16 "${workload[@]}" \
+    rollout.engine=hf
 results=("$out/hf.json")
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
-    "$PY" -m scripts.benchmark --steps 2 --out "$out/vllm.json" "${workload[@]}" rollout.engine=vllm \
+    "$PY" -m scripts.benchmark --steps 2 --out "$out/vllm.json" --compare-engines "" "${workload[@]}" rollout.engine=vllm \
         rollout.gpu_memory_utilization=0.3
     results+=("$out/vllm.json")
 else

@@ -8,8 +8,10 @@ not depend on them (README "Tests"):
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from common.config import as_config_error
+from common.fences import Fence
+from common.models import load_policy
 from scripts.build import store_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +75,40 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     if (user_cache / "smollm2-135m-instruct-tokenizer").is_dir():
         return str(user_cache)
     return str(tmp_path_factory.mktemp("rl-lab-cache"))
+
+
+# the tiny Llama of the rollout and log-prob tests (smaller than configs/model/tiny.yaml)
+TINY_POLICY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+EOS = 2  # SmolLM2's EOS (and pad) token id
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir: str) -> tuple[torch.nn.Module, Any]:
+    """The tiny random Llama with SmolLM2's tokenizer (left padding)."""
+    return load_policy("tiny", cache_dir=cache_dir, tiny=TINY_POLICY, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny: tuple[torch.nn.Module, Any]) -> tuple[torch.nn.Module, Any]:
+    """The tiny model with an untied N(0, 1) LM head: peaked next-token distributions (the first
+    token's top probability ~0.4-0.6) and greedy responses that differ between prompts, where the
+    tiny model itself repeats one token."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=g))
+    return model, tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fences() -> None:
+    """Every test sees the speed tricks' feature checks unprobed and their warnings not yet given
+    (common.fences), so a test that takes an internal away sees its fallback and its one warning."""
+    Fence.reset_all()

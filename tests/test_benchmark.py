@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.benchmark import RolloutWork, format_table, main, rollout_bound_s
+from scripts.benchmark import format_table, main
+from scripts.benchmark_rollout import RolloutWork, gemv_bound_s, live_rows, rollout_bound_s
 from scripts.report import engine_table
 from tests.conftest import ROOT
 
@@ -34,6 +35,14 @@ KEYS = {
     "memory_bandwidth_bytes_per_s",
     "rollout_bound_s",
     "rollout_over_bound",
+    "linear_pass_s",
+    "gemv_rows",
+    "gemv_bytes_per_s",
+    "rollout_gemv_bound_s",
+    "rollout_over_gemv_bound",
+    "engine_comparison",
+    "prepack_decisions",
+    "rollout_mismatch",
 }
 
 
@@ -44,10 +53,15 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
             "model=tiny",
             "rollout.max_new_tokens=8",
             "trainer.batch_size=2",
+            "trainer.log_rollout_mismatch=true",
             f"paths.cache_dir={cache_dir}",
             "--steps",
             "1",
             "--naive-prompts",
+            "1",
+            "--compare-engines",
+            "hf,generate,hf:bfloat16",
+            "--compare-repeats",
             "1",
             "--out",
             str(out),
@@ -70,6 +84,22 @@ def test_benchmark_writes_json_on_tiny_model(tmp_path, cache_dir):
     assert "peak RSS by phase" in format_table(result)
     assert saved["rollout_bound_s"] > 0 and saved["memory_bandwidth_bytes_per_s"] > 0
     assert saved["rollout_over_bound"] == pytest.approx(phases["rollout_s"] / saved["rollout_bound_s"])
+    # the machine block names the CPU and its ISA; the GEMV bound timed the linears at each live-row count
+    assert {"cpu", "isa", "cores", "torch_threads", "torch", "device"} <= saved["machine"].keys()
+    assert saved["gemv_rows"] == min(int(n) for n in saved["linear_pass_s"]) and saved["gemv_bytes_per_s"] > 0
+    assert saved["rollout_over_gemv_bound"] == pytest.approx(
+        phases["rollout_s"] / saved["rollout_gemv_bound_s"]
+    )
+    # the engine comparison: the decode and the generate engine on the step's prompts
+    engines = saved["engine_comparison"]["engines"]
+    assert engines.keys() == {"hf", "generate", "hf:bfloat16"} and all(
+        e["tokens_per_s"] > 0 for e in engines.values()
+    )
+    ratio = engines["hf"]["tokens_per_s"] / engines["generate"]["tokens_per_s"]
+    assert saved["engine_comparison"]["decode_over_generate"] == pytest.approx(ratio)
+    assert saved["workload"]["prepack_linears"] == "auto" and "decode / generate" in format_table(result)
+    # log_rollout_mismatch: the float32 decode engine against the training forward, rounding only
+    assert 0 <= saved["rollout_mismatch"]["rollout/logprob_abs_diff"] < 1e-3
 
 
 def test_rollout_bound_by_hand():
@@ -80,6 +110,21 @@ def test_rollout_bound_by_hand():
     assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=20.0) == pytest.approx(6 + 5 * 4)
     # 2 FLOP/s makes decoding compute-bound: prompt 120/2 = 60 s; steps max(4, 10 n) = 20, 20, 10, 10, 10 s
     assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=2.0) == pytest.approx(60 + 70)
+
+
+def test_live_rows_by_hand():
+    assert live_rows((5, 2)) == [2, 2, 1, 1, 1] and live_rows((3, 3, 1)) == [3, 2, 2] and live_rows(()) == []
+
+
+def test_gemv_bound_by_hand():
+    # 10 parameters, 6 prompt tokens at 20 FLOP/s: 2 * 10 * 6 / 20 = 6 s; responses of 5 and 2 tokens
+    # decode with 2, 2, 1, 1, 1 rows; the linears' pass takes 3 s at 2 rows and 2 s at 1: 3 + 3 + 2 + 2 + 2
+    work = RolloutWork(prompt_tokens=6, lengths=(5, 2))
+    assert gemv_bound_s(10, work, {1: 2.0, 2: 3.0}, flops=20.0) == pytest.approx(6 + 12)
+    # the copy bound of the same work at 10 B/s for 40 bytes of weights: 4 s per step, whatever the rows
+    assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=20.0) == pytest.approx(6 + 20)
+    with pytest.raises(KeyError):  # a live-row count the linears were not timed at
+        gemv_bound_s(10, work, {2: 3.0}, flops=20.0)
 
 
 def test_trl_benchmark_without_trl_says_how_to_install_it():

@@ -36,7 +36,15 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "algorithm", ["grpo", "dapo", "ppo", "grpo dynamic_sampling=filter", "grpo dynamic_sampling=resample"]
+    "algorithm",
+    [
+        "grpo",
+        "dapo",
+        "ppo",
+        "grpo dynamic_sampling=filter",
+        "grpo dynamic_sampling=resample",
+        "grpo rollout.engine=generate",  # the plain engine trains end to end
+    ],
 )
 def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
     # char_share: the tiny model earns reward, so DAPO's filter keeps groups and every algorithm updates
@@ -67,6 +75,24 @@ def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
         assert {"sampling/groups_kept", "sampling/kept_group_frac"} <= rows[-1].keys()
     if "dynamic_sampling=resample" in extra:
         assert {"sampling/extra_samples", "sampling/flat_groups_left"} <= rows[-1].keys()
+
+
+def test_bf16_rollout_with_truncated_importance_sampling_trains_and_logs_the_mismatch(tmp_path, cache_dir):
+    """rollout.dtype=bfloat16 with algorithm.rollout_correction=tis: the old log-probs are computed
+    every step, the mismatch of the bf16 rollout against them is logged, finite and non-zero."""
+    result = train_cli(
+        "debug=smoke",
+        "task=char_share",
+        "rollout.dtype=bfloat16",
+        "algorithm.rollout_correction=tis",
+        f"seed={TEST_SEED}",
+        f"hydra.run.dir={tmp_path}",
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in metrics(tmp_path)[1:]:
+        assert 0 < row["rollout/logprob_abs_diff"] < 1 and 0 <= row["rollout/kl"] < 1
+        assert 0 < row["rollout/tis_weight_mean"] < 2 and row["policy/skipped_updates"] == 0
 
 
 def test_issue_command_line_writes_metrics(tmp_path, cache_dir):

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from common.checkpoint import ADAPTER_DIR, CheckpointError, load_checkpoint, save_checkpoint
+from common.logprobs import sequence_logprobs
 from common.models import is_lora, load_policy, make_reference
-from common.rollout import sequence_logprobs
 from ppo import build_critic
 from scripts.build import ConfigError, build_optimizer, build_policy, validate
 from scripts.train import run

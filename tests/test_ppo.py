@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from common.logprobs import sequence_logprobs
 from common.losses import masked_mean
-from common.rollout import sequence_logprobs
 from ppo import PPO, AdaptiveKLController, FixedKLController, ValueModel, build_critic, token_level_rewards
 from tests.conftest import compose_train
 

@@ -1,5 +1,5 @@
 """The optional vLLM engine: importable without vLLM, a clear error where it cannot run, and on a
-GPU with vLLM the same batch layout and greedy text as the HF engine, also after a weight sync."""
+GPU with vLLM the same batch layout and greedy text as the decode engine, also after a weight sync."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from common.rollout_vllm import vllm_available
+from common.rollout.vllm_engine import vllm_available
 from scripts.build import ConfigError, validate
 from tests.conftest import ROOT, compose_train
 
@@ -17,7 +17,7 @@ USABLE, REASON = vllm_available()
 
 
 def test_importing_the_engine_does_not_import_vllm():
-    code = "import sys, common.rollout_vllm, scripts.build; print('vllm' in sys.modules)"
+    code = "import sys, common.rollout.vllm_engine, scripts.build; print('vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -29,7 +29,7 @@ def test_vllm_engine_without_vllm_or_gpu_is_a_config_error():
 
 
 def test_unknown_engine_is_a_config_error():
-    with pytest.raises(ConfigError, match="rollout.engine.*options: hf, vllm"):
+    with pytest.raises(ConfigError, match="rollout.engine.*options: hf, decode, generate, vllm"):
         validate(compose_train("model=tiny", "rollout.engine=sglang"))
 
 

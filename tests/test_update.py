@@ -26,6 +26,7 @@ def fixed_batch(engine: HFRollout, n_rows: int, response: str) -> dict:
         enc["input_ids"].repeat(n_rows, 1),
         enc["attention_mask"].repeat(n_rows, 1),
         response_ids.repeat(n_rows, 1),
+        torch.zeros(n_rows, response_ids.shape[1]),  # no engine sampled these: no rollout log-probs
     )
     return {
         "input_ids": rollout.input_ids,
@@ -144,7 +145,7 @@ def test_first_step_is_on_policy_with_a_dropout_model(cache_dir, disable):
 
 
 def test_old_log_probs_come_from_eval_mode_even_without_disable_dropout(cache_dir):
-    from common.rollout import sequence_logprobs
+    from common.logprobs import sequence_logprobs
 
     _, model, engine = dropout_policy(cache_dir, disable=False)
     cfg = compose_train(*TINY, "algorithm=grpo", "trainer.batch_size=2", "trainer.mini_batch_size=1")

@@ -1,4 +1,5 @@
-"""vLLM rollout engine (`rollout.engine=vllm`): generation on a GPU through vLLM, same batch as HFRollout.
+"""vLLM rollout engine (`rollout.engine=vllm`): generation on a GPU through vLLM, the same batch as
+the other engines (BaseRollout's prompts and assembly; a vllm.LLM does the sampling).
 
 Only the sampling moves to vLLM (paged attention, continuous batching, prefix sharing within a
 group); the training forward still computes every log-prob (old, reference, current), so the loss
@@ -19,7 +20,8 @@ from typing import Any
 import torch
 
 from common.models import is_lora, merged_copy
-from common.rollout import HFRollout, RolloutBatch
+from common.rollout.base import BaseRollout
+from common.rollout.batch import RolloutBatch
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -40,16 +42,16 @@ def _load_weights(worker: Any, weights: list[tuple[str, torch.Tensor]]) -> None:
     worker.model_runner.model.load_weights(weights=weights)
 
 
-class VLLMRollout(HFRollout):
-    """HFRollout's interface (sample / generate_responses / check_prompts) with vLLM sampling.
+class VLLMRollout(BaseRollout):
+    """The engine interface (common.rollout.engine.RolloutEngine) with a vllm.LLM doing the sampling.
 
-    Args (besides HFRollout's):
+    Args (besides BaseRollout's):
         model_path: a local HF folder with the policy's weights (config + tokenizer), from which vLLM
             builds its copy; the caller passes the converted / downloaded model folder.
         gpu_memory_utilization: share of the GPU vLLM may take for weights and KV cache (verl:
             rollout.gpu_memory_utilization; TRL: vllm_gpu_memory_utilization).
-        dtype: vLLM's weight dtype ("auto" = the checkpoint's).
         seed: vLLM's sampling seed.
+    BaseRollout's `dtype` (rollout.dtype) is vLLM's weight dtype.
     """
 
     syncs_weights = True  # vLLM holds its own copy of the weights
@@ -61,7 +63,6 @@ class VLLMRollout(HFRollout):
         *,
         model_path: str,
         gpu_memory_utilization: float = 0.3,
-        dtype: str = "auto",
         seed: int = 0,
         **kwargs: Any,
     ) -> None:
@@ -77,10 +78,13 @@ class VLLMRollout(HFRollout):
         self.llm = vllm.LLM(
             model=model_path,
             tokenizer=model_path,
-            dtype=dtype,
+            dtype=self.dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
             enable_prefix_caching=True,
+            # the log-probs it returns are those of the distribution it samples from (after temperature,
+            # top-k, top-p), not of the raw logits: the rollout log-probs of the batch
+            logprobs_mode="processed_logprobs",
         )
         self.sync_weights(model)
 
@@ -104,7 +108,7 @@ class VLLMRollout(HFRollout):
         max_new_tokens: int | None = None,
     ) -> RolloutBatch:
         """G responses per prompt from vLLM (SamplingParams.n = G keeps them in group order),
-        assembled into the same left-padded prompt + right-padded response batch as HFRollout."""
+        assembled into the same left-padded prompt + right-padded response batch as every engine."""
         G = group_size or self.group_size
         max_new_tokens = max_new_tokens or self.max_new_tokens
         enc = self.encode_prompts(prompts, max_new_tokens)
@@ -121,14 +125,21 @@ class VLLMRollout(HFRollout):
             top_p=self.top_p if do_sample else 1.0,
             top_k=self.top_k if (do_sample and self.top_k > 0) else -1,
             stop_token_ids=[self.eos_token_id],
+            logprobs=0 if do_sample else None,  # 0: the sampled token's log-prob only
         )
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        completions = [list(c.token_ids) for out in outputs for c in out.outputs]  # (N,) [q1]*G + ...
-        T = max(len(c) for c in completions)
+        completions = [c for out in outputs for c in out.outputs]  # (N,) [q1]*G + ...
+        T = max(len(c.token_ids) for c in completions)
         response_ids = torch.full((len(completions), T), self.pad_token_id, dtype=torch.long)
-        for i, ids in enumerate(completions):
-            response_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        rollout_logprob = torch.zeros(len(completions), T)  # greedy: a point mass, log-prob 0
+        for i, c in enumerate(completions):
+            response_ids[i, : len(c.token_ids)] = torch.tensor(list(c.token_ids), dtype=torch.long)
+            if do_sample:  # c.logprobs: per token, {token id: Logprob}
+                steps = [step[token].logprob for step, token in zip(c.logprobs, c.token_ids, strict=True)]
+                rollout_logprob[i, : len(steps)] = torch.tensor(steps)
         device = next(self.model.parameters()).device
         input_ids = enc["input_ids"].repeat_interleave(G, dim=0).to(device)  # (N, P)
         attention_mask = enc["attention_mask"].repeat_interleave(G, dim=0).to(device)  # (N, P)
-        return self.assemble(prompts, G, input_ids, attention_mask, response_ids.to(device))
+        return self.assemble(
+            prompts, G, input_ids, attention_mask, response_ids.to(device), rollout_logprob.to(device)
+        )
