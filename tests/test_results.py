@@ -23,7 +23,9 @@ RESULTS = ROOT / "docs" / "results"
 def regenerated(args: str) -> str:
     """summary_table of the archive folder and options named in a block's marker, as compare.main makes it."""
     parsed = compare.parse_args(shlex.split(args))
-    return summary_table(find_runs(parsed.paths), parsed.threshold, reps=parsed.bootstrap_reps, seed=parsed.seed)
+    return summary_table(
+        find_runs(parsed.paths), parsed.threshold, reps=parsed.bootstrap_reps, seed=parsed.seed
+    )
 
 
 def stale_lines(text: str, root: Path = ROOT) -> list[str]:
