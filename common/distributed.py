@@ -1,6 +1,6 @@
 """Multi-process data parallel on torch.distributed (launched by `torchrun` or `accelerate launch`).
 
-The contract (see README "Scaling up"):
+The contract (see docs/scaling.md):
   - every rank reads the same prompt stream and rolls out its own contiguous share of each global
     batch, so a group never spans ranks and rewards / group advantages stay rank-local;
   - the policy is wrapped in DistributedDataParallel (trainer.zero_stage 0-1) or sharded with FSDP2

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one command, for a CUDA machine (README "Scaling up"):
+# The GPU check in one command, for a CUDA machine (docs/scaling.md):
 #   1. the GPU-marked tests (pytest -m gpu: bf16 training step, vLLM greedy equality before and after a
 #      weight sync, FSDP on NCCL where two GPUs exist);
 #   2. scripts/benchmark.py on the GPU with the HF engine (its rollout also in bf16: --compare-engines) and,
@@ -15,7 +15,7 @@ PY=${PYTHON:-.venv/bin/python}
 "$PY" -c 'import sys, torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: no CUDA device visible (torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
-             "run it on a GPU machine with a CUDA build of torch (README: Scaling up)")'
+             "run it on a GPU machine with a CUDA build of torch (docs/scaling.md)")'
 
 out=outputs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)
 mkdir -p "$out"

@@ -1,7 +1,7 @@
 """The W&B view of a comparison in one command: a saved workspace for one sweep group, its runs grouped
 by arm, with the panels a comparison is read from.
 
-    wandb login                                                   # once; the runs synced (README)
+    wandb login                                       # once, and the runs synced (docs/results.md)
     python -m scripts.wandb_view --group compare                  # entity: your default
     python -m scripts.wandb_view --group dapo_ablation --entity me --project rl-lab --name "DAPO ladder"
     python -m scripts.wandb_view --group compare --dry-run        # print the spec, save nothing

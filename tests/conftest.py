@@ -1,7 +1,7 @@
 """Shared fixtures: Hydra composition, the tiny model, and a tmp cache for the tokenizer.
 
 Two environment variables change what a run's floats and samples are, to check that the suite does
-not depend on them (README "Tests"):
+not depend on them (docs/testing.md):
     RL_LAB_TEST_THREADS=N   torch CPU threads in the test process (other kernels, other sum orders)
     RL_LAB_TEST_SEED=S      the seed of the tests that sample a training run (default 0)
 """

@@ -83,7 +83,13 @@ def plot(
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
     handles = [
-        plt.Line2D([], [], color=colours[label], linewidth=2, label=f"{label} (n={len(group)} seeds)")
+        plt.Line2D(
+            [],
+            [],
+            color=colours[label],
+            linewidth=2,
+            label=f"{label} ({len(group)} seed{'s' if len(group) != 1 else ''})",
+        )
         for label, group in groups.items()
     ]
     fig.legend(handles=handles, loc="upper center", ncol=max(len(handles), 1), frameon=False)

@@ -163,7 +163,8 @@ def improvement_matrix(
     ]
     for x in labels:
         row = [cells.get((x, y), "—") for y in labels]
-        lines.append(f"| {x} ({len(finals[x])} runs) | " + " | ".join(row) + " |")
+        runs = f"{len(finals[x])} run{'s' if len(finals[x]) != 1 else ''}"
+        lines.append(f"| {x} ({runs}) | " + " | ".join(row) + " |")
     return lines
 
 
