@@ -11,6 +11,11 @@ checks; a task's is made from its constructor (common.tasks.task_schema, which k
 constructor's defaults). Values and their comments live in the YAML files: the schemas here carry
 types, no defaults.
 
+Before any schema's own checks, `require_finite` walks the whole composed config once: a NaN or an
+infinity is refused wherever it stands (a float key, a list of floats, a free-form mapping such as
+model.tiny), so the range checks below only ever see finite numbers. Every numeric key states its
+range in its schema; a key with no bound beyond finiteness says so in a comment.
+
 Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
 `error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -111,6 +116,32 @@ def as_config_error(err: BaseException) -> ConfigError | None:
     return ConfigError(f"{key}: {why} (got {value.group(1) if value else '?'})")
 
 
+def non_finite(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every NaN or infinity in a plain config container (nested dicts and
+    lists, as OmegaConf.to_container gives); a list holding one is reported whole, under its key."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            yield from non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in node):
+            yield key, node
+        else:
+            for value in node:
+                yield from non_finite(value, key)
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield key, node
+
+
+def require_finite(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key of `cfg` (resolved) that holds NaN or an infinity.
+
+    One pass over the whole composed config, run before the schemas' own checks: `optim.lr=inf`
+    would pass `lr > 0`, and an infinite learning rate turns every weight into NaN at the first step.
+    """
+    for key, value in non_finite(OmegaConf.to_container(cfg, resolve=True)):
+        raise ConfigError(f"{key}: must be a finite number (got {value})")
+
+
 @dataclass
 class LoraConfig:
     """model.lora: LoRA adapters (Hu et al. 2021), checked only when enabled."""
@@ -147,6 +178,23 @@ class ModelConfig:
     disable_dropout: bool
     gradient_checkpointing: bool
     lora: LoraConfig
+
+    # keys that one source alone reads (the other options leave them null or {}):
+    # key -> (source, the model= option that selects it)
+    SOURCE_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "name_or_path": ("hub", "model=hub"),
+        "tiny": ("tiny", "model=tiny"),
+    }
+
+    def __post_init__(self) -> None:
+        for key, (source, option) in self.SOURCE_KEYS.items():
+            value = getattr(self, key)
+            require(
+                not value or self.source == source,
+                f"model.{key}",
+                f"read only by {option}; the selected model ({self.name}, source {self.source}) ignores it",
+                value,
+            )
 
 
 @dataclass
@@ -215,6 +263,22 @@ class TrainerConfig:
         )
         require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
         require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
+        for key in (
+            "eval_every",
+            "eval_num_prompts",
+            "log_samples_every",
+            "num_samples_logged",
+            "save_every",
+            "keep_last_checkpoints",
+        ):
+            value = getattr(self, key)
+            require(value >= 0, f"trainer.{key}", "must be >= 0", value)
+        require(
+            self.num_threads is None or self.num_threads >= 1,
+            "trainer.num_threads",
+            "must be >= 1 or null",
+            self.num_threads,
+        )
 
 
 @dataclass
@@ -237,6 +301,13 @@ class RolloutConfig:
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
+        require(self.max_prompt_len >= 1, "rollout.max_prompt_len", "must be >= 1", self.max_prompt_len)
+        require(
+            0 < self.gpu_memory_utilization < 1,
+            "rollout.gpu_memory_utilization",
+            "must be in (0, 1)",
+            self.gpu_memory_utilization,
+        )
         require_option("rollout.engine", self.engine, ROLLOUT_ENGINES)
         if self.engine == "vllm":
             from common.rollout_vllm import vllm_available  # the optional engine's module, on demand
@@ -244,12 +315,6 @@ class RolloutConfig:
             usable, reason = vllm_available()
             if not usable:
                 raise ConfigError(f"rollout.engine: vllm: {reason}; rollout.engine=hf works everywhere")
-            require(
-                0 < self.gpu_memory_utilization < 1,
-                "rollout.gpu_memory_utilization",
-                "must be in (0, 1)",
-                self.gpu_memory_utilization,
-            )
 
 
 @dataclass
@@ -265,6 +330,20 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        # AdamW multiplies the weights by 1 - lr x weight_decay every step: at 1 or more they vanish or flip
+        require(
+            self.lr * self.weight_decay < 1,
+            "optim.weight_decay",
+            f"optim.lr x weight_decay must be < 1 (lr {self.lr})",
+            self.weight_decay,
+        )
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+            list(self.betas),
+        )
         require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0", self.max_grad_norm)
 
 
@@ -286,6 +365,10 @@ class RewardConfig:
     """reward: weights of the terms added to the task's correctness."""
 
     format_weight: float
+
+    def __post_init__(self) -> None:
+        # a bonus for the answer format; a negative weight would train the format away
+        require(self.format_weight >= 0, "reward.format_weight", "must be >= 0", self.format_weight)
 
 
 @dataclass
@@ -391,6 +474,8 @@ class TrainConfig:
     paths: PathsConfig
 
     def __post_init__(self) -> None:
+        # numpy's generator takes seeds in [0, 2**32); python's and torch's take any integer
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
         t, G = self.trainer, self.rollout.group_size
         rows = (t.mini_batch_size or t.batch_size) * G
         require(

@@ -31,6 +31,7 @@ from common.config import (
     as_config_error,
     gen_batch_size,
     require,
+    require_finite,
     require_option,
     schema_node,
 )
@@ -121,10 +122,12 @@ def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str
 
 def validate(cfg: DictConfig) -> None:
     """Reject settings that would fail (or silently mislead) later, naming the key, before any model
-    loads: the algorithm's name here, then every schema's own checks (common.config, and each
-    algorithm's in grpo/, dapo/, ppo/), which run as the composed config becomes its dataclasses."""
+    loads: the algorithm's name here, a NaN or infinity anywhere (common.config.require_finite), then
+    every schema's own checks (common.config, and each algorithm's in grpo/, dapo/, ppo/), which run
+    as the composed config becomes its dataclasses."""
     require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
     try:
+        require_finite(cfg)
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise as_config_error(err) or ConfigError(str(err).splitlines()[0]) from err
