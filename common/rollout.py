@@ -700,6 +700,15 @@ def sequence_logprobs(
     return token_logprobs(logits, input_ids[:, prompt_len:], temperature, return_entropy)
 
 
+class PromptTooLongError(ValueError):
+    """A prompt over the length limit: "prompt <index> <detail>"; `index` is its position in the
+    list checked, `detail` says its length and the limit (for a message that names it otherwise)."""
+
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(f"prompt {index} {detail}")
+        self.index, self.detail = index, detail
+
+
 class HFRollout:
     """Samples G responses per prompt from a Hugging Face causal LM in one batched decode loop
     (`prefill` + `decode`: the sampling distribution of `generate`, without its padding work).
@@ -760,7 +769,8 @@ class HFRollout:
         ]
 
     def check_prompts(self, prompts: list[str]) -> None:
-        """Raise ValueError naming the first prompt that would not fit (checked once at start-up)."""
+        """Raise PromptTooLongError (a ValueError) for the first prompt that would not fit (checked
+        once at start-up); its `index` is the prompt's position in `prompts`."""
         enc = self.tokenizer(self.format_prompts(prompts), add_special_tokens=False)
         self._check_prompt_lengths([len(ids) for ids in enc["input_ids"]], self.max_new_tokens)
 
@@ -774,8 +784,8 @@ class HFRollout:
         for i, length in enumerate(prompt_lengths):
             for limit, what in limits:
                 if length > limit:
-                    raise ValueError(
-                        f"prompt {i} is {length} tokens long, over the limit of {limit} ({what})"
+                    raise PromptTooLongError(
+                        i, f"is {length} tokens long, over the limit of {limit} ({what})"
                     )
 
     def sample(

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from common.checkpoint import CheckpointError, find_latest
 from common.models import ModelLoadError, load_policy
 from common.rewards import score_responses
-from common.rollout import HFRollout
+from common.rollout import HFRollout, PromptTooLongError
 from common.tasks import TASKS, Example, Task, TaskError, build_task
 from scripts.build import ConfigError, resolve_device
 
@@ -286,8 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         engine.check_prompts([e.prompt for e in examples])
-    except ValueError as err:
-        raise SystemExit(f"error: task {name}: {err}") from err
+    except PromptTooLongError as err:
+        where = examples[err.index].source or f"{args.split} prompt {err.index}"
+        raise SystemExit(f"error: task {name}: {where}: the prompt {err.detail}") from err
     torch.manual_seed(args.seed)
     metrics = evaluate_policy(engine, task, examples, n=args.n, k=args.k, batch_size=args.batch_size)
     return {

@@ -44,9 +44,10 @@ from common.distributed import (
 from common.logging import RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
 from common.provenance import record_start
+from common.rollout import HFRollout, PromptTooLongError
 from common.sampling import DynamicSamplingError
 from common.state import RunAbortedError, RunInterruptedError
-from common.tasks import TaskError
+from common.tasks import Task, TaskError
 from common.trainer import RunContext, train
 from scripts.build import (
     ConfigError,
@@ -175,6 +176,21 @@ def build_models(
     return model, tokenizer, reference
 
 
+def check_prompt_lengths(engine: HFRollout, task: Task, task_name: str) -> None:
+    """ConfigError naming the first prompt of the task that does not fit the rollout's limits, by
+    file and line when the task read it from one (else by split and position)."""
+    examples = task.train + task.test
+    try:
+        engine.check_prompts([e.prompt for e in examples])
+    except PromptTooLongError as err:
+        example, n_train = examples[err.index], len(task.train)
+        where = example.source or (
+            f"train prompt {err.index}" if err.index < n_train else f"held-out prompt {err.index - n_train}"
+        )
+        limits = "rollout.max_prompt_len, rollout.max_new_tokens"
+        raise ConfigError(f"task {task_name}: {where}: the prompt {err.detail} ({limits})") from err
+
+
 def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[RunContext, dict | None]:
     """Every object of the run, built once into the loop's RunContext, and the checkpoint state a
     resumed run continues from (None for a fresh run)."""
@@ -185,12 +201,7 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
     model, tokenizer, reference = build_models(cfg, algo, device)
     engine = build_rollout(cfg, model, tokenizer)
-    try:
-        engine.check_prompts([e.prompt for e in task.train + task.test])
-    except ValueError as err:
-        raise ConfigError(
-            f"task {cfg.task.name}: {err} (rollout.max_prompt_len, rollout.max_new_tokens)"
-        ) from err
+    check_prompt_lengths(engine, task, cfg.task.name)
     # the critic copies the initial policy's body before a resumed run loads the checkpoint's
     # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
     critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.bf16))

@@ -155,7 +155,13 @@ def test_wandb_that_fails_to_log_falls_back_to_local_files(tmp_path, caplog):
         (("task=jsonl", "task.path=/nonexistent/prompts.jsonl"), "task file not found"),
         (("task=jsonl", "task.path={bad_jsonl}"), ":2: not valid JSON"),
         (("task=jsonl", "task.path={empty_jsonl}"), "no examples"),
+        (("task=jsonl", "task.path={latin1_jsonl}"), "latin1.jsonl:2: not valid UTF-8"),
         (("rollout.max_prompt_len=5",), "over the limit"),
+        # the prompt named by its file and line, not by its index in train + test
+        (
+            ("task=jsonl", "task.path={long_jsonl}", "rollout.max_prompt_len=100"),
+            "long.jsonl:3: the prompt is",
+        ),
         (("trainer.micro_batch_size=3",), "trainer.micro_batch_size"),
         (("algorithm=grpo", "task=nosuchtask"), "task"),
     ],
@@ -165,7 +171,14 @@ def test_bad_input_is_one_line(tmp_path, cache_dir, overrides, expected):
     bad.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": \n')
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    args = [o.format(bad_jsonl=bad, empty_jsonl=empty) for o in overrides]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9", "answer": "c"}\n')
+    long = tmp_path / "long.jsonl"
+    prompts = [f"{i}+{i}" for i in range(5)]
+    prompts[2] = "1+1 " * 200  # line 3
+    long.write_text("".join(json.dumps({"prompt": p, "answer": "2"}) + "\n" for p in prompts))
+    files = dict(bad_jsonl=bad, empty_jsonl=empty, latin1_jsonl=latin1, long_jsonl=long)
+    args = [o.format(**files) for o in overrides]
     result = train_cli("debug=smoke", *args, f"hydra.run.dir={tmp_path / 'run'}", cache_dir=cache_dir)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
