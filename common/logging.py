@@ -83,11 +83,32 @@ def _jsonable(value: Any) -> Any:
 
 
 def drop_rows_after(path: Path, step: int) -> None:
-    """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint."""
+    """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint.
+
+    A line that does not read as a row (what a kill in the middle of a write leaves at the end of
+    the file) is dropped with a warning naming it, as scripts/compare.py skips it.
+    """
     if not path.is_file():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    kept, unreadable = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            unreadable.append(line_no)
+            continue
+        if row_step <= step:
+            kept.append(line)
+    if unreadable:
+        log.warning(
+            "%s: dropped %d unreadable line(s) (line %s), e.g. a write cut short",
+            path,
+            len(unreadable),
+            ", ".join(map(str, unreadable)),
+        )
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

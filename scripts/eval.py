@@ -9,7 +9,7 @@ SOURCE is one of:
     smollm2-135m           the packaged SmolLM2-135M-Instruct (configs/model/smollm2-135m.yaml)
     tiny                   the random tiny model of configs/model/tiny.yaml (seeded by --seed)
     a run directory        has .hydra/config.yaml or checkpoints/: its checkpoints/final, else its latest
-                           checkpoint (common.checkpoint.find_latest)
+                           complete checkpoint (common.checkpoint.find_latest)
     a model folder         has config.json: a checkpoint folder or any Hugging Face folder
     a Hugging Face id      anything else that does not exist locally ("org/name")
 

@@ -30,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.algorithm import Algorithm
-from common.checkpoint import CheckpointError, find_latest, load_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint, load_newest, resume_candidates
 from common.config import as_config_error
 from common.distributed import (
+    SINGLE,
     DistContext,
     DistributedError,
     init_distributed,
@@ -76,15 +77,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_resume_state(resume: str | None, run_dir: Path, model: torch.nn.Module) -> dict | None:
-    """resume=auto: the latest checkpoint in run_dir (none: start fresh); resume=PATH: that one."""
+def load_resume_state(
+    resume: str | None, run_dir: Path, model: torch.nn.Module, dist: DistContext = SINGLE
+) -> dict | None:
+    """resume=PATH: that checkpoint. resume=auto: the newest complete checkpoint in run_dir that can
+    be read (common.checkpoint.load_newest; none at all: start fresh). Rank 0 clears what an
+    interrupted save left and lists the candidates; every rank then tries the same list."""
     if not resume:
         return None
-    path = find_latest(run_dir) if resume == "auto" else Path(resume)
-    if path is None:
-        log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
-        return None
-    state = load_checkpoint(path, model)
+    if resume == "auto":
+        candidates = dist.broadcast_object(resume_candidates(run_dir) if dist.is_main else None)
+        if not candidates:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            return None
+        path, state = load_newest(candidates, model)
+    else:
+        path = Path(resume)
+        state = load_checkpoint(path, model)
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
 
@@ -205,7 +214,7 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     # the critic copies the initial policy's body before a resumed run loads the checkpoint's
     # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
     critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.bf16))
-    resume_state = load_resume_state(cfg.resume, run_dir, model)
+    resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
     policy = wrap_model(model, dist, settings.bf16)  # FSDP: the same module, its weights sharded
@@ -269,7 +278,8 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
         mode=cfg.logger.mode,
         wandb_init=wandb_init,
         run_id=resume_state["wandb_run_id"] if resume_state else None,
-        resume_step=resume_state["step"] if resume_state else None,
+        # resume=auto without a checkpoint yet starts afresh: the rows of a killed first attempt go
+        resume_step=resume_state["step"] if resume_state else (-1 if cfg.resume == "auto" else None),
     )
     start = record_start(run_dir, Path(__file__).resolve().parents[1])
     log.info(

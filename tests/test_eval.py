@@ -7,7 +7,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from common.checkpoint import STATE_FILE
+from common.checkpoint import COMPLETE_FILE, STATE_FILE
 from common.models import load_policy, save_hf
 from scripts.eval import main, pass_at_k, resolve_source, task_config
 
@@ -81,11 +81,13 @@ def test_run_directory_uses_final_checkpoint_and_run_settings(model_dir, tmp_pat
 
 
 def test_run_directory_without_final_uses_latest_checkpoint(tmp_path):
-    for step in (3, 10, 7):
+    for step in (3, 10, 7, 12):
         folder = tmp_path / "checkpoints" / f"step_{step}"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
         torch.save({"step": step}, folder / STATE_FILE)
+        if step != 12:  # step_12 has no completion marker: a save that did not finish
+            (folder / COMPLETE_FILE).write_text(json.dumps({"step": step}))
     assert resolve_source(str(tmp_path)) == ("folder", tmp_path / "checkpoints" / "step_10", tmp_path)
     # a checkpoint inside a run still finds the run (for its task settings)
     (tmp_path / ".hydra").mkdir()
