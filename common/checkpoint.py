@@ -29,12 +29,14 @@ import os
 import re
 import shutil
 import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from common.finite import first_non_finite, named_tensors
 from common.models import is_lora, load_lora_adapter, merged_copy, save_lora_adapter, write_atomically
 
 log = logging.getLogger("rl_lab")
@@ -58,6 +60,10 @@ class UnreadableCheckpointError(CheckpointError):
     """A checkpoint whose files cannot be read (truncated, corrupt): resume=auto tries an older one."""
 
 
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint refused before writing: a weight or a state tensor holds a NaN or an infinity."""
+
+
 def save_checkpoint(
     path: Path,
     *,
@@ -69,7 +75,16 @@ def save_checkpoint(
     """Write the policy (HF folder; a LoRA policy merged, plus its adapter) and the trainer state into
     `path`, atomically, its completion marker last. `weights`: the policy's whole state dict when
     `model` itself holds only a shard of it (FSDP; gathered by common.distributed.model_state_dict).
+
+    Raises:
+        NonFiniteCheckpointError: a weight or a tensor of `state` (optimizer moments, the critic)
+            holds a NaN or an infinity; nothing is written, the previous checkpoints stay.
     """
+    tensors = chain(
+        named_tensors(model.state_dict() if weights is None else weights, "model"), named_tensors(state)
+    )
+    if (bad := first_non_finite(tensors)) is not None:
+        raise NonFiniteCheckpointError(f"{bad} holds a NaN or an infinity")
 
     def write(folder: Path) -> None:
         if is_lora(model):

@@ -112,6 +112,19 @@ def drop_rows_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
+class LogWriteError(RuntimeError):
+    """metrics.jsonl or samples.jsonl cannot be written (a full disk, a folder gone read-only)."""
+
+
+def write_line(file: Any, text: str) -> None:
+    """Append `text` to an open log file and flush it; an OSError becomes a one-line LogWriteError."""
+    try:
+        file.write(text)
+        file.flush()
+    except OSError as err:
+        raise LogWriteError(f"cannot write {file.name}: {err.strerror or err}") from err
+
+
 @dataclass(frozen=True)
 class WandbInit:
     """Where and how W&B files a run: wandb.init's project, entity, group (the experiment), name,
@@ -199,18 +212,14 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        write_line(self._metrics, json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.log, {**metrics, "train/step": step}, step=step)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """rows: dicts with the keys of SAMPLE_COLUMNS (step is added here)."""
-        for row in rows:
-            self._samples.write(
-                json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) + "\n"
-            )
-        self._samples.flush()
+        lines = (json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) for row in rows)
+        write_line(self._samples, "".join(line + "\n" for line in lines))
         if self.wandb_run is not None:
             import wandb
 
@@ -220,8 +229,11 @@ class RunLogger:
             self._wandb_call(self.wandb_run.log, {"samples/completions": table}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        self._metrics.close()
-        self._samples.close()
+        for file in (self._metrics, self._samples):
+            try:
+                file.close()
+            except OSError as err:  # what could not be written was reported when it failed
+                log.warning("closing %s failed (%s)", file.name, err)
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.finish, exit_code=exit_code)
             self.wandb_run = None

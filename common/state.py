@@ -42,7 +42,31 @@ class RunInterruptedError(Exception):
 
 
 class RunAbortedError(RuntimeError):
-    """The run cannot go on (e.g. non-finite losses step after step); the last good state is saved."""
+    """The run cannot go on (e.g. non-finite losses step after step, a checkpoint that cannot be
+    written); `path` is the checkpoint it can resume from, if any."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointWriteError(RunAbortedError):
+    """A checkpoint could not be written (a full disk, a folder gone read-only, a non-finite state):
+    the run stops; `path` is the last checkpoint, which the failed write left intact."""
+
+    def __init__(self, target: Path, error: BaseException | None, last: Path | None) -> None:
+        if error is None:
+            cause = "the write failed on rank 0"
+        elif isinstance(error, CheckpointError):
+            cause = str(error)
+        else:
+            lines = str(error).strip().splitlines()
+            cause = f"{type(error).__name__}: {lines[0] if lines else ''}"
+        super().__init__(
+            f"checkpoint {target.name} not written to {target.parent}: {cause}; "
+            f"the last checkpoint is {last or 'none'}",
+            last,
+        )
 
 
 class StopRequest:

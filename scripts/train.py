@@ -30,7 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.algorithm import Algorithm
-from common.checkpoint import CheckpointError, load_checkpoint, load_newest, resume_candidates
+from common.checkpoint import (
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    load_newest,
+    resume_candidates,
+)
 from common.config import as_config_error
 from common.distributed import (
     SINGLE,
@@ -42,7 +48,7 @@ from common.distributed import (
     shutdown,
     wrap_model,
 )
-from common.logging import RunLogger, WandbInit
+from common.logging import LogWriteError, RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
 from common.provenance import record_start
 from common.rollout import HFRollout, PromptTooLongError
@@ -300,7 +306,14 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (RunAbortedError, DynamicSamplingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            resume = getattr(err, "path", None) and f"\nresume with: {resume_command(run_dir)}"
+            print(f"error: {err}{resume or ''}", file=sys.stderr)
+        sys.exit(1)
+    except LogWriteError as err:
+        last = find_latest(run_dir)
+        resume = f"\nresume with: {resume_command(run_dir)}" if last else ""
+        print(f"error: {err}; the last checkpoint is {last or 'none'}{resume}", file=sys.stderr)
         sys.exit(1)
     except RunInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun

@@ -63,6 +63,17 @@ def test_eval_on_a_model_folder(model_dir, tmp_path, capsys):
     assert metrics["errors"] == 0
 
 
+def test_eval_refuses_a_model_with_non_finite_weights(model_dir, tmp_path):
+    model, tokenizer = load_policy("hub", name_or_path=str(model_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save_hf(model, tokenizer, tmp_path / "nan")  # not save_checkpoint, which would refuse it
+    with pytest.raises(
+        SystemExit, match=r"^error: .*the weight model.layers.0.mlp.up_proj.weight holds a NaN"
+    ):
+        main([str(tmp_path / "nan"), *FAST])
+
+
 def test_run_directory_uses_final_checkpoint_and_run_settings(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
