@@ -57,6 +57,7 @@ from common.distributed import (
 )
 from common.evaluation import evaluate
 from common.logging import RunLogger, peak_rss_mb
+from common.rewards import RewardError
 from common.rollout import HFRollout
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
 from common.state import (
@@ -313,15 +314,16 @@ class Checkpointer:
     loop: LoopState
     t_start: float
 
-    def save(self, name: str, model_only: bool = False) -> Path:
+    def save(self, name: str, model_only: bool = False, snapshot: dict[str, Any] | None = None) -> Path:
         """Checkpoint `name` of the state after loop.step (model_only: the policy alone, what
-        scripts/eval.py reads; a resume from it stops). Data parallel: a collective."""
+        scripts/eval.py reads; a resume from it stops); `snapshot`: Resumable.snapshot's RNG, data
+        and algorithm state instead of the current ones. Data parallel: a collective."""
         ctx, loop = self.ctx, self.loop
         loop.wall_s = time.perf_counter() - self.t_start
         state = (
             {"step": loop.step, MODEL_ONLY: True}
             if model_only
-            else self.resumable.state_dict(loop, ctx.logger.wandb_run_id if ctx.logger else None)
+            else self.resumable.state_dict(loop, ctx.logger.wandb_run_id if ctx.logger else None, snapshot)
         )
         weights = model_state_dict(ctx.model, ctx.dist) if ctx.dist.shards_params else None  # all ranks
         path, error = ctx.run_dir / "checkpoints" / name, None
@@ -361,8 +363,9 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     the run continues after the checkpoint's step with the same RNG streams, data order and
     optimizer. Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and
     is checkpointed); RunAbortedError after settings.max_bad_steps steps in a row without a finite
-    update (`check_bad_steps`); CheckpointWriteError when a checkpoint cannot be written
-    (`Checkpointer`). At the end the final checkpoint is written (the policy
+    update (`check_bad_steps`) or, with settings.fail_on_reward_error, a reward function that raised
+    (the state after the previous step is checkpointed); CheckpointWriteError when a checkpoint
+    cannot be written (`Checkpointer`). At the end the final checkpoint is written (the policy
     weights only with settings.save_only_model) and the step checkpoints it supersedes are deleted
     (unless settings.keep_step_checkpoints).
 
@@ -389,7 +392,14 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
             tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
         while not finished(loop, settings):
             step = loop.step + 1
-            samples, metrics = train_step(ctx, step, stream, generator)
+            before = resumable.snapshot()  # a failing reward checkpoints the state after the last step
+            try:
+                samples, metrics = train_step(ctx, step, stream, generator)
+            except RewardError as err:
+                path = saver.save(f"step_{loop.step}", snapshot=before)
+                raise RunAbortedError(
+                    f"step {step}: {err}; the state after step {loop.step} is saved in {path}", path
+                ) from err
             metrics = advance(loop, step, reduce_metrics(metrics, dist), saver.t_start)
             last = finished(loop, settings)
             metrics.update(evaluate_if_due(ctx, eval_examples, step, last))

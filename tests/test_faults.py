@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from common.checkpoint import STATE_FILE, NonFiniteCheckpointError, save_checkpoint
+import common.trainer as trainer_module
+from common.checkpoint import COMPLETE_FILE, STATE_FILE, NonFiniteCheckpointError, save_checkpoint
 from common.logging import RunLogger
-from common.rewards import RewardError
 from common.state import CheckpointWriteError, RunAbortedError
 from grpo import GRPO
 from scripts.train import run
-from tests.conftest import TINY_RUN, compose_train
+from tests.conftest import ROOT, TINY_RUN, compose_train
 from tests.test_checkpoints import checkpoint_names
-from tests.test_cli import train_cli
-from tests.test_resume import read_metrics
+from tests.test_cli import cli_env, train_cli
+from tests.test_resume import assert_same_run, read_metrics
 
 
 def test_raising_reward_scores_zero_and_the_run_goes_on(tmp_path, cache_dir, monkeypatch):
@@ -43,18 +45,76 @@ def test_raising_reward_scores_zero_and_the_run_goes_on(tmp_path, cache_dir, mon
     assert sum(r["reward/errors"] for r in rows) >= 2  # 16 scored samples, every 5th raises
 
 
-def test_raising_reward_fails_fast_when_asked(tmp_path, cache_dir, monkeypatch):
+@pytest.mark.parametrize("algorithm", ["grpo", "dapo"])  # dapo: the dynamic-sampling filter's rounds
+def test_raising_reward_under_fail_on_reward_error_checkpoints_the_last_step_and_resumes_exactly(
+    tmp_path, cache_dir, monkeypatch, algorithm
+):
     from common.tasks.char_share import CharShareTask
 
-    def broken(self, response, example):
-        raise RuntimeError("verifier crashed")
+    original, original_step = CharShareTask.correctness, trainer_module.train_step
+    broken = {"on": False}
 
-    monkeypatch.setattr(CharShareTask, "correctness", broken)
-    cfg = compose_train(
-        *TINY_RUN, "trainer.max_steps=2", "trainer.fail_on_reward_error=true", f"paths.cache_dir={cache_dir}"
+    def breaks_in_step_2(ctx, step, *args):
+        broken["on"] = step == 2
+        return original_step(ctx, step, *args)
+
+    def correctness(self, response, example):
+        if broken["on"]:
+            raise RuntimeError("verifier crashed")
+        return original(self, response, example)
+
+    monkeypatch.setattr(trainer_module, "train_step", breaks_in_step_2)
+    monkeypatch.setattr(CharShareTask, "correctness", correctness)
+    common = (
+        *TINY_RUN,
+        f"algorithm={algorithm}",
+        "trainer.max_steps=3",
+        "trainer.fail_on_reward_error=true",
+        f"paths.cache_dir={cache_dir}",
     )
-    with pytest.raises(RewardError):
-        run(cfg, tmp_path)
+    failed, straight = tmp_path / "failed", tmp_path / "straight"
+    message = (
+        r"^step 2: reward function raised on sample 0: RuntimeError: verifier crashed "
+        r"\(prompt '.+', response '.*'\); the state after step 1 is saved in .*step_1$"
+    )
+    with pytest.raises(RunAbortedError, match=message) as info:
+        run(compose_train(*common), failed)
+    assert info.value.path == failed / "checkpoints" / "step_1"
+    monkeypatch.undo()  # the reward function fixed, the run goes on from step 1 as if nothing happened
+    run(compose_train(*common, "resume=auto"), failed)
+    run(compose_train(*common), straight)
+    assert sorted(read_metrics(failed)) == [1, 2, 3]
+    assert_same_run(straight, failed, [1, 2, 3])
+
+
+def test_fail_on_reward_error_is_one_line_with_the_resume_command(tmp_path, cache_dir):
+    # the entry point as a user runs it, with a reward function that always raises
+    script = (
+        "from common.tasks.char_share import CharShareTask\n"
+        "def broken(self, response, example): raise KeyError('no such field')\n"
+        "CharShareTask.correctness = broken\n"
+        "import runpy\n"
+        "runpy.run_module('scripts.train', run_name='__main__', alter_sys=True)\n"
+    )
+    args = [*TINY_RUN, "trainer.fail_on_reward_error=true", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=cli_env(cache_dir),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    error = lines[errors[0]]
+    assert "step 1: reward function raised on sample 0: KeyError: 'no such field' (prompt '" in error
+    assert error.endswith(f"the state after step 0 is saved in {tmp_path / 'checkpoints' / 'step_0'}")
+    assert (
+        lines[errors[0] + 1].startswith("resume with: python -m scripts.train") and "resume=auto" in lines[-1]
+    )
+    assert (tmp_path / "checkpoints" / "step_0" / COMPLETE_FILE).is_file()
 
 
 def test_non_finite_losses_skip_updates_then_abort_with_last_good_state(
