@@ -11,10 +11,10 @@ checks; a task's is made from its constructor (common.tasks.task_schema, which k
 constructor's defaults). Values and their comments live in the YAML files: the schemas here carry
 types, no defaults.
 
-Before any schema's own checks, `require_finite` walks the whole composed config once: a NaN or an
-infinity is refused wherever it stands (a float key, a list of floats, a free-form mapping such as
-model.tiny), so the range checks below only ever see finite numbers. Every numeric key states its
-range in its schema; a key with no bound beyond finiteness says so in a comment.
+Before any schema's own checks, common.config_checks.require_finite walks the whole composed config
+once: a NaN or an infinity is refused wherever it stands, so the range checks below only ever see
+finite numbers. Every numeric key states its range in its schema; a key with no bound beyond
+finiteness says so in a comment.
 
 Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
 `error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
@@ -23,21 +23,13 @@ Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-    ValidationError,
-)
-from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
+from omegaconf import DictConfig, OmegaConf
 
+# the one-line error and its helpers, defined with the whole-config checks and imported from here
+from common.config_checks import ConfigError, as_config_error, require, require_option  # noqa: F401
 from common.distributed import launched_world_size
 
 ROLLOUT_ENGINES = ("hf", "vllm")
@@ -46,28 +38,6 @@ ZERO_STAGES = (0, 1, 2, 3)
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
 # dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
 ON_EXHAUSTED = ("partial", "skip", "error")
-# keys that moved, for the error that names the new one
-RENAMED = {
-    "algorithm.critic_lr": "critic.lr",
-    "algorithm.critic_warmup_steps": "critic.warmup_steps",
-    "algorithm.critic_name_or_path": "critic.name_or_path",
-}
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory setting; the message names the key: `<key>: <why> (got <value>)`."""
-
-
-def require(condition: bool, key: str, why: str, got: Any) -> None:
-    """Raise ConfigError(`<key>: <why> (got <got>)`) unless `condition` holds."""
-    if not condition:
-        raise ConfigError(f"{key}: {why} (got {got!r})")
-
-
-def require_option(key: str, value: Any, options: Sequence[Any], described: str | None = None) -> None:
-    """`value` must be one of `options`; `described` replaces their plain listing in the message."""
-    listing = described or ", ".join(str(o) for o in options)
-    require(value in options, key, f"not one of the options: {listing}", value)
 
 
 def schema_node(cls: type) -> DictConfig:
@@ -76,70 +46,6 @@ def schema_node(cls: type) -> DictConfig:
     node = OmegaConf.structured(cls)
     OmegaConf.set_readonly(node, False)
     return node
-
-
-# what a value of the wrong type should have been, by the OmegaConf node that refused it
-_EXPECTED = {
-    IntegerNode: "must be an integer",
-    FloatNode: "must be a number",
-    BooleanNode: "must be true or false",
-    StringNode: "must be a string",
-    ListConfig: "must be a list, e.g. [a, b]",
-    DictConfig: "must be a mapping, e.g. {a: 1}",
-}
-
-
-def as_config_error(err: BaseException) -> ConfigError | None:
-    """The one-line ConfigError for an OmegaConf error about a key, or for a Hydra composition error
-    caused by one: a value of the wrong type, a key that no schema has, a missing value. None for
-    any other error (e.g. an unknown config group option, which Hydra reports with its options).
-
-    The offending value comes from OmegaConf's message ("Value 'abc' of type 'str' ...") or from
-    Hydra's, which quotes the override ("Error merging override optim.lr=abc").
-    """
-    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
-    if not isinstance(cause, OmegaConfBaseException) or not cause.full_key:
-        return None
-    key, message = cause.full_key, str(cause.msg).splitlines()[0]
-    if isinstance(cause, MissingMandatoryValue):
-        return ConfigError(f"{key}: needs a value, e.g. {key}=... on the command line (got ???)")
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        where = key.rpartition(".")[0] or "the top level"
-        why = f"renamed to {RENAMED[key]}" if key in RENAMED else f"not a key of {where}"
-    elif isinstance(cause, ValidationError):
-        why = _EXPECTED.get(type(cause.child_node), message)
-    else:  # e.g. an interpolation that does not resolve
-        return ConfigError(f"{key}: {message}")
-    value = re.search(r"Value '(.*?)'", message) or re.search(
-        rf"(?:override|use) \+*{re.escape(key)}=(.*)$", str(err), re.MULTILINE
-    )
-    return ConfigError(f"{key}: {why} (got {value.group(1) if value else '?'})")
-
-
-def non_finite(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every NaN or infinity in a plain config container (nested dicts and
-    lists, as OmegaConf.to_container gives); a list holding one is reported whole, under its key."""
-    if isinstance(node, dict):
-        for name, value in node.items():
-            yield from non_finite(value, f"{key}.{name}" if key else str(name))
-    elif isinstance(node, list):
-        if any(isinstance(v, float) and not math.isfinite(v) for v in node):
-            yield key, node
-        else:
-            for value in node:
-                yield from non_finite(value, key)
-    elif isinstance(node, float) and not math.isfinite(node):
-        yield key, node
-
-
-def require_finite(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first key of `cfg` (resolved) that holds NaN or an infinity.
-
-    One pass over the whole composed config, run before the schemas' own checks: `optim.lr=inf`
-    would pass `lr > 0`, and an infinite learning rate turns every weight into NaN at the first step.
-    """
-    for key, value in non_finite(OmegaConf.to_container(cfg, resolve=True)):
-        raise ConfigError(f"{key}: must be a finite number (got {value})")
 
 
 @dataclass

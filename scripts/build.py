@@ -34,10 +34,10 @@ from common.config import (
     as_config_error,
     gen_batch_size,
     require,
-    require_finite,
     require_option,
     schema_node,
 )
+from common.config_checks import require_finite
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout import HFRollout
@@ -125,7 +125,7 @@ def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str
 
 def validate(cfg: DictConfig) -> None:
     """Reject settings that would fail (or silently mislead) later, naming the key, before any model
-    loads: the algorithm's name here, a NaN or infinity anywhere (common.config.require_finite), then
+    loads: the algorithm's name here, a NaN or infinity anywhere (common.config_checks), then
     every schema's own checks (common.config, and each algorithm's in grpo/, dapo/, ppo/), which run
     as the composed config becomes its dataclasses."""
     require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
