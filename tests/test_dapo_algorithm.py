@@ -13,7 +13,8 @@ def dapo(*overrides: str):
 
 
 def test_overlong_shaping_adds_the_soft_penalty_as_its_own_term():
-    algo = dapo("algorithm.overlong_buffer_len=4")
+    # factor 1, as in Eq. 13 (the preset's 0.5 only scales it)
+    algo = dapo("algorithm.overlong_buffer_len=4", "algorithm.overlong_factor=1.0")
     lengths = torch.tensor([10, 16, 18, 20, 25])
     # L_max 20, L_cache 4: 0 up to 16, then -(L - 16) / 4, and -1 beyond 20
     terms = algo.shape_rewards(lengths, lengths >= 20)
@@ -22,7 +23,7 @@ def test_overlong_shaping_adds_the_soft_penalty_as_its_own_term():
 
 def test_overlong_buffer_defaults_to_a_fifth_of_max_len():
     # the paper's L_cache = 4,096 of L_max = 20,480; here max_len 20 -> L_cache 4, penalty after 16
-    algo = dapo()
+    algo = dapo("algorithm.overlong_factor=1.0")
     assert algo.overlong_buffer_len is None and algo.buffer_len == 4
     terms = algo.shape_rewards(torch.tensor([16, 17, 18, 20]), torch.zeros(4, dtype=torch.bool))
     torch.testing.assert_close(terms["overlong"], torch.tensor([0.0, -0.25, -0.5, -1.0]))
