@@ -10,34 +10,58 @@ CheckpointError, as there is no optimizer or RNG state to continue from.
 A LoRA policy is saved twice: merged (W0 + (alpha / r) B A) as the plain folder that scripts/eval.py
 and `load_policy("hub", ...)` read without peft, and as its adapter alone, which is what a resume
 loads (the frozen base weights come from the run's model config, as at the start of the run).
-The folder is written under a temporary name and renamed into place, so a crash or a full disk
-while writing leaves the previous checkpoint as it was.
+A checkpoint counts only once it is complete. It is written under a temporary name
+(`.<name>.tmp-*`), its completion marker `complete.json` ({"step": n}) is written last, and the
+folder is then renamed into place; a folder is deleted by renaming it to `.<name>.del-*` first.
+So a kill at any moment leaves every visible folder with a marker whole, and `resume=auto`
+(`resume_candidates`, `load_newest`) reads only those: it clears the hidden folders a killed save
+or deletion left (finishing a replacement cut between its two renames), and when the newest
+checkpoint cannot be read it says so in one line and loads the newest one that can. The files are
+not fsynced: a kill leaves the page cache to the kernel, and after a power cut a checkpoint whose
+files never reached the disk fails to load, so the previous one is taken.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import time
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from common.finite import first_non_finite, named_tensors
 from common.models import is_lora, load_lora_adapter, merged_copy, save_lora_adapter, write_atomically
 
 log = logging.getLogger("rl_lab")
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
+# written last into a checkpoint folder: {"step": n}; a folder without it is not a checkpoint
+COMPLETE_FILE = "complete.json"
+# a visible checkpoint folder, and a hidden one left by a save (tmp, old) or a deletion (del)
+CHECKPOINT_NAME = re.compile(r"step_(\d+)|final")
+HIDDEN_NAME = re.compile(r"\.(step_\d+|final)\.(tmp|old|del)-.*")
 # trainer_state.pt of a weights-only checkpoint: {"step": n, MODEL_ONLY: True}
 MODEL_ONLY = "model_only"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found or read; the message names the path."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, corrupt): resume=auto tries an older one."""
+
+
+class NonFiniteCheckpointError(CheckpointError):
+    """A checkpoint refused before writing: a weight or a state tensor holds a NaN or an infinity."""
 
 
 def save_checkpoint(
@@ -49,8 +73,18 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the policy (HF folder; a LoRA policy merged, plus its adapter) and the trainer state into
-    `path`, atomically. `weights`: the policy's whole state dict when `model` itself holds only a
-    shard of it (FSDP; gathered by common.distributed.model_state_dict)."""
+    `path`, atomically, its completion marker last. `weights`: the policy's whole state dict when
+    `model` itself holds only a shard of it (FSDP; gathered by common.distributed.model_state_dict).
+
+    Raises:
+        NonFiniteCheckpointError: a weight or a tensor of `state` (optimizer moments, the critic)
+            holds a NaN or an infinity; nothing is written, the previous checkpoints stay.
+    """
+    tensors = chain(
+        named_tensors(model.state_dict() if weights is None else weights, "model"), named_tensors(state)
+    )
+    if (bad := first_non_finite(tensors)) is not None:
+        raise NonFiniteCheckpointError(f"{bad} holds a NaN or an infinity")
 
     def write(folder: Path) -> None:
         if is_lora(model):
@@ -60,6 +94,7 @@ def save_checkpoint(
             model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
         torch.save(state, folder / STATE_FILE)
+        (folder / COMPLETE_FILE).write_text(json.dumps({"step": int(state["step"])}))  # last
 
     write_atomically(Path(path), write)
     return Path(path)
@@ -73,7 +108,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     """
     path = Path(path)
     if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"resume: {path} is not a checkpoint (no {STATE_FILE})")
+        raise UnreadableCheckpointError(f"resume: {path} is not a checkpoint (no {STATE_FILE})")
     lora = (path / ADAPTER_DIR).is_dir()
     if lora != is_lora(model):
         # the optimizer state holds the adapters' or all weights' moments: the two do not mix
@@ -96,7 +131,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as err:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"resume: cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UnreadableCheckpointError(
+            f"resume: cannot read checkpoint {path}: {type(err).__name__}: {first_line}"
+        ) from err
     return state
 
 
@@ -117,16 +155,86 @@ def check_lora_base(model: torch.nn.Module, path: Path) -> None:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint folder was written at (read from its state file)."""
+    """The step a checkpoint folder was written at (its completion marker; else its state file)."""
+    if (path / COMPLETE_FILE).is_file():
+        return int(json.loads((path / COMPLETE_FILE).read_text())["step"])
     return int(torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)["step"])
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder whose completion marker was written (the last file of a save)."""
+    return (folder / COMPLETE_FILE).is_file()
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of `run_dir` (visible step_<n> / final folders with a marker),
+    newest first (at equal steps `final` first). A visible folder without a marker is logged and
+    left out: an older version wrote none (resume=PATH still loads it), or it was copied in part."""
+    found = []
+    for folder in sorted((Path(run_dir) / "checkpoints").glob("*")):
+        if not (folder.is_dir() and CHECKPOINT_NAME.fullmatch(folder.name)):
+            continue
+        if not is_complete(folder):
+            log.warning(
+                "%s has no %s (incomplete, or written by an older version): skipped", folder, COMPLETE_FILE
+            )
+            continue
+        try:
+            found.append((checkpoint_step(folder), folder.name == "final", folder))
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("%s: unreadable %s (%s): skipped", folder, COMPLETE_FILE, err)
+    return [folder for *_, folder in sorted(found, key=lambda f: f[:2], reverse=True)]
 
 
 def find_latest(run_dir: Path) -> Path | None:
     """The complete checkpoint of `run_dir` with the highest step, or None."""
-    folders = [p for p in (Path(run_dir) / "checkpoints").glob("*") if (p / STATE_FILE).is_file()]
-    if not folders:
-        return None
-    return max(folders, key=checkpoint_step)
+    return next(iter(complete_checkpoints(run_dir)), None)
+
+
+def remove_stale_folders(run_dir: Path) -> None:
+    """Clear what a killed save or deletion left in `run_dir`/checkpoints: the hidden `.<name>.tmp-*`,
+    `.old-*` and `.del-*` folders. A replacement cut between its two renames (the old folder moved
+    aside, the new one not yet in place) is finished first: the newest complete hidden copy of a
+    name with no visible folder (the new `tmp` one, else the `old` one) is renamed into place."""
+    folder = Path(run_dir) / "checkpoints"
+    hidden = [
+        (m.group(1), m.group(2), p) for p in sorted(folder.glob(".*")) if (m := HIDDEN_NAME.fullmatch(p.name))
+    ]
+    for name, kind, path in sorted(hidden, key=lambda h: h[1] != "tmp"):  # tmp (newer) before old
+        if kind != "del" and is_complete(path) and not (folder / name).exists():
+            path.rename(folder / name)
+            log.warning("finished an interrupted checkpoint write: %s", folder / name)
+    stale = [path for *_, path in hidden if path.exists()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale:
+        log.info("removed %d temporary folder(s) left by an interrupted save in %s", len(stale), folder)
+
+
+def resume_candidates(run_dir: Path) -> list[Path]:
+    """What resume=auto may continue from: the complete checkpoints of `run_dir`, newest first, once
+    the temporary folders of interrupted saves are cleared (`remove_stale_folders`)."""
+    remove_stale_folders(run_dir)
+    return complete_checkpoints(run_dir)
+
+
+def load_newest(candidates: list[Path], model: torch.nn.Module) -> tuple[Path, dict[str, Any]]:
+    """Load the first of `candidates` (newest first) that can be read into `model`; returns it and its
+    trainer state. One that cannot be read is reported in one line and the next one is tried; any
+    other CheckpointError (e.g. a weights-only checkpoint) stops the resume.
+
+    Raises:
+        CheckpointError: none of the candidates can be read.
+    """
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, model)
+        except UnreadableCheckpointError as err:
+            log.warning("%s; trying the next newest checkpoint", err)
+    raise CheckpointError(
+        f"resume=auto: none of the {len(candidates)} checkpoints in {candidates[0].parent} can be read; "
+        "remove them to start afresh, or choose one with resume=PATH"
+    )
 
 
 def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -137,12 +245,23 @@ def step_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for m, p in matches if m)
 
 
+def remove_checkpoint(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed to a hidden `.<name>.del-*` first, so a kill during the
+    deletion never leaves a visible folder with part of its files."""
+    hidden = folder.with_name(f".{folder.name}.del-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        folder.rename(hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` step_<n> folders (final is never deleted); 0 keeps all."""
     if keep_last <= 0:
         return
     for _, old in step_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_checkpoint(old)
 
 
 def remove_step_checkpoints(run_dir: Path, up_to: int) -> None:
@@ -150,7 +269,7 @@ def remove_step_checkpoints(run_dir: Path, up_to: int) -> None:
     supersedes them."""
     for step, folder in step_checkpoints(run_dir):
         if step <= up_to:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_checkpoint(folder)
 
 
 def disk_bytes(folder: Path) -> int:

@@ -11,6 +11,11 @@ checks; a task's is made from its constructor (common.tasks.task_schema, which k
 constructor's defaults). Values and their comments live in the YAML files: the schemas here carry
 types, no defaults.
 
+Before any schema's own checks, common.config_checks.require_finite walks the whole composed config
+once: a NaN or an infinity is refused wherever it stands, so the range checks below only ever see
+finite numbers. Every numeric key states its range in its schema; a key with no bound beyond
+finiteness says so in a comment.
+
 Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
 `error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
 """
@@ -18,21 +23,13 @@ Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry 
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    MissingMandatoryValue,
-    OmegaConfBaseException,
-    ValidationError,
-)
-from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
+from omegaconf import DictConfig, OmegaConf
 
+# the one-line error and its helpers, defined with the whole-config checks and imported from here
+from common.config_checks import ConfigError, as_config_error, require, require_option  # noqa: F401
 from common.distributed import launched_world_size
 from common.rollout.base import ROLLOUT_DTYPES
 from common.rollout.engine import ENGINES
@@ -43,28 +40,6 @@ ZERO_STAGES = (0, 1, 2, 3)
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
 # dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
 ON_EXHAUSTED = ("partial", "skip", "error")
-# keys that moved, for the error that names the new one
-RENAMED = {
-    "algorithm.critic_lr": "critic.lr",
-    "algorithm.critic_warmup_steps": "critic.warmup_steps",
-    "algorithm.critic_name_or_path": "critic.name_or_path",
-}
-
-
-class ConfigError(ValueError):
-    """A bad or contradictory setting; the message names the key: `<key>: <why> (got <value>)`."""
-
-
-def require(condition: bool, key: str, why: str, got: Any) -> None:
-    """Raise ConfigError(`<key>: <why> (got <got>)`) unless `condition` holds."""
-    if not condition:
-        raise ConfigError(f"{key}: {why} (got {got!r})")
-
-
-def require_option(key: str, value: Any, options: Sequence[Any], described: str | None = None) -> None:
-    """`value` must be one of `options`; `described` replaces their plain listing in the message."""
-    listing = described or ", ".join(str(o) for o in options)
-    require(value in options, key, f"not one of the options: {listing}", value)
 
 
 def schema_node(cls: type) -> DictConfig:
@@ -73,44 +48,6 @@ def schema_node(cls: type) -> DictConfig:
     node = OmegaConf.structured(cls)
     OmegaConf.set_readonly(node, False)
     return node
-
-
-# what a value of the wrong type should have been, by the OmegaConf node that refused it
-_EXPECTED = {
-    IntegerNode: "must be an integer",
-    FloatNode: "must be a number",
-    BooleanNode: "must be true or false",
-    StringNode: "must be a string",
-    ListConfig: "must be a list, e.g. [a, b]",
-    DictConfig: "must be a mapping, e.g. {a: 1}",
-}
-
-
-def as_config_error(err: BaseException) -> ConfigError | None:
-    """The one-line ConfigError for an OmegaConf error about a key, or for a Hydra composition error
-    caused by one: a value of the wrong type, a key that no schema has, a missing value. None for
-    any other error (e.g. an unknown config group option, which Hydra reports with its options).
-
-    The offending value comes from OmegaConf's message ("Value 'abc' of type 'str' ...") or from
-    Hydra's, which quotes the override ("Error merging override optim.lr=abc").
-    """
-    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
-    if not isinstance(cause, OmegaConfBaseException) or not cause.full_key:
-        return None
-    key, message = cause.full_key, str(cause.msg).splitlines()[0]
-    if isinstance(cause, MissingMandatoryValue):
-        return ConfigError(f"{key}: needs a value, e.g. {key}=... on the command line (got ???)")
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-        where = key.rpartition(".")[0] or "the top level"
-        why = f"renamed to {RENAMED[key]}" if key in RENAMED else f"not a key of {where}"
-    elif isinstance(cause, ValidationError):
-        why = _EXPECTED.get(type(cause.child_node), message)
-    else:  # e.g. an interpolation that does not resolve
-        return ConfigError(f"{key}: {message}")
-    value = re.search(r"Value '(.*?)'", message) or re.search(
-        rf"(?:override|use) \+*{re.escape(key)}=(.*)$", str(err), re.MULTILINE
-    )
-    return ConfigError(f"{key}: {why} (got {value.group(1) if value else '?'})")
 
 
 @dataclass
@@ -149,6 +86,23 @@ class ModelConfig:
     disable_dropout: bool
     gradient_checkpointing: bool
     lora: LoraConfig
+
+    # keys that one source alone reads (the other options leave them null or {}):
+    # key -> (source, the model= option that selects it)
+    SOURCE_KEYS: ClassVar[dict[str, tuple[str, str]]] = {
+        "name_or_path": ("hub", "model=hub"),
+        "tiny": ("tiny", "model=tiny"),
+    }
+
+    def __post_init__(self) -> None:
+        for key, (source, option) in self.SOURCE_KEYS.items():
+            value = getattr(self, key)
+            require(
+                not value or self.source == source,
+                f"model.{key}",
+                f"read only by {option}; the selected model ({self.name}, source {self.source}) ignores it",
+                value,
+            )
 
 
 @dataclass
@@ -220,6 +174,22 @@ class TrainerConfig:
         )
         require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
         require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
+        for key in (
+            "eval_every",
+            "eval_num_prompts",
+            "log_samples_every",
+            "num_samples_logged",
+            "save_every",
+            "keep_last_checkpoints",
+        ):
+            value = getattr(self, key)
+            require(value >= 0, f"trainer.{key}", "must be >= 0", value)
+        require(
+            self.num_threads is None or self.num_threads >= 1,
+            "trainer.num_threads",
+            "must be >= 1 or null",
+            self.num_threads,
+        )
 
 
 @dataclass
@@ -249,6 +219,13 @@ class RolloutConfig:
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
+        require(self.max_prompt_len >= 1, "rollout.max_prompt_len", "must be >= 1", self.max_prompt_len)
+        require(
+            0 < self.gpu_memory_utilization < 1,
+            "rollout.gpu_memory_utilization",
+            "must be in (0, 1)",
+            self.gpu_memory_utilization,
+        )
         require_option("rollout.engine", self.engine, ENGINES)
         if self.engine == "vllm":
             from common.rollout.vllm_engine import vllm_available  # the optional engine's module, on demand
@@ -258,12 +235,6 @@ class RolloutConfig:
                 raise ConfigError(
                     f"rollout.engine: vllm: {reason}; rollout.engine=hf (or generate) works everywhere"
                 )
-            require(
-                0 < self.gpu_memory_utilization < 1,
-                "rollout.gpu_memory_utilization",
-                "must be in (0, 1)",
-                self.gpu_memory_utilization,
-            )
 
 
 @dataclass
@@ -279,6 +250,20 @@ class OptimConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", self.warmup_steps)
+        require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        # AdamW multiplies the weights by 1 - lr x weight_decay every step: at 1 or more they vanish or flip
+        require(
+            self.lr * self.weight_decay < 1,
+            "optim.weight_decay",
+            f"optim.lr x weight_decay must be < 1 (lr {self.lr})",
+            self.weight_decay,
+        )
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            "must be two numbers in [0, 1), e.g. [0.9, 0.999]",
+            list(self.betas),
+        )
         require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0", self.max_grad_norm)
 
 
@@ -300,6 +285,10 @@ class RewardConfig:
     """reward: weights of the terms added to the task's correctness."""
 
     format_weight: float
+
+    def __post_init__(self) -> None:
+        # a bonus for the answer format; a negative weight would train the format away
+        require(self.format_weight >= 0, "reward.format_weight", "must be >= 0", self.format_weight)
 
 
 @dataclass
@@ -406,6 +395,8 @@ class TrainConfig:
     paths: PathsConfig
 
     def __post_init__(self) -> None:
+        # numpy's generator takes seeds in [0, 2**32); python's and torch's take any integer
+        require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
         t, G = self.trainer, self.rollout.group_size
         rows = (t.mini_batch_size or t.batch_size) * G
         require(

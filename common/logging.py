@@ -83,12 +83,46 @@ def _jsonable(value: Any) -> Any:
 
 
 def drop_rows_after(path: Path, step: int) -> None:
-    """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint."""
+    """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint.
+
+    A line that does not read as a row (what a kill in the middle of a write leaves at the end of
+    the file) is dropped with a warning naming it, as scripts/compare.py skips it.
+    """
     if not path.is_file():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    kept, unreadable = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            unreadable.append(line_no)
+            continue
+        if row_step <= step:
+            kept.append(line)
+    if unreadable:
+        log.warning(
+            "%s: dropped %d unreadable line(s) (line %s), e.g. a write cut short",
+            path,
+            len(unreadable),
+            ", ".join(map(str, unreadable)),
+        )
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class LogWriteError(RuntimeError):
+    """metrics.jsonl or samples.jsonl cannot be written (a full disk, a folder gone read-only)."""
+
+
+def write_line(file: Any, text: str) -> None:
+    """Append `text` to an open log file and flush it; an OSError becomes a one-line LogWriteError."""
+    try:
+        file.write(text)
+        file.flush()
+    except OSError as err:
+        raise LogWriteError(f"cannot write {file.name}: {err.strerror or err}") from err
 
 
 @dataclass(frozen=True)
@@ -178,18 +212,14 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        write_line(self._metrics, json.dumps(row) + "\n")
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.log, {**metrics, "train/step": step}, step=step)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """rows: dicts with the keys of SAMPLE_COLUMNS (step is added here)."""
-        for row in rows:
-            self._samples.write(
-                json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) + "\n"
-            )
-        self._samples.flush()
+        lines = (json.dumps({"step": step, **{k: _jsonable(v) for k, v in row.items()}}) for row in rows)
+        write_line(self._samples, "".join(line + "\n" for line in lines))
         if self.wandb_run is not None:
             import wandb
 
@@ -199,8 +229,11 @@ class RunLogger:
             self._wandb_call(self.wandb_run.log, {"samples/completions": table}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        self._metrics.close()
-        self._samples.close()
+        for file in (self._metrics, self._samples):
+            try:
+                file.close()
+            except OSError as err:  # what could not be written was reported when it failed
+                log.warning("closing %s failed (%s)", file.name, err)
         if self.wandb_run is not None:
             self._wandb_call(self.wandb_run.finish, exit_code=exit_code)
             self.wandb_run = None

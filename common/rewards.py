@@ -19,9 +19,17 @@ from torch import Tensor
 
 from common.tasks.base import Example, Task
 
+# characters of a prompt or response quoted in a reward error message
+EXCERPT_CHARS = 60
+
 
 class RewardError(RuntimeError):
     """A verifier raised while grading one sample and the caller asked to stop (fail_fast=True)."""
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` quoted on one line (repr escapes newlines), cut to `limit` characters with "..."."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
 @dataclass
@@ -38,7 +46,8 @@ class RewardResult:
         format: (N,) float32, 1.0 where `task.has_format(response)`, else 0.0.
         total: (N,) float32, correct + format_weight * format.
         errors: number of samples whose grading raised (they score 0 on every term).
-        error_messages: one "i: ExceptionType: message" line per such sample.
+        error_messages: one "i: ExceptionType: message (prompt '...', response '...')" line per
+            such sample, the texts cut to EXCERPT_CHARS characters.
         extracted: per sample, the text that was graded (`task.extract_answer`), for sample logs.
     """
 
@@ -92,7 +101,11 @@ def score_responses(
             has_format = bool(task.has_format(response))
             answer = task.extract_answer(response)
         except Exception as exc:
-            message = f"{i}: {type(exc).__name__}: {exc}"
+            detail = " ".join(str(exc).split())  # one line, whatever the exception printed
+            message = (
+                f"{i}: {type(exc).__name__}: {detail} "
+                f"(prompt {excerpt(example.prompt)}, response {excerpt(response)})"
+            )
             if fail_fast:
                 raise RewardError(f"grading sample {message}") from exc
             error_messages.append(message)

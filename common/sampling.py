@@ -20,7 +20,7 @@ from common.advantage import mixed_groups
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext
-from common.rewards import score_responses
+from common.rewards import RewardError, score_responses
 from common.rollout import RolloutBatch
 from common.rollout.engine import RolloutEngine
 from common.tasks import Example, Task
@@ -107,18 +107,24 @@ def score_samples(
     examples, expanded here in the rollout's [q1]*G + [q2]*G + ... order."""
     G = len(rollout) // len(examples)
     expanded = [e for e in examples for _ in range(G)]  # prompts_expanded order
-    result = score_responses(
-        task,
-        rollout.responses,
-        expanded,
-        format_weight=settings.format_weight,
-        fail_fast=settings.fail_on_reward_error,
-    )
+    # a raising reward scores 0 and is recorded; check_reward_errors stops the step, on every rank
+    result = score_responses(task, rollout.responses, expanded, format_weight=settings.format_weight)
     terms = {"correct": result.correct, "format": result.format}
     terms.update(algo.shape_rewards(rollout.lengths, rollout.truncated))
     # what the advantages see: the task's total (correct + weighted format) plus the shaping terms
     terms["total"] = result.total + sum(v for k, v in terms.items() if k not in ("correct", "format"))
     return Samples(rollout, expanded, terms, result.extracted, result.errors, result.error_messages)
+
+
+def check_reward_errors(samples: Samples | None, settings: TrainSettings, dist: DistContext = SINGLE) -> None:
+    """trainer.fail_on_reward_error: raise RewardError naming the first sample whose reward function
+    raised in `samples` (this rank's latest scored rollout; None: none this round). Data parallel:
+    a collective, so every rank raises together at the same point of the step."""
+    if not settings.fail_on_reward_error:
+        return
+    message = samples.error_messages[0] if samples is not None and samples.errors else None
+    if dist.any(message is not None):
+        raise RewardError(f"reward function raised on sample {message or 'of another data-parallel rank'}")
 
 
 def generate_and_score(
@@ -159,6 +165,7 @@ def collect(
     if flat_groups is not None:
         samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
         stats.update(resample_stats)
+    check_reward_errors(samples, settings, dist)
     stats["sampling/samples"] = len(samples.rollout)
     stats["sampling/tokens"] = int(samples.rollout.lengths.sum())
     stats.update(sampled_reward_metrics([samples]))
@@ -221,6 +228,7 @@ def fill_with_filtered_groups(
     while gen_batch < settings.max_num_gen_batches and short:
         gen_batch += 1
         examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
+        samples = None
         if n_kept < target:
             samples = generate_and_score(engine, task, examples, algo, settings)
             sampled.append(samples)
@@ -233,6 +241,7 @@ def fill_with_filtered_groups(
                 rows = (take.unsqueeze(1) * G + torch.arange(G)).flatten()  # group ids -> row ids
                 kept.append(samples.select(rows))
                 n_kept += take.numel()
+        check_reward_errors(samples, settings, dist)  # every round, on every rank
         short = dist.any(n_kept < target)
     stats = {
         "sampling/gen_batches": gen_batch,

@@ -6,6 +6,7 @@ algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import signal
@@ -42,7 +43,32 @@ class RunInterruptedError(Exception):
 
 
 class RunAbortedError(RuntimeError):
-    """The run cannot go on (e.g. non-finite losses step after step); the last good state is saved."""
+    """The run cannot go on (e.g. non-finite losses step after step, a checkpoint that cannot be
+    written, a reward function that raised under trainer.fail_on_reward_error); `path` is the
+    checkpoint it can resume from, if any."""
+
+    def __init__(self, message: str, path: Path | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointWriteError(RunAbortedError):
+    """A checkpoint could not be written (a full disk, a folder gone read-only, a non-finite state):
+    the run stops; `path` is the last checkpoint, which the failed write left intact."""
+
+    def __init__(self, target: Path, error: BaseException | None, last: Path | None) -> None:
+        if error is None:
+            cause = "the write failed on rank 0"
+        elif isinstance(error, CheckpointError):
+            cause = str(error)
+        else:
+            lines = str(error).strip().splitlines()
+            cause = f"{type(error).__name__}: {lines[0] if lines else ''}"
+        super().__init__(
+            f"checkpoint {target.name} not written to {target.parent}: {cause}; "
+            f"the last checkpoint is {last or 'none'}",
+            last,
+        )
 
 
 class StopRequest:
@@ -107,20 +133,36 @@ class Resumable:
             "update": self.generator.get_state(),
         }
 
-    def state_dict(self, loop: LoopState, run_id: str | None) -> dict[str, Any]:
-        """Everything but the policy weights that an exact resume needs. Data parallel: a
-        collective (every rank calls it; sharded optimizer states are gathered to rank 0);
-        "rank_rng" holds each rank's sampling RNG streams."""
-        rng = self._rng_state()
+    def _rollout_state(self) -> dict[str, Any]:
+        return {
+            "rng": self._rng_state(),
+            "data": self.stream.state_dict(),
+            "algorithm": self.algo.state_dict(),
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a rollout changes (the RNG streams, the data position, the algorithm's state), copied:
+        a few kB, taken at the start of each step, so a checkpoint written after a failed rollout
+        (`state_dict(..., snapshot=...)`) is exactly the state after the previous step."""
+        return copy.deepcopy(self._rollout_state())
+
+    def state_dict(
+        self, loop: LoopState, run_id: str | None, snapshot: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Everything but the policy weights that an exact resume needs; the RNG streams, data
+        position and algorithm state from `snapshot` when given. Data parallel: a collective (every
+        rank calls it; sharded optimizer states are gathered to rank 0); "rank_rng" holds each
+        rank's sampling RNG streams."""
+        now = snapshot or self._rollout_state()
         state = {
             "step": loop.step,
             "loop": vars(loop).copy(),
             "optimizer": optimizer_state_dict(self.model, self.optimizer, self.dist),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng,
-            "rank_rng": self.dist.gather_objects(rng),
-            "data": self.stream.state_dict(),
-            "algorithm": self.algo.state_dict(),
+            "rng": now["rng"],
+            "rank_rng": self.dist.gather_objects(now["rng"]),
+            "data": now["data"],
+            "algorithm": now["algorithm"],
             "wandb_run_id": run_id,
         }
         if self.critic is not None:

@@ -8,7 +8,8 @@ rollout and reward code is identical under all three and differences in results 
 This module is the loop itself, to be read top to bottom; each concern it calls lives in a module
 named for it: common/sampling.py (prompt stream, scored rollouts, dynamic sampling),
 common/update.py (log-prob passes, micro-batches, gradient accumulation, optimizer steps),
-common/evaluation.py (held-out pass@1), common/state.py (what a checkpoint carries, Ctrl-C).
+common/finite.py (non-finite steps undone), common/evaluation.py (held-out pass@1),
+common/state.py (what a checkpoint carries, Ctrl-C), common/checkpoint.py (writing and finding them).
 What is fixed for a run (models, optimizers, engine, task, settings, ...) travels as one frozen
 `RunContext`, built once in scripts/train.py.
 
@@ -39,6 +40,7 @@ from common.algorithm import Algorithm
 from common.checkpoint import (
     MODEL_ONLY,
     disk_bytes,
+    find_latest,
     prune_checkpoints,
     remove_step_checkpoints,
     save_checkpoint,
@@ -55,9 +57,17 @@ from common.distributed import (
 )
 from common.evaluation import evaluate
 from common.logging import RunLogger, peak_rss_mb
+from common.rewards import RewardError
 from common.rollout.engine import RolloutEngine
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
-from common.state import LoopState, Resumable, RunAbortedError, RunInterruptedError, StopRequest
+from common.state import (
+    CheckpointWriteError,
+    LoopState,
+    Resumable,
+    RunAbortedError,
+    RunInterruptedError,
+    StopRequest,
+)
 from common.tasks import Example, Task
 from common.update import Critic, add_logprobs_and_values, update_policy
 
@@ -287,10 +297,67 @@ def log_step(ctx: RunContext, step: int, samples: Samples | None, metrics: dict[
 
 
 def failed_update(samples: Samples | None, metrics: dict[str, float]) -> bool:
-    """Every update of the step was skipped as non-finite (a step without samples did not try)."""
+    """Every update of the step was skipped or undone as non-finite (a step without samples did not try)."""
     return (
         samples is not None and metrics["policy/skipped_updates"] > 0 and math.isnan(metrics["policy/loss"])
     )
+
+
+@dataclass
+class Checkpointer:
+    """Writes the run's checkpoints: the state is gathered from every rank, rank 0 writes it
+    (common.checkpoint.save_checkpoint: atomic, finite only) and prunes the older step checkpoints.
+
+    A write that fails, whatever raised (a full disk; a folder gone read-only, where the tokenizer's
+    save raises a bare Exception; a NaN in the state), stops the run with a CheckpointWriteError
+    naming the folder and the last checkpoint, which the failed write left intact: a run that can no
+    longer save would otherwise train on with nothing to resume from.
+    """
+
+    ctx: RunContext
+    resumable: Resumable
+    loop: LoopState
+    t_start: float
+
+    def save(self, name: str, model_only: bool = False, snapshot: dict[str, Any] | None = None) -> Path:
+        """Checkpoint `name` of the state after loop.step (model_only: the policy alone, what
+        scripts/eval.py reads; a resume from it stops); `snapshot`: Resumable.snapshot's RNG, data
+        and algorithm state instead of the current ones. Data parallel: a collective."""
+        ctx, loop = self.ctx, self.loop
+        loop.wall_s = time.perf_counter() - self.t_start
+        state = (
+            {"step": loop.step, MODEL_ONLY: True}
+            if model_only
+            else self.resumable.state_dict(loop, ctx.logger.wandb_run_id if ctx.logger else None, snapshot)
+        )
+        weights = model_state_dict(ctx.model, ctx.dist) if ctx.dist.shards_params else None  # all ranks
+        path, error = ctx.run_dir / "checkpoints" / name, None
+        if ctx.dist.is_main:
+            try:
+                save_checkpoint(
+                    path, model=unwrap(ctx.model), tokenizer=ctx.tokenizer, state=state, weights=weights
+                )
+                prune_checkpoints(ctx.run_dir, ctx.settings.keep_last_checkpoints)
+            except Exception as err:  # whatever the failure, the previous checkpoint is intact
+                error = err
+        if ctx.dist.any(error is not None):
+            raise CheckpointWriteError(path, error, find_latest(ctx.run_dir)) from error
+        return path
+
+
+def check_bad_steps(saver: Checkpointer, step: int) -> None:
+    """Raise RunAbortedError once settings.max_bad_steps steps in a row had no finite update. Their
+    updates were skipped or undone, so the state is the last good one: it is saved, or, should it
+    hold a non-finite value after all, the last checkpoint written is named instead."""
+    loop = saver.loop
+    if loop.bad_steps < saver.ctx.settings.max_bad_steps:
+        return
+    why = f"non-finite loss, gradient or update in {loop.bad_steps} steps in a row (trainer.max_bad_steps)"
+    try:
+        path = saver.save(f"step_{step}")
+    except CheckpointWriteError as err:
+        raise RunAbortedError(f"{why}; {err}", err.path) from err
+    raise RunAbortedError(f"{why}; the last good state is saved in {path}", path)
 
 
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
@@ -300,51 +367,45 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     `resume_state` is a checkpoint's trainer state (its weights already loaded into `ctx.model`):
     the run continues after the checkpoint's step with the same RNG streams, data order and
     optimizer. Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and
-    is checkpointed) and RunAbortedError after settings.max_bad_steps steps in a row without a
-    finite update (the last good state is checkpointed). At the end the final checkpoint is written
-    (the policy weights only with settings.save_only_model) and the step checkpoints it supersedes
-    are deleted (unless settings.keep_step_checkpoints).
+    is checkpointed); RunAbortedError after settings.max_bad_steps steps in a row without a finite
+    update (`check_bad_steps`) or, with settings.fail_on_reward_error, a reward function that raised
+    (the state after the previous step is checkpointed); CheckpointWriteError when a checkpoint
+    cannot be written (`Checkpointer`). At the end the final checkpoint is written (the policy
+    weights only with settings.save_only_model) and the step checkpoints it supersedes are deleted
+    (unless settings.keep_step_checkpoints).
 
     Data parallel (`ctx.dist`): every rank runs this loop with its DDP-wrapped model; metrics are
     reduced over ranks, evaluation is split over them, and only rank 0 (whose logger is the only
     one) logs and writes checkpoints.
     """
-    model, settings, dist, logger, run_dir = ctx.model, ctx.settings, ctx.dist, ctx.logger, ctx.run_dir
+    settings, dist, logger = ctx.settings, ctx.dist, ctx.logger
     stream = PromptStream(ctx.task.train, settings.seed)
     eval_examples = ctx.task.test[: settings.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
-    loop = LoopState()
-    resumable = Resumable(model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist)
+    resumable = Resumable(
+        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist
+    )
+    loop = LoopState() if resume_state is None else resumable.load_state_dict(resume_state)
     if resume_state is not None:
-        loop = resumable.load_state_dict(resume_state)
         log.info("resumed after step %d", loop.step)
+    saver = Checkpointer(ctx, resumable, loop, time.perf_counter() - loop.wall_s)
     last_metrics: dict[str, float] = {}
-    t_start = time.perf_counter() - loop.wall_s
-
-    def checkpoint(name: str, model_only: bool = False) -> Path:
-        loop.wall_s = time.perf_counter() - t_start
-        # model_only: the policy alone (what scripts/eval.py reads); a resume from it stops
-        state = (
-            {"step": loop.step, MODEL_ONLY: True}
-            if model_only
-            else resumable.state_dict(loop, logger.wandb_run_id if logger else None)  # all ranks
-        )
-        weights = model_state_dict(model, dist) if dist.shards_params else None  # all ranks
-        path = run_dir / "checkpoints" / name
-        if dist.is_main:
-            save_checkpoint(path, model=unwrap(model), tokenizer=ctx.tokenizer, state=state, weights=weights)
-            prune_checkpoints(run_dir, settings.keep_last_checkpoints)
-        return path
-
-    progress = progress_bar(ctx, loop.step)
-    with StopRequest() as stop, progress:
-        if loop.step == 0 and (initial := evaluate_if_due(ctx, eval_examples, 0)) and logger:
+    with StopRequest() as stop, progress_bar(ctx, loop.step) as progress:
+        # a resumed run logged its step 0 already (a checkpoint at step 0 is a failed first step's)
+        if resume_state is None and (initial := evaluate_if_due(ctx, eval_examples, 0)) and logger:
             logger.log(0, initial)
             tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
         while not finished(loop, settings):
             step = loop.step + 1
-            samples, metrics = train_step(ctx, step, stream, generator)
-            metrics = advance(loop, step, reduce_metrics(metrics, dist), t_start)
+            before = resumable.snapshot()  # a failing reward checkpoints the state after the last step
+            try:
+                samples, metrics = train_step(ctx, step, stream, generator)
+            except RewardError as err:
+                path = saver.save(f"step_{loop.step}", snapshot=before)
+                raise RunAbortedError(
+                    f"step {step}: {err}; the state after step {loop.step} is saved in {path}", path
+                ) from err
+            metrics = advance(loop, step, reduce_metrics(metrics, dist), saver.t_start)
             last = finished(loop, settings)
             metrics.update(evaluate_if_due(ctx, eval_examples, step, last))
             progress.update(1)
@@ -352,19 +413,11 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
             last_metrics = metrics
             # 5. faults: a step whose every update was non-finite changed nothing; K in a row end the run
             loop.bad_steps = loop.bad_steps + 1 if failed_update(samples, metrics) else 0
-            if loop.bad_steps >= settings.max_bad_steps:
-                path = checkpoint(f"step_{step}")
-                raise RunAbortedError(
-                    f"non-finite loss or gradient in {loop.bad_steps} steps in a row "
-                    f"(trainer.max_bad_steps); the last good state is saved in {path}"
-                )
+            check_bad_steps(saver, step)
             if dist.any(stop.requested) and not last:
-                raise RunInterruptedError(step, checkpoint(f"step_{step}"))
+                raise RunInterruptedError(step, saver.save(f"step_{step}"))
             if settings.save_every > 0 and step % settings.save_every == 0 and not last:
-                try:
-                    checkpoint(f"step_{step}")
-                except OSError as err:  # disk full, quota: the previous checkpoint is intact
-                    log.error("checkpoint at step %d failed (%s); training goes on", step, err)
+                saver.save(f"step_{step}")
     if loop.step < settings.max_steps:
         log.info(
             "token budget reached: %d generated tokens after step %d (trainer.max_generated_tokens=%d)",
@@ -372,7 +425,7 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
             loop.step,
             settings.max_generated_tokens,
         )
-    save_final(ctx, checkpoint("final", model_only=settings.save_only_model), loop.step)
+    save_final(ctx, saver.save("final", model_only=settings.save_only_model), loop.step)
     return last_metrics
 
 

@@ -22,6 +22,7 @@ import torch
 from common.algorithm import Algorithm
 from common.config import TrainSettings
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
+from common.finite import step_or_undo
 from common.logprobs import eval_mode, sequence_logprobs
 from common.losses import aggregation_denominator
 from common.rollout_correction import mismatch_metrics, tis_weights
@@ -298,7 +299,7 @@ def update_policy(
             )
             total = dist.all_reduce(total)
             grad_norm = clip_and_step(
-                model, optimizer, scheduler, critic, total, stats, settings.max_grad_norm
+                model, optimizer, scheduler, critic, total, stats, settings.max_grad_norm, dist
             )
             if grad_norm is None:
                 skipped += 1
@@ -329,23 +330,28 @@ def clip_and_step(
     total: float,
     stats: dict[str, float],
     max_grad_norm: float,
+    dist: DistContext = SINGLE,
 ) -> float | None:
     """Clip the accumulated gradients and step the optimizers (the policy's only when `optimizer`
     is given); stats gain critic/grad_norm. Returns the policy's gradient norm, or None when the
-    loss `total` or a gradient norm is not finite: then nothing steps."""
+    update did not happen: the loss `total` or a gradient norm is not finite (nothing steps), or
+    the step would leave a non-finite weight or moment (common.finite.step_or_undo undoes it)."""
     grad_norm = scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
     finite = math.isfinite(total) and bool(torch.isfinite(grad_norm))
+    # max|g| <= the clipped gradient's norm: the bound that proves most steps finite
+    steppers = [(optimizer, min(grad_norm.item(), max_grad_norm))] if optimizer is not None else []
     if critic is not None:
         critic_norm = scalar(torch.nn.utils.clip_grad_norm_(critic.model.parameters(), critic.max_grad_norm))
         stats["critic/grad_norm"] = critic_norm.item()
         finite = finite and bool(torch.isfinite(critic_norm))
+        steppers.insert(0, (critic.optimizer, min(critic_norm.item(), critic.max_grad_norm)))
     if not finite:
         log.warning("non-finite loss (%s) or gradient norm: update skipped", total)
         return None
-    if critic is not None:
-        critic.optimizer.step()
+    if not step_or_undo([o for o, _ in steppers], [g for _, g in steppers], dist):
+        log.warning("the optimizer step left a non-finite weight or moment: update undone")
+        return None
     if optimizer is not None:
-        optimizer.step()
         scheduler.step()
     return grad_norm.item()
 

@@ -32,6 +32,8 @@ class DAPO(GRPO):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(self.max_len >= 1, "algorithm.max_len", "must be >= 1, in tokens", self.max_len)
+        require(self.overlong_factor >= 0, "algorithm.overlong_factor", "must be >= 0", self.overlong_factor)
         if self.overlong_shaping and self.overlong_buffer_len is not None:
             require(
                 0 < self.overlong_buffer_len <= self.max_len,

@@ -122,6 +122,7 @@ class PPO(BaseAlgorithm):
             self.cliprange_value,
         )
         require(self.vf_coef >= 0, "algorithm.vf_coef", "must be >= 0", self.vf_coef)
+        require(self.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0", self.entropy_coef)
         if self.kl_ctl == "adaptive":
             require(self.kl_target > 0, "algorithm.kl_target", "must be > 0", self.kl_target)
             require(self.kl_horizon > 0, "algorithm.kl_horizon", "must be > 0", self.kl_horizon)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import tempfile
 import typing
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,6 +37,7 @@ from common.config import (
     require_option,
     schema_node,
 )
+from common.config_checks import require_finite
 from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout.decode import DecodeTricks
@@ -122,10 +126,12 @@ def apply_launcher_settings(cfg: DictConfig, env: Mapping[str, str]) -> dict[str
 
 def validate(cfg: DictConfig) -> None:
     """Reject settings that would fail (or silently mislead) later, naming the key, before any model
-    loads: the algorithm's name here, then every schema's own checks (common.config, and each
-    algorithm's in grpo/, dapo/, ppo/), which run as the composed config becomes its dataclasses."""
+    loads: the algorithm's name here, a NaN or infinity anywhere (common.config_checks), then
+    every schema's own checks (common.config, and each algorithm's in grpo/, dapo/, ppo/), which run
+    as the composed config becomes its dataclasses."""
     require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
     try:
+        require_finite(cfg)
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise as_config_error(err) or ConfigError(str(err).splitlines()[0]) from err
@@ -143,6 +149,43 @@ def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         value = override.value()
         if not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
             raise ConfigError(f"{override.key_or_group}: must be true or false (got {value})")
+
+
+def ensure_writable_folder(folder: str | Path) -> str | None:
+    """Create `folder` (and its parents) and write a file into it; None when that works, else why
+    not (e.g. "[Errno 20] Not a directory: '/tmp/file/run'")."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return str(err)
+    return None
+
+
+class OutputFolderCheck(Callback):
+    """Hydra callback (configs/train.yaml, hydra.callbacks): a hydra.run.dir or hydra.sweep.dir
+    that cannot be created or written stops the run in one line naming the key and the folder
+    (`error: <key>: ...`, exit status 2), before Hydra uses it (where the failure is a traceback).
+    It creates the folder as Hydra would a moment later (the same resolved path: Hydra's ${now:}
+    is cached on the config), and exits itself: Hydra turns an exception raised in a callback into
+    a warning and goes on."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        folder = OmegaConf.select(config, key)
+        if (reason := ensure_writable_folder(folder)) is not None:
+            print(
+                f"error: {key}: cannot create or write the run folder ({reason}) (got {folder})",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
 
 def store_schemas() -> None:

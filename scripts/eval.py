@@ -9,7 +9,7 @@ SOURCE is one of:
     smollm2-135m           the packaged SmolLM2-135M-Instruct (configs/model/smollm2-135m.yaml)
     tiny                   the random tiny model of configs/model/tiny.yaml (seeded by --seed)
     a run directory        has .hydra/config.yaml or checkpoints/: its checkpoints/final, else its latest
-                           checkpoint (common.checkpoint.find_latest)
+                           complete checkpoint (common.checkpoint.find_latest)
     a model folder         has config.json: a checkpoint folder or any Hugging Face folder
     a Hugging Face id      anything else that does not exist locally ("org/name")
 
@@ -43,8 +43,10 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, find_latest
+from common.finite import first_non_finite
 from common.models import ModelLoadError, load_policy
 from common.rewards import score_responses
+from common.rollout.base import PromptTooLongError
 from common.rollout.engine import RolloutEngine, make_engine
 from common.tasks import TASKS, Example, Task, TaskError, build_task
 from scripts.build import ConfigError, resolve_device
@@ -280,6 +282,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
     model, tokenizer = load_model(kind, model_path, args)
+    if (bad := first_non_finite(model.named_parameters())) is not None:  # its accuracy would be a lie
+        raise SystemExit(
+            f"error: {model_path or args.source}: the weight {bad} holds a NaN or an infinity; "
+            "evaluate an earlier checkpoint"
+        )
     model.to(device)
     engine = make_engine(
         args.engine,
@@ -293,8 +300,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         engine.check_prompts([e.prompt for e in examples])
-    except ValueError as err:
-        raise SystemExit(f"error: task {name}: {err}") from err
+    except PromptTooLongError as err:
+        where = examples[err.index].source or f"{args.split} prompt {err.index}"
+        raise SystemExit(f"error: task {name}: {where}: the prompt {err.detail}") from err
     torch.manual_seed(args.seed)
     metrics = evaluate_policy(engine, task, examples, n=args.n, k=args.k, batch_size=args.batch_size)
     return {

@@ -31,9 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from common.algorithm import Algorithm
-from common.checkpoint import CheckpointError, find_latest, load_checkpoint
+from common.checkpoint import (
+    CheckpointError,
+    find_latest,
+    load_checkpoint,
+    load_newest,
+    resume_candidates,
+)
 from common.config import as_config_error
 from common.distributed import (
+    SINGLE,
     DistContext,
     DistributedError,
     init_distributed,
@@ -42,12 +49,14 @@ from common.distributed import (
     shutdown,
     wrap_model,
 )
-from common.logging import RunLogger, WandbInit
+from common.logging import LogWriteError, RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
 from common.provenance import record_start
+from common.rollout.base import PromptTooLongError
+from common.rollout.engine import RolloutEngine
 from common.sampling import DynamicSamplingError
 from common.state import RunAbortedError, RunInterruptedError
-from common.tasks import TaskError
+from common.tasks import Task, TaskError
 from common.trainer import RunContext, train
 from scripts.build import (
     ConfigError,
@@ -76,15 +85,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_resume_state(resume: str | None, run_dir: Path, model: torch.nn.Module) -> dict | None:
-    """resume=auto: the latest checkpoint in run_dir (none: start fresh); resume=PATH: that one."""
+def load_resume_state(
+    resume: str | None, run_dir: Path, model: torch.nn.Module, dist: DistContext = SINGLE
+) -> dict | None:
+    """resume=PATH: that checkpoint. resume=auto: the newest complete checkpoint in run_dir that can
+    be read (common.checkpoint.load_newest; none at all: start fresh). Rank 0 clears what an
+    interrupted save left and lists the candidates; every rank then tries the same list."""
     if not resume:
         return None
-    path = find_latest(run_dir) if resume == "auto" else Path(resume)
-    if path is None:
-        log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
-        return None
-    state = load_checkpoint(path, model)
+    if resume == "auto":
+        candidates = dist.broadcast_object(resume_candidates(run_dir) if dist.is_main else None)
+        if not candidates:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            return None
+        path, state = load_newest(candidates, model)
+    else:
+        path = Path(resume)
+        state = load_checkpoint(path, model)
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
 
@@ -176,6 +193,21 @@ def build_models(
     return model, tokenizer, reference
 
 
+def check_prompt_lengths(engine: RolloutEngine, task: Task, task_name: str) -> None:
+    """ConfigError naming the first prompt of the task that does not fit the rollout's limits, by
+    file and line when the task read it from one (else by split and position)."""
+    examples = task.train + task.test
+    try:
+        engine.check_prompts([e.prompt for e in examples])
+    except PromptTooLongError as err:
+        example, n_train = examples[err.index], len(task.train)
+        where = example.source or (
+            f"train prompt {err.index}" if err.index < n_train else f"held-out prompt {err.index - n_train}"
+        )
+        limits = "rollout.max_prompt_len, rollout.max_new_tokens"
+        raise ConfigError(f"task {task_name}: {where}: the prompt {err.detail} ({limits})") from err
+
+
 def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[RunContext, dict | None]:
     """Every object of the run, built once into the loop's RunContext, and the checkpoint state a
     resumed run continues from (None for a fresh run)."""
@@ -186,16 +218,11 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
     model, tokenizer, reference = build_models(cfg, algo, device)
     engine = build_rollout(cfg, model, tokenizer)
-    try:
-        engine.check_prompts([e.prompt for e in task.train + task.test])
-    except ValueError as err:
-        raise ConfigError(
-            f"task {cfg.task.name}: {err} (rollout.max_prompt_len, rollout.max_new_tokens)"
-        ) from err
+    check_prompt_lengths(engine, task, cfg.task.name)
     # the critic copies the initial policy's body before a resumed run loads the checkpoint's
     # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
     critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.bf16))
-    resume_state = load_resume_state(cfg.resume, run_dir, model)
+    resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
     policy = wrap_model(model, dist, settings.bf16)  # FSDP: the same module, its weights sharded
@@ -259,7 +286,8 @@ def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> Ru
         mode=cfg.logger.mode,
         wandb_init=wandb_init,
         run_id=resume_state["wandb_run_id"] if resume_state else None,
-        resume_step=resume_state["step"] if resume_state else None,
+        # resume=auto without a checkpoint yet starts afresh: the rows of a killed first attempt go
+        resume_step=resume_state["step"] if resume_state else (-1 if cfg.resume == "auto" else None),
     )
     start = record_start(run_dir, Path(__file__).resolve().parents[1])
     log.info(
@@ -293,8 +321,9 @@ def objective(metrics: dict[str, float], key: str) -> float:
 def failed(message: str, exit_code: int) -> float:
     """A run that cannot go on: its one line on stderr, then the exit status `exit_code`, except
     inside a sweep (-m), where it returns the worst objective instead, so the other runs go on and
-    a sweeper such as Optuna records the trial as lost."""
-    print(message, file=sys.stderr)
+    a sweeper such as Optuna records the trial as lost. Under torchrun only rank 0 prints."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return worst_objective(HydraConfig.get())
     sys.exit(exit_code)
@@ -312,7 +341,12 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         return failed(f"error: {err}", 2)
     except (RunAbortedError, DynamicSamplingError) as err:
-        return failed(f"error: {err}", 1)
+        resume = getattr(err, "path", None) and f"\nresume with: {resume_command(run_dir)}"
+        return failed(f"error: {err}{resume or ''}", 1)
+    except LogWriteError as err:
+        last = find_latest(run_dir)
+        resume = f"\nresume with: {resume_command(run_dir)}" if last else ""
+        return failed(f"error: {err}; the last checkpoint is {last or 'none'}{resume}", 1)
     except RunInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun
             print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)

@@ -1,9 +1,12 @@
-"""What a run leaves on disk: step checkpoints go once the final one is written (unless kept), a
-weights-only final checkpoint (trainer.save_only_model) serves scripts/eval.py but not a resume,
-and an interrupted run still has a checkpoint it resumes from."""
+"""What a run leaves on disk: step checkpoints go once the final one is written (unless kept), the
+newest trainer.keep_last_checkpoints are kept while it runs, a weights-only final checkpoint
+(trainer.save_only_model) serves scripts/eval.py but not a resume, and an interrupted run still has
+a checkpoint it resumes from; resume=auto skips what a killed save left (a partial folder, a corrupt
+checkpoint, a truncated last line of metrics.jsonl) and goes on from the newest checkpoint that reads."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import signal
@@ -13,15 +16,24 @@ import pytest
 import torch
 
 import common.trainer as trainer_module
-from common.checkpoint import MODEL_ONLY, STATE_FILE, remove_step_checkpoints
+from common.checkpoint import (
+    COMPLETE_FILE,
+    MODEL_ONLY,
+    STATE_FILE,
+    remove_stale_folders,
+    remove_step_checkpoints,
+)
+from common.logging import drop_rows_after
 from common.state import RunInterruptedError
 from scripts.eval import main as eval_main
 from scripts.train import run
 from tests.conftest import TINY_RUN, compose_train
 from tests.test_cli import train_cli
+from tests.test_resume import assert_same_run, read_metrics
 
 
 def checkpoint_names(run_dir: Path) -> list[str]:
+    """Every entry of checkpoints/, hidden ones (a temporary folder left behind) included."""
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
@@ -100,3 +112,95 @@ def test_interrupted_save_only_model_run_resumes_from_its_step_checkpoint(tmp_pa
     run(compose_train(*overrides, "resume=auto"), tmp_path)
     assert checkpoint_names(tmp_path) == ["final"]
     assert read_state(tmp_path / "checkpoints" / "final") == {"step": 4, MODEL_ONLY: True}
+
+
+def test_pruning_keeps_the_newest_step_checkpoints(tmp_path, cache_dir, monkeypatch):
+    seen = []
+    original = trainer_module.prune_checkpoints
+
+    def recording(run_dir, keep_last):
+        original(run_dir, keep_last)
+        seen.append(checkpoint_names(run_dir))
+
+    monkeypatch.setattr(trainer_module, "prune_checkpoints", recording)
+    overrides = (*TINY_RUN, "trainer.max_steps=5", "trainer.save_every=1", "trainer.keep_last_checkpoints=2")
+    run(
+        compose_train(*overrides, "trainer.keep_step_checkpoints=true", f"paths.cache_dir={cache_dir}"),
+        tmp_path,
+    )
+    # saved after steps 1-4 (step 5 is the final one), at most the newest two kept while the run goes on
+    assert seen == [
+        ["step_1"],
+        ["step_1", "step_2"],
+        ["step_2", "step_3"],
+        ["step_3", "step_4"],
+        ["final", "step_3", "step_4"],
+    ]
+    assert checkpoint_names(tmp_path) == ["final", "step_3", "step_4"]
+
+
+def test_drop_rows_after_keeps_the_steps_up_to_the_checkpoint_and_drops_a_truncated_line(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    rows = "".join(json.dumps({"step": s, "reward/total": s / 10}) + "\n" for s in range(5))
+    path.write_text(rows + '{"step": 5, "reward/to')  # a kill in the middle of writing step 5
+    drop_rows_after(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    assert "dropped 1 unreadable line(s) (line 6)" in caplog.text
+    drop_rows_after(path, -1)  # resume=auto without a checkpoint: every row goes
+    assert path.read_text() == ""
+    drop_rows_after(tmp_path / "missing.jsonl", 3)  # no file: nothing to do
+
+
+def test_stale_folders_go_and_a_replacement_cut_between_its_renames_is_finished(tmp_path):
+    folder = tmp_path / "checkpoints"
+
+    def checkpoint(name: str, step: int, complete: bool = True) -> None:
+        (folder / name).mkdir(parents=True)
+        torch.save({"step": step}, folder / name / STATE_FILE)
+        if complete:
+            (folder / name / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+
+    # `final` was being replaced: the old copy moved aside, the new one complete but not yet in place
+    checkpoint(".final.old-12-34", 4)
+    checkpoint(".final.tmp-abc", 6)
+    checkpoint(".step_5.tmp-def", 5, complete=False)  # a save killed before its marker
+    checkpoint(".step_2.del-56-78", 2)  # a deletion killed half way
+    checkpoint("step_3", 3)
+    checkpoint(".step_3.tmp-ghi", 3)  # a complete copy of a checkpoint that is in place: redundant
+    remove_stale_folders(tmp_path)
+    assert checkpoint_names(tmp_path) == ["final", "step_3"]
+    assert json.loads((folder / "final" / COMPLETE_FILE).read_text()) == {"step": 6}  # the new one
+
+
+def test_resume_auto_goes_on_from_the_newest_checkpoint_that_reads(tmp_path, cache_dir, caplog):
+    common = (
+        *TINY_RUN,
+        "trainer.save_every=1",
+        "trainer.keep_last_checkpoints=0",
+        f"paths.cache_dir={cache_dir}",
+    )
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    run(compose_train(*common, "trainer.max_steps=4"), straight)
+    run(compose_train(*common, "trainer.max_steps=3", "trainer.keep_step_checkpoints=true"), run_dir)
+    folder = run_dir / "checkpoints"
+    assert checkpoint_names(run_dir) == ["final", "step_1", "step_2"]
+    # by hand, what kills and a bad disk leave: the newest checkpoint (final, step 3) corrupt, ...
+    state = (folder / "final" / STATE_FILE).read_bytes()
+    (folder / "final" / STATE_FILE).write_bytes(state[: len(state) // 2])
+    # ... a save killed while writing its state, a checkpoint folder without its marker, ...
+    (folder / ".step_4.tmp-x1y2").mkdir()
+    (folder / ".step_4.tmp-x1y2" / STATE_FILE).write_bytes(state[:1000])
+    (folder / "step_9").mkdir()
+    (folder / "step_9" / STATE_FILE).write_bytes(state)
+    # ... and the last line of metrics.jsonl cut short
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "reward/total": 0.')
+    with caplog.at_level(logging.INFO, logger="rl_lab"):
+        run(compose_train(*common, "trainer.max_steps=4", "resume=auto"), run_dir)
+    assert f"resume: cannot read checkpoint {folder / 'final'}: " in caplog.text
+    assert f"{folder / 'step_9'} has no {COMPLETE_FILE}" in caplog.text
+    assert f"resuming from {folder / 'step_2'} (step 2)" in caplog.text
+    assert "removed 1 temporary folder(s)" in caplog.text
+    assert checkpoint_names(run_dir) == ["final", "step_9"]  # step_9 is no checkpoint of this run's: left
+    assert sorted(read_metrics(run_dir)) == [1, 2, 3, 4]  # read_metrics: every step exactly once
+    assert_same_run(straight, run_dir, [1, 2, 3, 4])

@@ -120,6 +120,46 @@ def test_bad_settings_fail_naming_the_key(override, key):
 @pytest.mark.parametrize(
     "overrides, message",
     [
+        # a NaN or infinity is refused wherever it stands, before any range check could let it pass
+        (("optim.lr=inf",), "optim.lr: must be a finite number (got inf)"),
+        (("optim.weight_decay=inf",), "optim.weight_decay: must be a finite number (got inf)"),
+        (("rollout.temperature=inf",), "rollout.temperature: must be a finite number (got inf)"),
+        (("reward.format_weight=nan",), "reward.format_weight: must be a finite number (got nan)"),
+        (("optim.betas=[0.9,-inf]",), "optim.betas: must be a finite number (got [0.9, -inf])"),
+        (
+            ("model=tiny", "model.tiny.initializer_range=inf"),
+            "model.tiny.initializer_range: must be a finite",
+        ),
+        (("algorithm=ppo", "algorithm.kl_target=nan"), "algorithm.kl_target: must be a finite number"),
+        # ranges
+        (("optim.betas=[2,0.5]",), "optim.betas: must be two numbers in [0, 1), e.g. [0.9, 0.999] (got [2.0"),
+        (("optim.betas=[0.9]",), "optim.betas: must be two numbers in [0, 1)"),
+        (("optim.weight_decay=-0.1",), "optim.weight_decay: must be >= 0 (got -0.1)"),
+        (("optim.lr=0.5", "optim.weight_decay=2"), "optim.weight_decay: optim.lr x weight_decay must be < 1"),
+        (("reward.format_weight=-1",), "reward.format_weight: must be >= 0 (got -1.0)"),
+        (("trainer.save_every=-1",), "trainer.save_every: must be >= 0 (got -1)"),
+        (("trainer.keep_last_checkpoints=-2",), "trainer.keep_last_checkpoints: must be >= 0"),
+        (("trainer.num_threads=0",), "trainer.num_threads: must be >= 1 or null (got 0)"),
+        (("rollout.max_prompt_len=0",), "rollout.max_prompt_len: must be >= 1 (got 0)"),
+        (("rollout.gpu_memory_utilization=1.5",), "rollout.gpu_memory_utilization: must be in (0, 1)"),
+        (("seed=-1",), "seed: must be in [0, 2**32) (got -1)"),
+        (("algorithm=dapo", "algorithm.overlong_factor=-1"), "algorithm.overlong_factor: must be >= 0"),
+        (("algorithm=ppo", "algorithm.entropy_coef=-0.1"), "algorithm.entropy_coef: must be >= 0"),
+        # a key that the selected option of its group never reads
+        (("model.name_or_path=/x",), "model.name_or_path: read only by model=hub; the selected model"),
+        (("model=tiny", "model.name_or_path=/x"), "model.name_or_path: read only by model=hub"),
+        (("model=hub", "model.name_or_path=x", "+model.tiny.hidden_size=8"), "model.tiny: read only by"),
+    ],
+)
+def test_non_finite_out_of_range_and_ignored_values_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_train(*overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
         (("optim.lr=abc",), "optim.lr: must be a number (got abc)"),
         (("model.lora.r=2.5",), "model.lora.r: must be an integer (got 2.5)"),
         (("algorithm.scale_by_std=maybe",), "algorithm.scale_by_std: must be true or false (got maybe)"),

@@ -33,6 +33,7 @@ from common.trainer import build_batch
 from common.update import accumulate_gradients, update_policy
 from scripts.build import build_algorithm, build_settings
 from tests.conftest import ROOT, compose_train
+from tests.test_resume import assert_resumed
 
 OVERRIDES = (
     "model=tiny",
@@ -365,9 +366,11 @@ def test_torchrun_fsdp_resume_continues_exactly(tmp_path, cache_dir):
         "trainer.eval_every=0",
     )
     resumed = tmp_path / "resumed"
-    _torchrun_train(
+    rows = _torchrun_train(
         resumed, cache_dir, *common, "trainer.eval_every=0", f"resume={straight / 'checkpoints' / 'step_1'}"
     )
+    assert [r["step"] for r in rows] == [2]  # step 2 logged once, step 1 not again
+    assert_resumed((resumed / "train.log").read_text(), straight / "checkpoints" / "step_1", 1)
     a, b = (
         torch.load(d / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
         for d in (straight, resumed)

@@ -7,7 +7,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from common.checkpoint import STATE_FILE
+from common.checkpoint import COMPLETE_FILE, STATE_FILE
 from common.models import load_policy, save_hf
 from scripts.eval import main, pass_at_k, resolve_source, task_config
 
@@ -63,6 +63,17 @@ def test_eval_on_a_model_folder(model_dir, tmp_path, capsys):
     assert metrics["errors"] == 0
 
 
+def test_eval_refuses_a_model_with_non_finite_weights(model_dir, tmp_path):
+    model, tokenizer = load_policy("hub", name_or_path=str(model_dir))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    save_hf(model, tokenizer, tmp_path / "nan")  # not save_checkpoint, which would refuse it
+    with pytest.raises(
+        SystemExit, match=r"^error: .*the weight model.layers.0.mlp.up_proj.weight holds a NaN"
+    ):
+        main([str(tmp_path / "nan"), *FAST])
+
+
 def test_run_directory_uses_final_checkpoint_and_run_settings(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
@@ -81,11 +92,13 @@ def test_run_directory_uses_final_checkpoint_and_run_settings(model_dir, tmp_pat
 
 
 def test_run_directory_without_final_uses_latest_checkpoint(tmp_path):
-    for step in (3, 10, 7):
+    for step in (3, 10, 7, 12):
         folder = tmp_path / "checkpoints" / f"step_{step}"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
         torch.save({"step": step}, folder / STATE_FILE)
+        if step != 12:  # step_12 has no completion marker: a save that did not finish
+            (folder / COMPLETE_FILE).write_text(json.dumps({"step": step}))
     assert resolve_source(str(tmp_path)) == ("folder", tmp_path / "checkpoints" / "step_10", tmp_path)
     # a checkpoint inside a run still finds the run (for its task settings)
     (tmp_path / ".hydra").mkdir()

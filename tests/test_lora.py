@@ -4,6 +4,7 @@ the frozen base; checkpoints resume exactly and stay plain Hugging Face folders 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from ppo import build_critic
 from scripts.build import ConfigError, build_optimizer, build_policy, validate
 from scripts.train import run
 from tests.conftest import TEST_SEED, TINY_RUN, compose_train
-from tests.test_resume import assert_same_run, read_metrics
+from tests.test_resume import assert_resumed, assert_same_run, read_metrics
 
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8")
 # 2 layers x 7 projections (q, k, v, o, gate, up, down) x (A, B)
@@ -245,11 +246,13 @@ def test_smoke_run_with_lora_trains_the_adapters(tmp_path, cache_dir, algorithm)
     assert result["model"] == str(final) and 0 <= result["metrics"]["greedy/accuracy"] <= 1
 
 
-def test_lora_run_resumes_exactly(tmp_path, cache_dir):
+def test_lora_run_resumes_exactly(tmp_path, cache_dir, caplog):
     common = (*TINY_RUN, *LORA, "optim.lr=1e-2", f"paths.cache_dir={cache_dir}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(compose_train(*common, "trainer.max_steps=3"), straight)
     run(compose_train(*common, "trainer.max_steps=1"), resumed)
-    run(compose_train(*common, "trainer.max_steps=3", "resume=auto"), resumed)
+    with caplog.at_level(logging.INFO, logger="rl_lab"):
+        run(compose_train(*common, "trainer.max_steps=3", "resume=auto"), resumed)
+    assert_resumed(caplog.text, resumed / "checkpoints" / "final", 1)
     assert sorted(read_metrics(resumed)) == [1, 2, 3]
     assert_same_run(straight, resumed, [1, 2, 3])

@@ -4,10 +4,10 @@ except the check that its absence names the install command."""
 import sys
 
 import pytest
-from omegaconf import OmegaConf
 
-from common.tasks import ReasoningGymTask, TaskError, build_task
-from tests.conftest import CONFIGS
+from common.tasks import ReasoningGymTask, TaskError
+from scripts.build import build_task_from
+from tests.conftest import compose_train
 
 
 def make_task(**overrides):
@@ -68,7 +68,7 @@ def test_bad_dataset_options(task, overrides, message):
 
 
 def test_config_builds_the_task(task):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "task" / "reasoning_gym.yaml"))
-    cfg.update(num_train=5, num_test=5)
-    built = build_task(cfg.pop("name"), **cfg)
-    assert isinstance(built, ReasoningGymTask) and built.dataset_name == cfg["dataset"]
+    # composed as a run composes it (the YAML's defaults list names its typed schema)
+    cfg = compose_train("task=reasoning_gym", "task.num_train=5", "task.num_test=5")
+    built = build_task_from(cfg)
+    assert isinstance(built, ReasoningGymTask) and built.dataset_name == cfg.task.dataset

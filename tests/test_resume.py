@@ -4,6 +4,7 @@ algorithm; Ctrl-C finishes the step, checkpoints and says how to resume."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -29,8 +30,18 @@ ALGORITHMS = {
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl's rows by step; fails if a step was logged more than once (the file is appended
+    to: a resume that dropped none of the rows it writes again would log them twice)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step logged more than once in {run_dir}: {steps}"
     return {r["step"]: r for r in rows}
+
+
+def assert_resumed(log_text: str, checkpoint: Path, step: int) -> None:
+    """The run said it went on from `checkpoint` at `step`: a resume that silently started over with
+    the same seed would log the same rows and pass every other check."""
+    assert f"resuming from {checkpoint} (step {step})" in log_text, log_text[-3000:]
 
 
 def comparable(row: dict) -> dict:
@@ -52,17 +63,19 @@ def assert_same_run(a: Path, b: Path, steps: list[int]) -> None:
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_resumed_run_matches_uninterrupted(tmp_path, cache_dir, algorithm):
+def test_resumed_run_matches_uninterrupted(tmp_path, cache_dir, caplog, algorithm):
     common = (*TINY, *ALGORITHMS[algorithm], f"paths.cache_dir={cache_dir}")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(compose_train(*common, "trainer.max_steps=4"), straight)
     run(compose_train(*common, "trainer.max_steps=2"), resumed)
-    run(compose_train(*common, "trainer.max_steps=4", "resume=auto"), resumed)
+    with caplog.at_level(logging.INFO, logger="rl_lab"):
+        run(compose_train(*common, "trainer.max_steps=4", "resume=auto"), resumed)
+    assert_resumed(caplog.text, resumed / "checkpoints" / "final", 2)
     assert sorted(read_metrics(resumed)) == [1, 2, 3, 4]  # steps 3-4 written once
     assert_same_run(straight, resumed, [1, 2, 3, 4])
 
 
-def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache_dir):
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache_dir, caplog):
     run_dir = tmp_path / "interrupted"
     # the same thread count in the subprocess and here: float sums must run in the same order
     args = [*TINY, "trainer.save_every=0", f"trainer.num_threads={torch.get_num_threads()}"]
@@ -87,7 +100,9 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache
     assert (run_dir / "checkpoints" / f"step_{done}" / "trainer_state.pt").is_file()
     # resume for two more steps and compare with a run that was never stopped
     common = (*args, f"paths.cache_dir={cache_dir}")
-    run(compose_train(*common, f"trainer.max_steps={done + 2}", "resume=auto"), run_dir)
+    with caplog.at_level(logging.INFO, logger="rl_lab"):
+        run(compose_train(*common, f"trainer.max_steps={done + 2}", "resume=auto"), run_dir)
+    assert_resumed(caplog.text, run_dir / "checkpoints" / f"step_{done}", done)
     straight = tmp_path / "straight"
     run(compose_train(*common, f"trainer.max_steps={done + 2}"), straight)
     assert_same_run(straight, run_dir, list(range(1, done + 3)))

@@ -67,7 +67,7 @@ def test_verifier_error_scores_zero_and_is_counted():
     torch.testing.assert_close(result.format, torch.tensor([1.0, 0.0, 0.0, 0.0]))
     torch.testing.assert_close(result.total, torch.tensor([2.0, 0.0, 1.0, 0.0]))
     assert result.errors == 2
-    assert result.error_messages[0] == "1: KeyError: 'verifier exploded'"
+    assert result.error_messages[0] == "1: KeyError: 'verifier exploded' (prompt 'p', response 'boom')"
     assert result.error_messages[1].startswith("3: ValueError: verifier returned nan")
     assert result.extracted[1] is None and result.extracted[3] is None
 

@@ -254,8 +254,53 @@ def test_jsonl_seeded_split(tmp_path):
 
 def test_jsonl_custom_fields(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"q": "hi", "a": "x"}])
-    task = JsonlTask(path=path, test_path=path, prompt_field="q", answer_field="a")
-    assert task.train == [Example("hi", "x")]
+    held_out = write_jsonl(tmp_path / "t.jsonl", [{"q": "bye", "a": "y"}])
+    task = JsonlTask(path=path, test_path=held_out, prompt_field="q", answer_field="a")
+    assert task.train == [Example("hi", "x")] and task.test == [Example("bye", "y")]
+
+
+def test_jsonl_bad_encoding_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "c"}\n')
+    with pytest.raises(TaskError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        JsonlTask(path=str(path))
+
+
+def test_jsonl_duplicate_prompts_are_removed_with_a_warning_and_never_held_out(tmp_path, caplog):
+    # 30 copies of one prompt and 10 distinct ones: the copies become one example
+    rows = [{"prompt": "same", "answer": "1"}] * 30 + [
+        {"prompt": f"p{i}", "answer": str(i)} for i in range(10)
+    ]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    task = JsonlTask(path=path, test_fraction=0.2, seed=0)
+    assert "dup.jsonl: 29 duplicate prompt(s) removed" in caplog.text and "line 2 repeats" in caplog.text
+    prompts = [ex.prompt for ex in task.train + task.test]
+    assert sorted(prompts) == sorted(["same", *(f"p{i}" for i in range(10))])  # each once
+    assert not {ex.prompt for ex in task.train} & {ex.prompt for ex in task.test}
+    # 30 identical prompts alone cannot be split
+    with pytest.raises(TaskError, match="1 example\\(s\\) are too few to hold out a test set"):
+        JsonlTask(path=write_jsonl(tmp_path / "same.jsonl", rows[:30]))
+
+
+def test_jsonl_test_file_prompts_are_left_out_of_training(tmp_path, caplog):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "answer": "x"} for p in ("a", "b", "c")])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "b", "answer": "x"}])
+    task = JsonlTask(path=train, test_path=test)
+    assert [ex.prompt for ex in task.train] == ["a", "c"] and "1 prompt(s) are also in" in caplog.text
+    assert "train.jsonl:2" in caplog.text  # the line named
+    with pytest.raises(TaskError, match="every prompt is also in"):
+        JsonlTask(path=test, test_path=test)
+
+
+def test_jsonl_examples_know_their_file_and_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "q.jsonl", [{"prompt": "a", "answer": "1"}, "", {"prompt": "b", "answer": "2"}]
+    )
+    held_out = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "c", "answer": "3"}])
+    task = JsonlTask(path=path, test_path=held_out)
+    assert [ex.source for ex in task.train] == [f"{path}:1", f"{path}:3"]
+    assert task.test[0].source == f"{held_out}:1"
+    assert task.train[0] == Example("a", "1")  # the source is not part of equality
 
 
 def test_jsonl_malformed_line_names_file_and_line(tmp_path):
@@ -327,7 +372,8 @@ def test_jsonl_number_answers_must_be_numbers(tmp_path):
 )
 def test_jsonl_correctness(tmp_path, answer_type, response, answer, expected):
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "q", "answer": answer}])
-    task = JsonlTask(path=path, test_path=path, answer_type=answer_type)
+    held_out = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "t", "answer": answer}])
+    task = JsonlTask(path=path, test_path=held_out, answer_type=answer_type)
     assert task.correctness(response, task.train[0]) == expected
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.rollout import HFRollout
-from common.update import add_logprobs_and_values, split_micro_batches, update_policy
+from common.update import add_logprobs_and_values, clip_and_step, split_micro_batches, update_policy
 from scripts.build import build_algorithm, build_optimizer, build_policy, build_settings
 from tests.conftest import compose_train
 
@@ -183,3 +183,25 @@ def test_split_micro_batches_keeps_groups_together_and_caps_tokens():
     assert [m.tolist() for m in by_tokens] == [[4], [5], [0, 1, 2], [3]]
     # a subset of rows (a mini-batch) comes back as those rows
     assert [m.tolist() for m in split_micro_batches(batch, torch.tensor([3, 0, 2]), 8)] == [[0, 3, 2]]
+
+
+@pytest.mark.parametrize(
+    "max_grad_norm, applied",
+    [
+        (1.0, [-0.6, -0.8]),  # gradient [3, 4] has norm 5: scaled by 1 / 5 to norm 1
+        (10.0, [-3.0, -4.0]),  # under the limit: stepped as it is
+    ],
+)
+def test_clip_and_step_clips_the_gradient_to_max_grad_norm(max_grad_norm, applied):
+    # SGD at lr 1 moves the weights by exactly the gradient it is given (AdamW's first step would
+    # hide the scale: it moves every weight by lr whatever the gradient's size)
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    model.weight.grad = torch.tensor([[3.0, 4.0]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    grad_norm = clip_and_step(
+        model, optimizer, scheduler, None, total=0.5, stats={}, max_grad_norm=max_grad_norm
+    )
+    assert grad_norm == pytest.approx(5.0)  # the norm before clipping, as logged in policy/grad_norm
+    torch.testing.assert_close(model.weight.detach(), torch.tensor([applied]))

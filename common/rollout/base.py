@@ -46,6 +46,15 @@ def weights_in(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.
         del replica, cast
 
 
+class PromptTooLongError(ValueError):
+    """A prompt over the length limit: "prompt <index> <detail>"; `index` is its position in the
+    list checked, `detail` says its length and the limit (for a message that names it otherwise)."""
+
+    def __init__(self, index: int, detail: str) -> None:
+        super().__init__(f"prompt {index} {detail}")
+        self.index, self.detail = index, detail
+
+
 class BaseRollout:
     """The sampling settings and prompt handling of an engine; subclasses implement `sample`.
 
@@ -120,7 +129,8 @@ class BaseRollout:
         ]
 
     def check_prompts(self, prompts: list[str]) -> None:
-        """Raise ValueError naming the first prompt that would not fit (checked once at start-up)."""
+        """Raise PromptTooLongError (a ValueError) for the first prompt that would not fit (checked
+        once at start-up); its `index` is the prompt's position in `prompts`."""
         enc = self.tokenizer(self.format_prompts(prompts), add_special_tokens=False)
         self._check_prompt_lengths([len(ids) for ids in enc["input_ids"]], self.max_new_tokens)
 
@@ -134,8 +144,8 @@ class BaseRollout:
         for i, length in enumerate(prompt_lengths):
             for limit, what in limits:
                 if length > limit:
-                    raise ValueError(
-                        f"prompt {i} is {length} tokens long, over the limit of {limit} ({what})"
+                    raise PromptTooLongError(
+                        i, f"is {length} tokens long, over the limit of {limit} ({what})"
                     )
 
     def sample(

@@ -14,7 +14,7 @@ import abc
 import functools
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 ANSWER_OPEN = "<answer>"
@@ -35,10 +35,13 @@ class Example:
 
     prompt: the user message, plain text; the chat template is applied by the rollout, not here.
     answer: the reference answer as text (for GSM8K, only the final number, not the worked solution).
+    source: where it was read, "file:line" (JSONL input), for messages about it; None when generated.
+        Not part of equality: the same prompt and answer are the same example wherever they stand.
     """
 
     prompt: str
     answer: str
+    source: str | None = field(default=None, compare=False)
 
 
 class TaskError(ValueError):

@@ -4,12 +4,16 @@
     {"prompt": "Compute 12 * 7.", "answer": "84"}
 
 Blank lines are skipped. Every problem in the file is reported as a TaskError naming the file and
-the line, e.g. "data/q.jsonl:17: missing field 'answer'".
+the line, e.g. "data/q.jsonl:17: missing field 'answer'" or "data/q.jsonl:3: not valid UTF-8 ...".
+A prompt that repeats an earlier line's is dropped (one warning says how many), and the held-out
+split never shares a prompt with the training split. Each example keeps its "file:line" (`source`),
+which later messages about it (e.g. a prompt too long for rollout.max_prompt_len) name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,8 @@ from common.tasks.base import (
 
 ANSWER_TYPES = ("exact", "number", "math")
 
+log = logging.getLogger("rl_lab")
+
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of `path`; each object must hold `fields`.
@@ -38,8 +44,15 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> list[tuple[int, dic
     if not path.is_file():
         raise TaskError(f"task file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = f"0x{raw[exc.start]:02x} at column {exc.start + 1}"
+                raise TaskError(
+                    f"{path}:{line_no}: not valid UTF-8 (byte {byte}); save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -107,6 +120,19 @@ class JsonlTask(Task):
         train = self._load(path)
         if test_path is not None:
             test = self._load(test_path)
+            held_out = {ex.prompt for ex in test}
+            shared = [ex for ex in train if ex.prompt in held_out]
+            if len(shared) == len(train):
+                raise TaskError(f"{path}: every prompt is also in {test_path}: nothing is left to train on")
+            if shared:
+                log.warning(
+                    "%s: %d prompt(s) are also in %s (e.g. %s): left out of training",
+                    path,
+                    len(shared),
+                    test_path,
+                    shared[0].source,
+                )
+                train = [ex for ex in train if ex.prompt not in held_out]
         else:
             if not 0.0 < test_fraction < 1.0:
                 raise TaskError(f"jsonl: test_fraction must be in (0, 1), got {test_fraction}")
@@ -126,14 +152,27 @@ class JsonlTask(Task):
         records = read_jsonl(path, (self.prompt_field, self.answer_field))
         if not records:
             raise TaskError(f"{path}: no examples (the file is empty)")
-        examples = []
+        examples: dict[str, Example] = {}  # by prompt: the first line of each
+        duplicates = []
         for line_no, record in records:
             prompt = _text_field(Path(path), line_no, record, self.prompt_field)
             answer = _text_field(Path(path), line_no, record, self.answer_field).strip()
             if self.answer_type == "number" and parse_number(answer) is None:
                 raise TaskError(f"{path}:{line_no}: answer {answer!r} is not a number (answer_type=number)")
-            examples.append(Example(prompt=prompt, answer=answer))
-        return examples
+            if prompt in examples:
+                duplicates.append((line_no, examples[prompt]))
+                continue
+            examples[prompt] = Example(prompt=prompt, answer=answer, source=f"{path}:{line_no}")
+        if duplicates:
+            line_no, first = duplicates[0]
+            log.warning(
+                "%s: %d duplicate prompt(s) removed, the first line of each kept (e.g. line %d repeats %s)",
+                path,
+                len(duplicates),
+                line_no,
+                first.source,
+            )
+        return list(examples.values())
 
     def extract_answer(self, response: str) -> str | None:
         if self.answer_type == "exact":
