@@ -17,7 +17,7 @@ finite numbers. Every numeric key states its range in its schema; a key with no 
 finiteness says so in a comment.
 
 Every check ends in a ConfigError `<key>: <why> (got <value>)`, which the entry point prints as
-`error: ...` with exit status 2. `TrainSettings` is what the loop reads of the checked config.
+`error: ...` with exit status 2. `RunSettings` is what the loop reads of the checked config.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class TrainerConfig:
             self.max_generated_tokens,
         )
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1", self.batch_size)
-        mini = self.mini_batch_size or self.batch_size
+        mini = self.mini_batch_prompts
         require(
             1 <= mini <= self.batch_size and self.batch_size % mini == 0,
             "trainer.mini_batch_size",
@@ -190,6 +190,11 @@ class TrainerConfig:
             "must be >= 1 or null",
             self.num_threads,
         )
+
+    @property
+    def mini_batch_prompts(self) -> int:
+        """Prompts per policy optimizer step: mini_batch_size, or the whole batch when null."""
+        return self.mini_batch_size or self.batch_size
 
 
 @dataclass
@@ -352,10 +357,9 @@ class FilterSampling(DynamicSampling):
         )
         require_option("dynamic_sampling.on_exhausted", self.on_exhausted, ON_EXHAUSTED)
 
-
-def gen_batch_size(factor: float, batch_size: int) -> int:
-    """Prompts per dynamic-sampling round (verl's gen_batch_size): ceil(factor x batch_size)."""
-    return math.ceil(factor * batch_size)
+    def prompts_per_round(self, batch_size: int) -> int:
+        """Prompts per generation round (verl's gen_batch_size): ceil(factor x batch_size)."""
+        return math.ceil(self.gen_batch_size_factor * batch_size)
 
 
 @dataclass
@@ -398,7 +402,7 @@ class TrainConfig:
         # numpy's generator takes seeds in [0, 2**32); python's and torch's take any integer
         require(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)", self.seed)
         t, G = self.trainer, self.rollout.group_size
-        rows = (t.mini_batch_size or t.batch_size) * G
+        rows = t.mini_batch_prompts * G
         require(
             t.micro_batch_size >= 1 and (rows % t.micro_batch_size == 0 or t.micro_batch_size >= rows),
             "trainer.micro_batch_size",
@@ -429,7 +433,7 @@ class TrainConfig:
             ds.mode,
         )
         if isinstance(ds, FilterSampling):
-            world, prompts = launched_world_size(), gen_batch_size(ds.gen_batch_size_factor, t.batch_size)
+            world, prompts = launched_world_size(), ds.prompts_per_round(t.batch_size)
             require(
                 prompts % world == 0,
                 "dynamic_sampling.gen_batch_size_factor",
@@ -447,34 +451,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Loop settings, built from cfg.trainer / cfg.optim / cfg.reward / cfg.dynamic_sampling by
-    scripts/build.py build_settings; part of the run's common.trainer.RunContext."""
+class RunSettings:
+    """What the loop and the update read of the checked config: the typed sections themselves
+    (scripts/build.py build_settings), not a copy, so each setting has one definition and one
+    default (configs/train.yaml); part of the run's common.trainer.RunContext."""
 
-    max_steps: int
-    batch_size: int
-    mini_batch_size: int
-    micro_batch_size: int
-    max_grad_norm: float
-    format_weight: float
-    eval_every: int
-    eval_num_prompts: int
-    log_samples_every: int
-    num_samples_logged: int
-    save_every: int
-    fail_on_reward_error: bool
-    max_tokens_per_micro_batch: int = 0  # 0 = micro-batches by rows only
-    max_generated_tokens: int = 0  # token budget of the run; 0 = max_steps alone
-    max_num_gen_batches: int = 1
-    gen_batch_size: int = 0  # prompts per dynamic-sampling round (filter mode); 0 = batch_size
-    on_exhausted: str = "partial"  # filter mode after max_num_gen_batches: partial, skip or error
-    max_samples: int = 0
-    keep_last_checkpoints: int = 2
-    keep_step_checkpoints: bool = False
-    save_only_model: bool = False
-    max_bad_steps: int = 3
-    bf16: bool = False
-    packed_forward: bool = True  # the training passes pack each micro-batch into one row (common.logprobs)
-    chunked_logprobs: bool = True  # log-probs and entropies by the chunked autograd function
-    log_rollout_mismatch: bool = False  # compute pi_old every step to log rollout/ mismatch metrics
-    seed: int = 0
+    trainer: TrainerConfig
+    optim: OptimConfig
+    reward: RewardConfig
+    # DynamicSampling (disabled), FilterSampling or ResampleSampling, by dynamic_sampling.mode
+    dynamic_sampling: DynamicSampling
+    seed: int

@@ -130,8 +130,8 @@ class WandbInit:
     """Where and how W&B files a run: wandb.init's project, entity, group (the experiment), name,
     job_type (the arm: the algorithm or a named variant of it), tags and config (the resolved config)."""
 
-    project: str = "rl-lab"
-    entity: str | None = None
+    project: str
+    entity: str | None
     group: str | None = None
     name: str | None = None
     job_type: str | None = None
@@ -165,7 +165,9 @@ class RunLogger:
         self._samples = open(self.run_dir / "samples.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self.wandb_run = None
         if backend == "wandb":
-            init = asdict(wandb_init or WandbInit())
+            if wandb_init is None:
+                raise ValueError("logger.backend=wandb needs wandb_init (logger.project, logger.entity, ...)")
+            init = asdict(wandb_init)
             self._start_wandb(mode=resolve_wandb_mode(mode), run_id=run_id, **init)
         elif backend != "none":
             raise ValueError(f"logger.backend={backend!r}; expected wandb or none")

@@ -1,8 +1,7 @@
 """The training log-prob pass: per-token log-probs (and entropies) of responses under a model, in one
 forward pass over a micro-batch, as the reference, old-policy and update passes run it.
 
-Two speed tricks, each with a switch (TrainSettings, from trainer.packed_forward and
-trainer.chunked_logprobs):
+Two speed tricks, each with a switch (trainer.packed_forward and trainer.chunked_logprobs):
   - packing (`pack_responses`): each distinct prompt once, every response through EOS, no padding,
     a 4D mask per token. It needs the attention kernel to take a custom mask and every layer to
     attend to all earlier tokens; otherwise (flash attention, sliding-window or chunked layers, or

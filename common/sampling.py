@@ -18,7 +18,7 @@ import torch
 
 from common.advantage import mixed_groups
 from common.algorithm import Algorithm
-from common.config import TrainSettings
+from common.config import FilterSampling, ResampleSampling, RunSettings
 from common.distributed import SINGLE, DistContext
 from common.rewards import RewardError, score_responses
 from common.rollout import RolloutBatch
@@ -101,14 +101,14 @@ class Samples:
 
 
 def score_samples(
-    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Algorithm, settings: TrainSettings
+    task: Task, rollout: RolloutBatch, examples: list[Example], algo: Algorithm, settings: RunSettings
 ) -> Samples:
     """Score every response of `rollout` against its own prompt; `examples` are the per-prompt
     examples, expanded here in the rollout's [q1]*G + [q2]*G + ... order."""
     G = len(rollout) // len(examples)
     expanded = [e for e in examples for _ in range(G)]  # prompts_expanded order
     # a raising reward scores 0 and is recorded; check_reward_errors stops the step, on every rank
-    result = score_responses(task, rollout.responses, expanded, format_weight=settings.format_weight)
+    result = score_responses(task, rollout.responses, expanded, format_weight=settings.reward.format_weight)
     terms = {"correct": result.correct, "format": result.format}
     terms.update(algo.shape_rewards(rollout.lengths, rollout.truncated))
     # what the advantages see: the task's total (correct + weighted format) plus the shaping terms
@@ -116,11 +116,11 @@ def score_samples(
     return Samples(rollout, expanded, terms, result.extracted, result.errors, result.error_messages)
 
 
-def check_reward_errors(samples: Samples | None, settings: TrainSettings, dist: DistContext = SINGLE) -> None:
+def check_reward_errors(samples: Samples | None, settings: RunSettings, dist: DistContext = SINGLE) -> None:
     """trainer.fail_on_reward_error: raise RewardError naming the first sample whose reward function
     raised in `samples` (this rank's latest scored rollout; None: none this round). Data parallel:
     a collective, so every rank raises together at the same point of the step."""
-    if not settings.fail_on_reward_error:
+    if not settings.trainer.fail_on_reward_error:
         return
     message = samples.error_messages[0] if samples is not None and samples.errors else None
     if dist.any(message is not None):
@@ -132,7 +132,7 @@ def generate_and_score(
     task: Task,
     examples: list[Example],
     algo: Algorithm,
-    settings: TrainSettings,
+    settings: RunSettings,
     group_size: int | None = None,
 ) -> Samples:
     """Sample G responses per example in one batched call and score each against its own prompt."""
@@ -145,7 +145,7 @@ def collect(
     task: Task,
     stream: PromptStream,
     algo: Algorithm,
-    settings: TrainSettings,
+    settings: RunSettings,
     group_filter: GroupFilter | None,
     flat_groups: FlatGroups | None = None,
     dist: DistContext = SINGLE,
@@ -160,7 +160,9 @@ def collect(
     """
     if group_filter is not None:
         return fill_with_filtered_groups(engine, task, stream, algo, settings, group_filter, dist)
-    samples = generate_and_score(engine, task, dist.shard(stream.take(settings.batch_size)), algo, settings)
+    samples = generate_and_score(
+        engine, task, dist.shard(stream.take(settings.trainer.batch_size)), algo, settings
+    )
     stats: dict[str, float] = {"sampling/gen_batches": 1}
     if flat_groups is not None:
         samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
@@ -201,31 +203,34 @@ def fill_with_filtered_groups(
     task: Task,
     stream: PromptStream,
     algo: Algorithm,
-    settings: TrainSettings,
+    settings: RunSettings,
     group_filter: GroupFilter,
     dist: DistContext = SINGLE,
 ) -> tuple[Samples | None, dict[str, float]]:
     """Dynamic sampling (DAPO Algorithm 1, lines 3-8), as verl's DAPO recipe runs it: each round
-    samples settings.gen_batch_size prompts (verl's gen_batch_size, an oversampling factor times
+    samples dynamic_sampling.prompts_per_round prompts (verl's gen_batch_size, an oversampling factor times
     batch_size), drops the groups whose *task correctness* is all equal (no signal: zero advantage)
     and keeps the first ones until batch_size groups are kept; the surplus is discarded. The filter
     reads the correctness term, not the shaped total: the paper filters "prompts with accuracy equal
     to 1 and 0" (verl makes it a setting).
 
-    After max_num_gen_batches rounds without a full batch, settings.on_exhausted decides: "partial"
+    After max_num_gen_batches rounds without a full batch, dynamic_sampling.on_exhausted decides: "partial"
     trains on the kept groups (a warning; none kept: the update is skipped), "skip" skips the
     update, "error" raises DynamicSamplingError (verl's behaviour). Under data parallel the
     decision is the same on every rank. A partial batch is normalised by its own tokens (or rows):
     the loss denominators count what is in the batch, never the nominal batch_size x G.
     """
-    G = engine.group_size
-    target = settings.batch_size // dist.world_size  # this rank's groups
-    gen_batch_size = settings.gen_batch_size or settings.batch_size
+    ds = settings.dynamic_sampling
+    if not isinstance(ds, FilterSampling):
+        raise TypeError(f"dynamic sampling by filter needs dynamic_sampling=filter, not {ds.mode}")
+    G, batch_size = engine.group_size, settings.trainer.batch_size
+    target = batch_size // dist.world_size  # this rank's groups
+    gen_batch_size = ds.prompts_per_round(batch_size)
     kept: list[Samples] = []
     sampled: list[Samples] = []  # every round's rollout, for the step's reward before the filter
     n_kept = n_seen = n_generated = n_tokens = gen_batch = 0
     short = True
-    while gen_batch < settings.max_num_gen_batches and short:
+    while gen_batch < ds.max_num_gen_batches and short:
         gen_batch += 1
         examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
         samples = None
@@ -256,12 +261,12 @@ def fill_with_filtered_groups(
         f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
         "(dynamic_sampling.max_num_gen_batches)"
     )
-    if short and settings.on_exhausted == "error":
+    if short and ds.on_exhausted == "error":
         raise DynamicSamplingError(
             f"{shortfall}; the prompts are too easy or too hard for the policy: raise max_num_gen_batches "
             "or gen_batch_size_factor, or set dynamic_sampling.on_exhausted=partial or skip"
         )
-    if short and (settings.on_exhausted == "skip" or not kept):
+    if short and (ds.on_exhausted == "skip" or not kept):
         log.warning("%s; skipping this update", shortfall)
         return None, stats
     if n_kept < target:
@@ -274,11 +279,11 @@ def resample_flat_groups(
     task: Task,
     samples: Samples,
     algo: Algorithm,
-    settings: TrainSettings,
+    settings: RunSettings,
     flat_groups: FlatGroups,
 ) -> tuple[Samples, dict[str, float]]:
     """Grow every group whose correctness rewards are all equal (std < 1e-6) by one response at a
-    time, batched across such groups, until its rewards differ or it holds settings.max_samples.
+    time, batched across such groups, until its rewards differ or it holds dynamic_sampling.max_samples.
 
     The design notes' dynamic sampling, an alternative to DAPO's filter: no prompt is dropped,
     but groups end up with unequal sizes. The new rows carry their group's id, so the advantages
@@ -288,11 +293,14 @@ def resample_flat_groups(
     Example (G = 2, max_samples = 4): correctness [1, 1 | 0, 1] -> group 0 is flat, one more
     response for q1; if it scores 0 the groups are [1, 1, 0 | 0, 1] and sampling stops.
     """
+    ds = settings.dynamic_sampling
+    if not isinstance(ds, ResampleSampling):
+        raise TypeError(f"resampling flat groups needs dynamic_sampling=resample, not {ds.mode}")
     extra = rounds = 0
     while True:
         group_index = samples.rollout.group_index  # (N,)
         flat = flat_groups(samples.terms["correct"], group_index)  # group ids
-        flat = flat[torch.bincount(group_index)[flat] < settings.max_samples]
+        flat = flat[torch.bincount(group_index)[flat] < ds.max_samples]
         if flat.numel() == 0:
             break
         first_row = {g: i for i, g in reversed(list(enumerate(group_index.tolist())))}

@@ -45,7 +45,7 @@ from common.checkpoint import (
     remove_step_checkpoints,
     save_checkpoint,
 )
-from common.config import TrainSettings
+from common.config import RunSettings, TrainerConfig
 from common.distributed import (
     SINGLE,
     DistContext,
@@ -92,7 +92,7 @@ class RunContext:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     logger: RunLogger | None
-    settings: TrainSettings
+    settings: RunSettings
     run_dir: Path
     device: torch.device
     group_filter: GroupFilter | None = None
@@ -252,12 +252,12 @@ def evaluate_if_due(
     step budget or the token budget reached); {} when not due. Data parallel: a collective, every
     rank decodes its share of the prompts."""
     settings = ctx.settings
-    due = settings.eval_every > 0 and (step % settings.eval_every == 0 or last)
+    due = settings.trainer.eval_every > 0 and (step % settings.trainer.eval_every == 0 or last)
     if not (due and examples):
         return {}
     t = time.perf_counter()
     with gathered([ctx.model], ctx.dist):  # every rank decodes its share of the held-out prompts
-        metrics = evaluate(ctx.engine, ctx.task, examples, settings.format_weight, dist=ctx.dist)
+        metrics = evaluate(ctx.engine, ctx.task, examples, settings.reward.format_weight, dist=ctx.dist)
     metrics["perf/eval_s"] = time.perf_counter() - t
     return metrics
 
@@ -288,12 +288,12 @@ def log_step(ctx: RunContext, step: int, samples: Samples | None, metrics: dict[
     if (
         logger
         and samples is not None
-        and settings.log_samples_every > 0
-        and step % settings.log_samples_every == 0
+        and settings.trainer.log_samples_every > 0
+        and step % settings.trainer.log_samples_every == 0
     ):
-        logger.log_samples(step, sample_rows(samples, settings.num_samples_logged))
+        logger.log_samples(step, sample_rows(samples, settings.trainer.num_samples_logged))
     if ctx.dist.is_main:
-        tqdm.write(step_summary(step, settings.max_steps, metrics))
+        tqdm.write(step_summary(step, settings.trainer.max_steps, metrics))
 
 
 def failed_update(samples: Samples | None, metrics: dict[str, float]) -> bool:
@@ -337,7 +337,7 @@ class Checkpointer:
                 save_checkpoint(
                     path, model=unwrap(ctx.model), tokenizer=ctx.tokenizer, state=state, weights=weights
                 )
-                prune_checkpoints(ctx.run_dir, ctx.settings.keep_last_checkpoints)
+                prune_checkpoints(ctx.run_dir, ctx.settings.trainer.keep_last_checkpoints)
             except Exception as err:  # whatever the failure, the previous checkpoint is intact
                 error = err
         if ctx.dist.any(error is not None):
@@ -346,11 +346,11 @@ class Checkpointer:
 
 
 def check_bad_steps(saver: Checkpointer, step: int) -> None:
-    """Raise RunAbortedError once settings.max_bad_steps steps in a row had no finite update. Their
+    """Raise RunAbortedError once settings.trainer.max_bad_steps steps in a row had no finite update. Their
     updates were skipped or undone, so the state is the last good one: it is saved, or, should it
     hold a non-finite value after all, the last checkpoint written is named instead."""
     loop = saver.loop
-    if loop.bad_steps < saver.ctx.settings.max_bad_steps:
+    if loop.bad_steps < saver.ctx.settings.trainer.max_bad_steps:
         return
     why = f"non-finite loss, gradient or update in {loop.bad_steps} steps in a row (trainer.max_bad_steps)"
     try:
@@ -361,18 +361,18 @@ def check_bad_steps(saver: Checkpointer, step: int) -> None:
 
 
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
-    """Run until the budget is spent (see `finished`: settings.max_steps steps or
-    settings.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
+    """Run until the budget is spent (see `finished`: settings.trainer.max_steps steps or
+    settings.trainer.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
 
     `resume_state` is a checkpoint's trainer state (its weights already loaded into `ctx.model`):
     the run continues after the checkpoint's step with the same RNG streams, data order and
     optimizer. Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and
-    is checkpointed); RunAbortedError after settings.max_bad_steps steps in a row without a finite
-    update (`check_bad_steps`) or, with settings.fail_on_reward_error, a reward function that raised
+    is checkpointed); RunAbortedError after settings.trainer.max_bad_steps steps in a row without a finite
+    update (`check_bad_steps`) or, with settings.trainer.fail_on_reward_error, a reward function that raised
     (the state after the previous step is checkpointed); CheckpointWriteError when a checkpoint
     cannot be written (`Checkpointer`). At the end the final checkpoint is written (the policy
-    weights only with settings.save_only_model) and the step checkpoints it supersedes are deleted
-    (unless settings.keep_step_checkpoints).
+    weights only with settings.trainer.save_only_model) and the step checkpoints it supersedes are deleted
+    (unless settings.trainer.keep_step_checkpoints).
 
     Data parallel (`ctx.dist`): every rank runs this loop with its DDP-wrapped model; metrics are
     reduced over ranks, evaluation is split over them, and only rank 0 (whose logger is the only
@@ -380,7 +380,7 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     """
     settings, dist, logger = ctx.settings, ctx.dist, ctx.logger
     stream = PromptStream(ctx.task.train, settings.seed)
-    eval_examples = ctx.task.test[: settings.eval_num_prompts]
+    eval_examples = ctx.task.test[: settings.trainer.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
     resumable = Resumable(
         ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist
@@ -394,8 +394,8 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
         # a resumed run logged its step 0 already (a checkpoint at step 0 is a failed first step's)
         if resume_state is None and (initial := evaluate_if_due(ctx, eval_examples, 0)) and logger:
             logger.log(0, initial)
-            tqdm.write(f"Step 0/{settings.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
-        while not finished(loop, settings):
+            tqdm.write(f"Step 0/{settings.trainer.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
+        while not finished(loop, settings.trainer):
             step = loop.step + 1
             before = resumable.snapshot()  # a failing reward checkpoints the state after the last step
             try:
@@ -406,7 +406,7 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
                     f"step {step}: {err}; the state after step {loop.step} is saved in {path}", path
                 ) from err
             metrics = advance(loop, step, reduce_metrics(metrics, dist), saver.t_start)
-            last = finished(loop, settings)
+            last = finished(loop, settings.trainer)
             metrics.update(evaluate_if_due(ctx, eval_examples, step, last))
             progress.update(1)
             log_step(ctx, step, samples, metrics)
@@ -416,31 +416,31 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
             check_bad_steps(saver, step)
             if dist.any(stop.requested) and not last:
                 raise RunInterruptedError(step, saver.save(f"step_{step}"))
-            if settings.save_every > 0 and step % settings.save_every == 0 and not last:
+            if settings.trainer.save_every > 0 and step % settings.trainer.save_every == 0 and not last:
                 saver.save(f"step_{step}")
-    if loop.step < settings.max_steps:
+    if loop.step < settings.trainer.max_steps:
         log.info(
             "token budget reached: %d generated tokens after step %d (trainer.max_generated_tokens=%d)",
             loop.tokens_total,
             loop.step,
-            settings.max_generated_tokens,
+            settings.trainer.max_generated_tokens,
         )
-    save_final(ctx, saver.save("final", model_only=settings.save_only_model), loop.step)
+    save_final(ctx, saver.save("final", model_only=settings.trainer.save_only_model), loop.step)
     return last_metrics
 
 
-def finished(loop: LoopState, settings: TrainSettings) -> bool:
+def finished(loop: LoopState, trainer: TrainerConfig) -> bool:
     """The run's budget is spent: trainer.max_steps steps, or trainer.max_generated_tokens tokens
     generated (every sampled token, kept or dropped: sampling/tokens_total), whichever comes first.
     The step that crosses the token budget is completed and is the run's last."""
-    budget = settings.max_generated_tokens
-    return loop.step >= settings.max_steps or (budget > 0 and loop.tokens_total >= budget)
+    budget = trainer.max_generated_tokens
+    return loop.step >= trainer.max_steps or (budget is not None and loop.tokens_total >= budget)
 
 
 def progress_bar(ctx: RunContext, initial: int) -> tqdm:
     """The run's step bar (rank 0 only), starting at `initial` steps done."""
     return tqdm(
-        total=ctx.settings.max_steps,
+        total=ctx.settings.trainer.max_steps,
         initial=initial,
         desc=ctx.algo.name,
         unit="step",
@@ -456,7 +456,9 @@ def save_final(ctx: RunContext, path: Path, step: int) -> None:
     if not ctx.dist.is_main:
         return
     settings, run_dir = ctx.settings, ctx.run_dir
-    if not settings.keep_step_checkpoints:
+    if not settings.trainer.keep_step_checkpoints:
         remove_step_checkpoints(run_dir, up_to=step)
-    log.info("final policy saved to %s%s", path, " (weights only)" if settings.save_only_model else "")
+    log.info(
+        "final policy saved to %s%s", path, " (weights only)" if settings.trainer.save_only_model else ""
+    )
     log.info("the run folder %s takes %.1f MB on disk", run_dir, disk_bytes(run_dir) / 1e6)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common.algorithm import Algorithm
-from common.config import TrainSettings
+from common.config import RunSettings, TrainerConfig
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
 from common.finite import step_or_undo
 from common.logprobs import eval_mode, sequence_logprobs
@@ -38,7 +38,7 @@ class Critic:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     max_grad_norm: float
-    warmup_steps: int = 0
+    warmup_steps: int
 
 
 @torch.no_grad()
@@ -135,9 +135,9 @@ def autocast(device: torch.device, bf16: bool) -> torch.autocast:
 
 
 def split_micro_batches(
-    batch: dict[str, Any], rows: torch.Tensor, micro_batch_size: int, max_tokens: int = 0
+    batch: dict[str, Any], rows: torch.Tensor, micro_batch_size: int, max_tokens: int | None = None
 ) -> list[torch.Tensor]:
-    """`rows` in micro-batches of at most `micro_batch_size` rows and, with `max_tokens` > 0, at
+    """`rows` in micro-batches of at most `micro_batch_size` rows and, with `max_tokens` set, at
     most `max_tokens` tokens where it can (a row longer than that goes alone); verl's dynamic batch
     size (use_dynamic_bsz, ppo_max_token_len_per_gpu). The tokens of a micro-batch are what its
     packed forward runs (sequence_logprobs): each group's prompt once plus every response through EOS.
@@ -178,14 +178,10 @@ def accumulate_gradients(
     algo: Algorithm,
     batch: dict[str, Any],
     rows: torch.Tensor,
-    micro_batch_size: int,
+    trainer: TrainerConfig,
     temperature: float,
     critic: torch.nn.Module | None = None,
-    bf16: bool = False,
     dist: DistContext = SINGLE,
-    max_tokens: int = 0,
-    packed: bool = True,
-    chunked: bool = True,
 ) -> tuple[float, dict[str, float], float]:
     """Backward the loss of the mini-batch `rows` in micro-batches; gradients accumulate in .grad.
 
@@ -194,9 +190,10 @@ def accumulate_gradients(
     algo.loss_scale_factor for seq-mean-token-sum-norm), so the accumulated gradient equals the
     gradient of the whole mini-batch's loss, whatever the micro-batch size (DAPO Eq. 12 holds
     across micro-batches). With a critic (PPO) its values enter the same loss, so one backward
-    fills both models' gradients. `bf16` runs the forward passes under bfloat16 autocast (the
-    backward follows the forward's dtypes; log-probs and losses stay float32). `packed` and
-    `chunked` are the training pass's switches (common.logprobs.sequence_logprobs).
+    fills both models' gradients. Of `trainer`: micro_batch_size and max_tokens_per_micro_batch
+    (`split_micro_batches`); bf16 runs the forward passes under bfloat16 autocast (the backward
+    follows the forward's dtypes; log-probs and losses stay float32); packed_forward and
+    chunked_logprobs are the training pass's switches (common.logprobs.sequence_logprobs).
 
     Data parallel (`dist`, with `model` and `critic` wrapped in DDP): the denominator is summed over
     ranks, so it is the global mini-batch's; DDP averages gradients over the W ranks, so each
@@ -216,14 +213,14 @@ def accumulate_gradients(
     part = aggregation_denominator(batch["loss_mask"][rows], algo.loss_agg, algo.loss_scale_factor)
     denominator = dist.all_reduce(part) or 1.0
     total, means, n_total = 0.0, WeightedMeans(), 0.0
-    micros = split_micro_batches(batch, rows, micro_batch_size, max_tokens)
+    micros = split_micro_batches(batch, rows, trainer.micro_batch_size, trainer.max_tokens_per_micro_batch)
     n_passes = int(dist.all_reduce(len(micros), "max"))
     for i in range(n_passes):
         real = i < len(micros)
         micro = micros[i] if real else (rows[:1] if rows.numel() else torch.zeros(1, dtype=torch.long))
         mb = micro_batch(batch, micro)
         with no_sync([model, critic], skip=i < n_passes - 1):
-            with autocast(batch["input_ids"].device, bf16):
+            with autocast(batch["input_ids"].device, trainer.bf16):
                 logprob, entropy = sequence_logprobs(
                     model,
                     mb["input_ids"],
@@ -233,8 +230,8 @@ def accumulate_gradients(
                     return_entropy=True,
                     response_mask=mb["response_mask"],
                     prompt_groups=mb.get("group_index"),
-                    packed=packed,
-                    chunked=chunked,
+                    packed=trainer.packed_forward,
+                    chunked=trainer.chunked_logprobs,
                 )  # (B, T), (B, T)
                 values = None
                 if critic is not None:
@@ -258,7 +255,7 @@ def update_policy(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     algo: Algorithm,
     batch: dict[str, Any],
-    settings: TrainSettings,
+    settings: RunSettings,
     temperature: float,
     generator: torch.Generator,
     critic: Critic | None = None,
@@ -271,7 +268,8 @@ def update_policy(
     mini-batch's (summed over ranks), so a non-finite loss on any rank skips the step on all.
     """
     N = batch["input_ids"].shape[0]
-    n_minibatches = max(1, settings.batch_size // settings.mini_batch_size)
+    trainer = settings.trainer
+    n_minibatches = max(1, trainer.batch_size // trainer.mini_batch_prompts)
     means = WeightedMeans()
     losses, grad_norms, skipped = [], [], 0
     model.train()
@@ -284,22 +282,11 @@ def update_policy(
             if critic is not None:
                 critic.optimizer.zero_grad(set_to_none=True)
             total, stats, n_tokens = accumulate_gradients(
-                model,
-                algo,
-                batch,
-                rows,
-                settings.micro_batch_size,
-                temperature,
-                critic_model,
-                settings.bf16,
-                dist,
-                settings.max_tokens_per_micro_batch,
-                settings.packed_forward,
-                settings.chunked_logprobs,
+                model, algo, batch, rows, trainer, temperature, critic_model, dist
             )
             total = dist.all_reduce(total)
             grad_norm = clip_and_step(
-                model, optimizer, scheduler, critic, total, stats, settings.max_grad_norm, dist
+                model, optimizer, scheduler, critic, total, stats, settings.optim.max_grad_norm, dist
             )
             if grad_norm is None:
                 skipped += 1
@@ -356,15 +343,15 @@ def clip_and_step(
     return grad_norm.item()
 
 
-def needs_old_logprob(algo: Algorithm, settings: TrainSettings) -> bool:
+def needs_old_logprob(algo: Algorithm, settings: RunSettings) -> bool:
     """pi_old is computed when the algorithm asks for it (a reused batch, PPO's KL reward), when a batch
     takes several optimizer steps (all but the first are off-policy), and when the rollout is
     corrected or its mismatch logged (both compare pi_old with the engine's own log-probs)."""
     return (
         algo.needs_old_logprob
-        or settings.mini_batch_size < settings.batch_size
+        or settings.trainer.mini_batch_prompts < settings.trainer.batch_size
         or algo.rollout_correction != "none"
-        or settings.log_rollout_mismatch
+        or settings.trainer.log_rollout_mismatch
     )
 
 
@@ -374,7 +361,7 @@ def add_logprobs_and_values(
     reference: torch.nn.Module | None,
     critic: Critic | None,
     algo: Algorithm,
-    settings: TrainSettings,
+    settings: RunSettings,
     temperature: float,
     device: torch.device,
     dist: DistContext = SINGLE,
@@ -383,13 +370,13 @@ def add_logprobs_and_values(
     reference model) and batch["values"] (PPO), all (N, T); then the rollout correction's weights
     batch["rollout_is_weights"] (N, T) when algo.rollout_correction is tis. Returns the rollout
     mismatch metrics (common.rollout_correction), when pi_old and the engine's log-probs are there."""
-    N = batch["input_ids"].shape[0]
+    N, trainer = batch["input_ids"].shape[0], settings.trainer
     micro = split_micro_batches(
-        batch, torch.arange(N), settings.micro_batch_size, settings.max_tokens_per_micro_batch
+        batch, torch.arange(N), trainer.micro_batch_size, trainer.max_tokens_per_micro_batch
     )
-    passes = (settings.packed_forward, settings.chunked_logprobs)
+    passes = (trainer.packed_forward, trainer.chunked_logprobs)
     # no DDP and gathered FSDP weights in no-grad passes: ranks may run different numbers of them
-    with autocast(device, settings.bf16):
+    with autocast(device, trainer.bf16):
         # Eval mode: pi_old is the policy that sampled (generation runs in eval mode), without dropout noise
         if needs_old_logprob(algo, settings):
             with gathered([model], dist), eval_mode(unwrap(model)):

@@ -48,7 +48,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from common.config import TrainSettings
+from common.config import TrainerConfig
 from common.distributed import unwrap
 from common.logging import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from common.logprobs import pack_responses
@@ -191,7 +191,7 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     generated = int(rollout.lengths.sum())
     # the workload's tokens: prompt + response of every row, padding left out
     processed = int(rollout.attention_mask.sum()) * algo.epochs
-    computed = computed_tokens(batch, settings) * algo.epochs
+    computed = computed_tokens(batch, settings.trainer) * algo.epochs
     groups = rollout.group_index.tolist()
     first_rows = [groups.index(g) for g in dict.fromkeys(groups)]  # one row per distinct prompt
     prompt_ids = rollout.input_ids[first_rows, : rollout.prompt_len]  # (U, P)
@@ -202,13 +202,13 @@ def time_step(model, reference, engine, algo, task, optimizer, scheduler, settin
     return StepMeasure(times, meter.rss_mb, generated, processed, computed, work, mismatch)
 
 
-def computed_tokens(batch: dict[str, Any], settings: TrainSettings) -> int:
+def computed_tokens(batch: dict[str, Any], trainer: TrainerConfig) -> int:
     """Tokens the update's forward passes actually run: per micro-batch, each distinct prompt once
     plus every row's response through EOS (the packed pass of sequence_logprobs, no padding)."""
     total = 0
     rows = torch.arange(batch["input_ids"].shape[0])
     for micro in split_micro_batches(
-        batch, rows, settings.micro_batch_size, settings.max_tokens_per_micro_batch
+        batch, rows, trainer.micro_batch_size, trainer.max_tokens_per_micro_batch
     ):
         mb = micro_batch(batch, micro)
         packed = pack_responses(

@@ -29,10 +29,9 @@ from common.config import (
     DynamicSampling,
     FilterSampling,
     ResampleSampling,
+    RunSettings,
     TrainConfig,
-    TrainSettings,
     as_config_error,
-    gen_batch_size,
     require,
     require_option,
     schema_node,
@@ -226,37 +225,18 @@ def build_flat_groups(cfg: DictConfig) -> FlatGroups | None:
     return groups_to_resample if cfg.dynamic_sampling.mode == "resample" else None
 
 
-def build_settings(cfg: DictConfig) -> TrainSettings:
-    t = cfg.trainer
-    ds = cfg.dynamic_sampling
-    filtering = ds.mode == "filter"
-    return TrainSettings(
-        max_steps=t.max_steps,
-        max_generated_tokens=t.max_generated_tokens or 0,
-        batch_size=t.batch_size,
-        mini_batch_size=t.mini_batch_size or t.batch_size,
-        micro_batch_size=t.micro_batch_size,
-        max_tokens_per_micro_batch=t.max_tokens_per_micro_batch or 0,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        format_weight=cfg.reward.format_weight,
-        eval_every=t.eval_every,
-        eval_num_prompts=t.eval_num_prompts,
-        log_samples_every=t.log_samples_every,
-        num_samples_logged=t.num_samples_logged,
-        save_every=t.save_every,
-        keep_last_checkpoints=t.keep_last_checkpoints,
-        keep_step_checkpoints=t.keep_step_checkpoints,
-        save_only_model=t.save_only_model,
-        max_bad_steps=t.max_bad_steps,
-        bf16=t.bf16,
-        packed_forward=t.packed_forward,
-        chunked_logprobs=t.chunked_logprobs,
-        log_rollout_mismatch=t.log_rollout_mismatch,
-        fail_on_reward_error=t.fail_on_reward_error,
-        max_num_gen_batches=ds.max_num_gen_batches if filtering else 1,
-        gen_batch_size=gen_batch_size(ds.gen_batch_size_factor, t.batch_size) if filtering else t.batch_size,
-        on_exhausted=ds.on_exhausted if filtering else "partial",
-        max_samples=ds.max_samples if ds.mode == "resample" else 0,
+def build_settings(cfg: DictConfig) -> RunSettings:
+    """The typed trainer / optim / reward / dynamic_sampling sections of the checked config, as the
+    loop reads them (common.config.RunSettings)."""
+
+    def typed(node: DictConfig) -> Any:
+        return OmegaConf.to_object(node)
+
+    return RunSettings(
+        trainer=typed(cfg.trainer),
+        optim=typed(cfg.optim),
+        reward=typed(cfg.reward),
+        dynamic_sampling=typed(cfg.dynamic_sampling),
         seed=cfg.seed,
     )
 

@@ -221,13 +221,13 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     check_prompt_lengths(engine, task, cfg.task.name)
     # the critic copies the initial policy's body before a resumed run loads the checkpoint's
     # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
-    critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.bf16))
+    critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.trainer.bf16))
     resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
-    policy = wrap_model(model, dist, settings.bf16)  # FSDP: the same module, its weights sharded
+    policy = wrap_model(model, dist, settings.trainer.bf16)  # FSDP: the same module, its weights sharded
     if reference is not None and dist.shards_params:
-        shard_model(reference, dist, settings.bf16)
+        shard_model(reference, dist, settings.trainer.bf16)
     # after wrapping: under FSDP the optimizer holds the sharded parameters
     optimizer, scheduler = build_optimizer(policy, cfg)
     if dist.enabled:

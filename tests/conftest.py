@@ -9,6 +9,7 @@ not depend on them (docs/testing.md):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
-from common.config import as_config_error
+from common.config import TrainerConfig, as_config_error
 from common.fences import Fence
 from common.models import load_policy
-from scripts.build import store_schemas
+from scripts.build import build_settings, store_schemas
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -66,6 +67,15 @@ def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
             if error is None:
                 raise
             raise error from err
+
+
+def micro_batches(micro_batch_size: int, max_tokens: int | None = None) -> TrainerConfig:
+    """configs/train.yaml's trainer section with the update's micro-batch split set: what
+    common.update.accumulate_gradients reads (micro-batch rows and tokens, the pass switches)."""
+    trainer = build_settings(compose_train()).trainer
+    return dataclasses.replace(
+        trainer, micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens
+    )
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
 import re
+from dataclasses import MISSING
 
 import pytest
 from omegaconf import OmegaConf
@@ -205,8 +209,8 @@ def test_algorithm_fields_come_from_yaml_only():
     assert algo.clip_high == 0.28 and algo.overlong_buffer_len == cfg.algorithm.overlong_buffer_len
     settings = build_settings(cfg)
     # the DAPO preset takes several optimizer steps per rollout batch (configs/algorithm/dapo.yaml)
-    assert settings.mini_batch_size == cfg.trainer.mini_batch_size == 2 < cfg.trainer.batch_size
-    assert settings.max_num_gen_batches == cfg.dynamic_sampling.max_num_gen_batches
+    assert settings.trainer.mini_batch_prompts == cfg.trainer.mini_batch_size == 2 < cfg.trainer.batch_size
+    assert settings.dynamic_sampling.max_num_gen_batches == cfg.dynamic_sampling.max_num_gen_batches
 
 
 def test_unknown_algorithm_key_is_named():
@@ -348,8 +352,8 @@ def test_compare_presets_keep_a_weights_only_final_checkpoint():
     for preset in comparison_presets():
         cfg = compose_train(f"experiment={preset}")
         settings = build_settings(cfg)
-        assert settings.save_only_model and not settings.keep_step_checkpoints, preset
-    assert not build_settings(compose_train()).save_only_model  # the default run stays resumable
+        assert settings.trainer.save_only_model and not settings.trainer.keep_step_checkpoints, preset
+    assert not build_settings(compose_train()).trainer.save_only_model  # the default run stays resumable
 
 
 def test_addition_5_40_is_the_default_task_with_wider_operands():
@@ -389,7 +393,7 @@ def test_oversampled_rounds_must_split_over_the_processes(monkeypatch):
     cfg = compose_train(
         "algorithm=dapo", "dynamic_sampling.gen_batch_size_factor=1.5", "trainer.batch_size=2"
     )
-    assert build_settings(cfg).gen_batch_size == 3
+    assert build_settings(cfg).dynamic_sampling.prompts_per_round(2) == 3
     with pytest.raises(
         ConfigError, match="^dynamic_sampling.gen_batch_size_factor: 1.5 x trainer.batch_size=2"
     ):
@@ -406,3 +410,53 @@ def test_truncated_sampling_is_warned_at_start_up(cache_dir, caplog):
     with caplog.at_level("WARNING", logger="rl_lab"):
         build_rollout(cfg, model, tokenizer)
     assert "rollout.top_p=0.9 and rollout.top_k=50" in caplog.text and "full softmax" in caplog.text
+
+
+# Dataclass fields that share a name with a config key but are not that setting
+NOT_A_RUN_SETTING = {
+    ("DistContext", "zero_stage"),  # a single process's context: nothing is sharded
+    ("WandbInit", "name"),  # the W&B run's name, not model.name / task.name
+    ("Example", "source"),  # where a dataset row came from, not model.source
+}
+
+
+def dataclass_defaults() -> list[tuple[str, str, str]]:
+    """(module, class, field) of every dataclass field with a default in rl-lab's packages."""
+    found = []
+    for package in ("common", "grpo", "dapo", "ppo", "scripts"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if info.name.endswith("vllm"):
+                continue  # imports vLLM, not installed here
+            module = importlib.import_module(info.name)
+            for cls in vars(module).values():
+                if (
+                    not (isinstance(cls, type) and dataclasses.is_dataclass(cls))
+                    or cls.__module__ != info.name
+                ):
+                    continue
+                for field in dataclasses.fields(cls):
+                    if field.default is not MISSING or field.default_factory is not MISSING:
+                        found.append((info.name, cls.__name__, field.name))
+    return found
+
+
+def test_no_default_of_a_run_setting_is_defined_twice():
+    """configs/*.yaml hold every run setting's default: a dataclass field named like a config key
+    must not carry a default of its own (the copy would drift, as one did before)."""
+    keys: set[str] = set()
+
+    def leaves(node: dict) -> None:
+        for key, value in node.items():
+            leaves(value) if isinstance(value, dict) else keys.add(key)
+
+    for algorithm in options("algorithm"):
+        leaves(OmegaConf.to_container(compose_train(f"algorithm={algorithm}"), resolve=True))
+    found = dataclass_defaults()
+    assert any(cls == "WandbInit" for _, cls, _ in found)  # the walk reaches the modules
+    twice = [
+        f"{module}.{cls}.{name}"
+        for module, cls, name in found
+        if name in keys and (cls, name) not in NOT_A_RUN_SETTING
+    ]
+    assert not twice, f"defaults defined beside configs/: {twice}"

@@ -100,7 +100,7 @@ def _update(model, algo, settings, batch: dict, dist: DistContext) -> tuple[list
     """(gradients of the global loss, parameters after one SGD step, metrics); dist.zero_stage 1
     shards the optimizer over the ranks, 2-3 the gradients and weights too (FSDP)."""
     n = batch["input_ids"].shape[0]
-    accumulate_gradients(model, algo, batch, torch.arange(n), settings.micro_batch_size, 1.0, dist=dist)
+    accumulate_gradients(model, algo, batch, torch.arange(n), settings.trainer, 1.0, dist=dist)
     grads = [_full(p.grad) for p in model.parameters()]
     if dist.zero_stage == 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -168,7 +168,7 @@ def _evaluation(cache_dir: str, dist: DistContext) -> dict:
     tokenizer, model, _, settings = _setup(cache_dir)
     engine = HFRollout(model, tokenizer, group_size=1, max_new_tokens=10)
     task = build_task("char_share")
-    return evaluate(engine, task, task.test[:11], settings.format_weight, chunk=4, dist=dist)
+    return evaluate(engine, task, task.test[:11], settings.reward.format_weight, chunk=4, dist=dist)
 
 
 def _eval_worker(rank: int, port: int, cache_dir: str, out_dir: str) -> None:

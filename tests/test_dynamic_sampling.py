@@ -13,7 +13,7 @@ from common.tasks import build_task
 from common.trainer import build_batch
 from common.update import accumulate_gradients
 from scripts.build import build_algorithm, build_settings
-from tests.conftest import compose_train
+from tests.conftest import compose_train, micro_batches
 
 TINY = ("model=tiny", "task=char_share", "logger=none", "group_size=g4", "rollout.max_new_tokens=6")
 
@@ -26,7 +26,10 @@ def engine(cache_dir):
 
 
 def dapo(*overrides: str):
-    cfg = compose_train(*TINY, "algorithm=dapo", "trainer.batch_size=3", *overrides)
+    # one mini-batch of 1 prompt per optimizer step: the DAPO preset's 2 does not divide 3
+    cfg = compose_train(
+        *TINY, "algorithm=dapo", "trainer.batch_size=3", "trainer.mini_batch_size=1", *overrides
+    )
     return build_algorithm(cfg.algorithm), build_settings(cfg)
 
 
@@ -50,7 +53,7 @@ def test_oversampling_factor_fills_the_batch_in_fewer_rounds(engine):
     assert stats["sampling/gen_batches"] == 2 and stream.position == 6 and len(samples.rollout) == 12
     # factor 2: one round of ceil(2 x 3) = 6 prompts keeps groups 0, 2 and 4 -> full after 1 round
     algo, settings = dapo("dynamic_sampling.gen_batch_size_factor=2")
-    assert settings.gen_batch_size == 6
+    assert settings.dynamic_sampling.prompts_per_round(settings.trainer.batch_size) == 6
     stream = PromptStream(task.train, 0)
     samples, stats = collect(engine, task, stream, algo, settings, every_other_group)
     assert stats["sampling/gen_batches"] == 1 and stream.position == 6
@@ -107,7 +110,9 @@ def test_partial_batch_is_normalised_by_what_it_holds(engine, loss_agg):
     batch = build_batch(samples, algo, torch.device("cpu"))
     batch["advantages"] = torch.ones(len(samples.rollout))
     rows = torch.arange(len(samples.rollout))
-    total, _, n_tokens = accumulate_gradients(engine.model, algo, batch, rows, 4, temperature=1.0)
+    total, _, n_tokens = accumulate_gradients(
+        engine.model, algo, batch, rows, micro_batches(4), temperature=1.0
+    )
     lengths = batch["loss_mask"].sum(1)
     expected = {
         "token-mean": -1.0,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import common.trainer as trainer_module
 from common.checkpoint import COMPLETE_FILE, STATE_FILE, NonFiniteCheckpointError, save_checkpoint
-from common.logging import RunLogger
+from common.logging import RunLogger, WandbInit
 from common.state import CheckpointWriteError, RunAbortedError
 from grpo import GRPO
 from scripts.train import run
@@ -276,7 +276,9 @@ def test_wandb_that_cannot_start_falls_back_to_local_files(tmp_path, monkeypatch
         raise RuntimeError("network unreachable")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    logger = RunLogger(tmp_path, backend="wandb", mode="online")
+    logger = RunLogger(
+        tmp_path, backend="wandb", mode="online", wandb_init=WandbInit(project="rl-lab", entity=None)
+    )
     assert logger.wandb_run is None and "W&B could not start" in caplog.text
     logger.log(1, {"reward/total": 0.5})
     logger.finish()

@@ -13,7 +13,7 @@ from common.rollout import make_engine
 from common.rollout_correction import mismatch_metrics, tis_weights
 from common.update import accumulate_gradients, add_logprobs_and_values, needs_old_logprob
 from scripts.build import ConfigError, build_algorithm, build_policy, build_settings, validate
-from tests.conftest import compose_train
+from tests.conftest import compose_train, micro_batches
 
 LN2 = math.log(2.0)
 # pi_old = (0.5, 0.2), pi_rollout = (0.25, 0.4) on two tokens; a third, masked out, holds junk
@@ -115,8 +115,8 @@ def test_the_update_applies_tis_weights_and_logs_the_mismatch(cache_dir):
     assert metrics["rollout/tis_clipfrac"] == 1.0 and metrics["rollout/tis_weight_mean"] == pytest.approx(1.5)
     torch.testing.assert_close(batch["rollout_is_weights"][mask], torch.full((int(mask.sum()),), 1.5))
     rows = torch.arange(8)
-    corrected, _, _ = accumulate_gradients(model, algo, batch, rows, 8, temperature=1.0)
+    corrected, _, _ = accumulate_gradients(model, algo, batch, rows, micro_batches(8), temperature=1.0)
     del batch["rollout_is_weights"]
     model.zero_grad()
-    plain, _, _ = accumulate_gradients(model, algo, batch, rows, 8, temperature=1.0)
+    plain, _, _ = accumulate_gradients(model, algo, batch, rows, micro_batches(8), temperature=1.0)
     assert plain == pytest.approx(-1.0, rel=1e-4) and corrected == pytest.approx(-1.5, rel=1e-4)  # ratio 1

@@ -3,6 +3,7 @@ without the internals it needs, the plain path runs, with one warning, and sampl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -16,6 +17,8 @@ from common.rollout.decode import DecodeRollout, DecodeTricks
 from common.rollout.kv_cache import PreallocatedLayer
 from common.rollout.prepack import LinearTimes, PrepackPolicy, prepack_pays, time_linears
 
+# configs/train.yaml's switches: every trick on
+ALL_ON = DecodeTricks.from_train_yaml()
 PROMPTS = ["q1", "a longer second question", "q3 with words", "four"]
 
 
@@ -56,11 +59,16 @@ def sample_both(model, tokenizer, tricks: DecodeTricks, monkeypatch) -> tuple[Sp
     return spy, batches
 
 
+def test_every_trick_is_on_by_default():
+    # the switches' one source of defaults is configs/train.yaml: an engine built outside a run reads it
+    assert DecodeTricks("auto", True, True, True) == ALL_ON
+
+
 @pytest.fixture
 def reference(sharp, monkeypatch):
     """The batches with every trick on (prepacking forced where oneDNN works)."""
     with monkeypatch.context() as m:
-        spy, batches = sample_both(*sharp, DecodeTricks(prepack_linears="always"), m)
+        spy, batches = sample_both(*sharp, dataclasses.replace(ALL_ON, prepack_linears="always"), m)
     assert PreallocatedLayer in spy.layers[0] and all(spy.in_place)
     return batches
 
@@ -76,10 +84,10 @@ def assert_same_tokens(batches, reference):
 @pytest.mark.parametrize(
     "tricks",
     [
-        DecodeTricks(prepack_linears="never"),
-        DecodeTricks(preallocated_cache=False),
-        DecodeTricks(inplace_row_removal=False),
-        DecodeTricks(shared_prefix=False),
+        dataclasses.replace(ALL_ON, prepack_linears="never"),
+        dataclasses.replace(ALL_ON, preallocated_cache=False),
+        dataclasses.replace(ALL_ON, inplace_row_removal=False),
+        dataclasses.replace(ALL_ON, shared_prefix=False),
         DecodeTricks("never", False, False, False),
     ],
 )
@@ -125,7 +133,7 @@ def test_missing_or_changed_internals_fall_back_with_one_warning(
     take_away(monkeypatch)
     Fence.reset_all()  # the reference rollouts probed the internals before they were taken away
     with caplog.at_level(logging.WARNING, logger="rl_lab"):
-        spy, batches = sample_both(*sharp, DecodeTricks(prepack_linears="always"), monkeypatch)
+        spy, batches = sample_both(*sharp, dataclasses.replace(ALL_ON, prepack_linears="always"), monkeypatch)
     assert_same_tokens(batches, reference)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith(switch), warnings

@@ -18,7 +18,7 @@ from common.trainer import build_batch
 from common.update import accumulate_gradients, split_micro_batches
 from scripts.build import build_algorithm, build_settings
 from scripts.train import run
-from tests.conftest import TEST_SEED, compose_train
+from tests.conftest import TEST_SEED, compose_train, micro_batches
 
 TINY_CHAR_SHARE = (
     "model=tiny",
@@ -162,10 +162,10 @@ def test_gradient_is_the_same_with_one_and_four_micro_batches(tiny_setup, loss_a
     rows = torch.arange(8)
     assert len(split_micro_batches(batch, rows, 8, max_tokens=20)) > 2
     grads = []
-    for micro, max_tokens in ((8, 0), (2, 0), (8, 20)):
+    for micro, max_tokens in ((8, None), (2, None), (8, 20)):
         model.zero_grad(set_to_none=True)
         loss, _, _ = accumulate_gradients(
-            model, algo, batch, rows, micro, temperature=1.0, max_tokens=max_tokens
+            model, algo, batch, rows, micro_batches(micro, max_tokens), temperature=1.0
         )
         grads.append(([p.grad.clone() for p in model.parameters()], loss))
     g_full, loss_full = grads[0]
@@ -185,7 +185,13 @@ def _always(keep: bool):
 
 def test_dynamic_sampling_fills_the_batch(tiny_setup):
     cfg, _, engine, task = tiny_setup
-    cfg = compose_train(*TINY_CHAR_SHARE, "group_size=g4", "algorithm=dapo", "trainer.batch_size=3")
+    cfg = compose_train(
+        *TINY_CHAR_SHARE,
+        "group_size=g4",
+        "algorithm=dapo",
+        "trainer.batch_size=3",
+        "trainer.mini_batch_size=1",
+    )
     algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
     calls = []
 
@@ -294,6 +300,7 @@ def test_dynamic_sampling_at_the_bound_keeps_partial_batch(tiny_setup, caplog):
         "group_size=g4",
         "algorithm=dapo",
         "trainer.batch_size=3",
+        "trainer.mini_batch_size=1",
         "dynamic_sampling.max_num_gen_batches=2",
     )
     algo, settings = build_algorithm(cfg.algorithm), build_settings(cfg)
@@ -382,7 +389,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_setup, cache_dir):
         batch = build_batch(samples, algo, torch.device("cpu"))
         algo.compute_advantages(batch)
         model.train()
-        accumulate_gradients(model, algo, batch, torch.arange(8), 8, temperature=1.0)
+        accumulate_gradients(model, algo, batch, torch.arange(8), micro_batches(8), temperature=1.0)
         grads.append([p.grad.clone() for p in model.parameters()])
     # float rounding only: without checkpointing the shared prompts run once per group
     # (sequence_logprobs), with it every row runs its whole sequence

@@ -11,7 +11,7 @@ import torch
 from common.rollout import HFRollout
 from common.update import add_logprobs_and_values, clip_and_step, split_micro_batches, update_policy
 from scripts.build import build_algorithm, build_optimizer, build_policy, build_settings
-from tests.conftest import compose_train
+from tests.conftest import compose_train, micro_batches
 
 TINY = ("model=tiny", "task=char_share", "logger=none", "group_size=g4", "rollout.max_new_tokens=8")
 
@@ -136,7 +136,7 @@ def test_first_step_is_on_policy_with_a_dropout_model(cache_dir, disable):
     )
     assert model.training  # the eval-mode log-prob pass restores the mode
     torch.manual_seed(0)
-    _, stats, _ = accumulate_gradients(model, algo, batch, torch.arange(8), 8, temperature=1.0)
+    _, stats, _ = accumulate_gradients(model, algo, batch, torch.arange(8), micro_batches(8), temperature=1.0)
     if disable:
         assert stats["policy/ratio_max"] == pytest.approx(1.0, abs=1e-5)
         assert abs(stats["kl/value"]) < 1e-6

@@ -13,11 +13,15 @@ DynamicCache and public forward arguments only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
@@ -30,15 +34,27 @@ from common.rollout.kv_cache import PREALLOCATED_CACHE, keep_order, preallocate
 from common.rollout.prepack import PrepackPolicy, prepacked_linears
 from common.rollout.sampler import TokenSampler
 
+TRAIN_YAML = Path(__file__).resolve().parents[2] / "configs" / "train.yaml"
+
 
 @dataclass(frozen=True)
 class DecodeTricks:
-    """The decode engine's speed tricks, each on by default (configs/train.yaml, rollout.*)."""
+    """The decode engine's speed tricks: rollout.prepack_linears (auto: measured once per shape set,
+    always or never), rollout.preallocated_cache, rollout.inplace_row_removal, rollout.shared_prefix.
+    Their defaults are configs/train.yaml's alone (`from_train_yaml`)."""
 
-    prepack_linears: str = "auto"  # auto (measured once per shape set), always or never
-    preallocated_cache: bool = True
-    inplace_row_removal: bool = True
-    shared_prefix: bool = True
+    prepack_linears: str
+    preallocated_cache: bool
+    inplace_row_removal: bool
+    shared_prefix: bool
+
+    @classmethod
+    @functools.cache
+    def from_train_yaml(cls) -> DecodeTricks:
+        """The switches as configs/train.yaml sets them: an engine built outside a run (the seed's
+        `generate_responses`, scripts, tests) runs the tricks a run would."""
+        rollout = OmegaConf.load(TRAIN_YAML).rollout
+        return cls(**{f.name: rollout[f.name] for f in dataclasses.fields(cls)})
 
 
 def probe_shared_prefix() -> str | None:
@@ -222,7 +238,7 @@ class DecodeRollout(BaseRollout):
         self, model: torch.nn.Module, tokenizer: Any, *, tricks: DecodeTricks | None = None, **kwargs: Any
     ) -> None:
         super().__init__(model, tokenizer, **kwargs)
-        self.tricks = tricks or DecodeTricks()
+        self.tricks = tricks or DecodeTricks.from_train_yaml()
         self.prepack = PrepackPolicy(self.tricks.prepack_linears)
 
     def sample(
