@@ -346,11 +346,11 @@ class Checkpointer:
 
 
 def check_bad_steps(saver: Checkpointer, step: int) -> None:
-    """Raise RunAbortedError once settings.trainer.max_bad_steps steps in a row had no finite update. Their
+    """Raise RunAbortedError once trainer.max_bad_steps steps in a row had no finite update. Their
     updates were skipped or undone, so the state is the last good one: it is saved, or, should it
     hold a non-finite value after all, the last checkpoint written is named instead."""
     loop = saver.loop
-    if loop.bad_steps < saver.ctx.settings.trainer.max_bad_steps:
+    if loop.bad_steps < saver.ctx.trainer.max_bad_steps:
         return
     why = f"non-finite loss, gradient or update in {loop.bad_steps} steps in a row (trainer.max_bad_steps)"
     try:
@@ -361,18 +361,18 @@ def check_bad_steps(saver: Checkpointer, step: int) -> None:
 
 
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
-    """Run until the budget is spent (see `finished`: settings.trainer.max_steps steps or
-    settings.trainer.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
+    """Run until the budget is spent (see `finished`: trainer.max_steps steps or
+    trainer.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
 
     `resume_state` is a checkpoint's trainer state (its weights already loaded into `ctx.model`):
     the run continues after the checkpoint's step with the same RNG streams, data order and
     optimizer. Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and
-    is checkpointed); RunAbortedError after settings.trainer.max_bad_steps steps in a row without a finite
-    update (`check_bad_steps`) or, with settings.trainer.fail_on_reward_error, a reward function that raised
+    is checkpointed); RunAbortedError after trainer.max_bad_steps steps in a row without a finite
+    update (`check_bad_steps`) or, with trainer.fail_on_reward_error, a reward function that raised
     (the state after the previous step is checkpointed); CheckpointWriteError when a checkpoint
     cannot be written (`Checkpointer`). At the end the final checkpoint is written (the policy
-    weights only with settings.trainer.save_only_model) and the step checkpoints it supersedes are deleted
-    (unless settings.trainer.keep_step_checkpoints).
+    weights only with trainer.save_only_model) and the step checkpoints it supersedes are deleted
+    (unless trainer.keep_step_checkpoints).
 
     Data parallel (`ctx.dist`): every rank runs this loop with its DDP-wrapped model; metrics are
     reduced over ranks, evaluation is split over them, and only rank 0 (whose logger is the only
