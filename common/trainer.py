@@ -350,7 +350,7 @@ def check_bad_steps(saver: Checkpointer, step: int) -> None:
     updates were skipped or undone, so the state is the last good one: it is saved, or, should it
     hold a non-finite value after all, the last checkpoint written is named instead."""
     loop = saver.loop
-    if loop.bad_steps < saver.ctx.trainer.max_bad_steps:
+    if loop.bad_steps < saver.ctx.settings.trainer.max_bad_steps:
         return
     why = f"non-finite loss, gradient or update in {loop.bad_steps} steps in a row (trainer.max_bad_steps)"
     try:
