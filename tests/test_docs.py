@@ -1,9 +1,12 @@
 """The README as a newcomer meets it: short, every docs/ page linked, every link resolving, and the
-table of config groups listing every option under configs/ (so it cannot go stale)."""
+table of config groups listing every option under configs/ (so it cannot go stale); the tuned
+settings quoted in docs/ as the studies recorded them."""
 
 from __future__ import annotations
 
 import re
+
+import yaml
 
 from tests.conftest import CONFIGS, ROOT
 
@@ -54,3 +57,17 @@ def test_readme_is_short_and_links_every_docs_page_and_every_link_resolves():
     for page in (ROOT / "docs").glob("*.md"):
         for link in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
             assert (page.parent / link).exists(), f"{page.name}: {link}"
+
+
+def test_tuned_settings_quoted_are_the_studies():
+    """docs/configuration.md's table of tuned settings says what docs/tuning/<arm>.yaml (each
+    study's record) holds: the best parameters and value, per arm, for every recorded study."""
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    rows = {line.split(" | ")[0].strip("| `"): line for line in text.splitlines() if line.startswith("| `")}
+    studies = sorted((ROOT / "docs" / "tuning").glob("*.yaml"))
+    assert studies
+    for path in studies:
+        study = yaml.safe_load(path.read_text(encoding="utf-8"))
+        row = rows.get(path.stem, "")
+        cells = [f"{v:.3g}" for v in study["best_params"].values()] + [f"{study['best_value']:.2f}"]
+        assert all(cell in row for cell in cells) and study["commit"] in row, (path.stem, row, cells)
