@@ -150,6 +150,24 @@ def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
             raise ConfigError(f"{override.key_or_group}: must be true or false (got {value})")
 
 
+def warn_unread_overrides(cfg: DictConfig, overrides: Sequence[str]) -> list[str]:
+    """The critic.* keys set on the command line (`overrides`) for an algorithm without a critic,
+    which nothing reads; one warning names them. A warning, not an error: a sweep over arms may set
+    PPO's critic for every run (`-m arm=ppo,grpo critic.lr=1e-3`)."""
+    algorithm = ALGORITHMS.get(cfg.algorithm.name)  # an unknown name: validate's error, later
+    if algorithm is None or algorithm.needs_critic:
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    keys = [o.key_or_group for o in parsed if o.key_or_group.startswith("critic.")]
+    if keys:
+        log.warning(
+            "%s: read only by algorithms with a critic (ppo); %s ignores it",
+            ", ".join(keys),
+            cfg.algorithm.name,
+        )
+    return keys
+
+
 def ensure_writable_folder(folder: str | Path) -> str | None:
     """Create `folder` (and its parents) and write a file into it; None when that works, else why
     not (e.g. "[Errno 20] Not a directory: '/tmp/file/run'")."""

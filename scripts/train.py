@@ -74,6 +74,7 @@ from scripts.build import (
     resolve_device,
     store_schemas,
     validate,
+    warn_unread_overrides,
 )
 
 log = logging.getLogger("rl_lab")
@@ -335,6 +336,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_bool_overrides(cfg, HydraConfig.get().overrides.task)
+        warn_unread_overrides(cfg, HydraConfig.get().overrides.task)
         if cfg.trainer.num_threads is None:  # recorded in the run's config like a setting
             cfg.trainer.num_threads = sweep_num_threads(HydraConfig.get(), len(os.sched_getaffinity(0)))
         return objective(run(cfg, run_dir), cfg.objective)

@@ -18,6 +18,7 @@ from scripts.build import (
     build_task_from,
     check_bool_overrides,
     validate,
+    warn_unread_overrides,
 )
 from tests.conftest import CONFIGS, compose_train
 
@@ -460,3 +461,15 @@ def test_no_default_of_a_run_setting_is_defined_twice():
         if name in keys and (cls, name) not in NOT_A_RUN_SETTING
     ]
     assert not twice, f"defaults defined beside configs/: {twice}"
+
+
+def test_critic_keys_under_an_algorithm_without_a_critic_are_named_in_a_warning(caplog):
+    overrides = ["critic.lr=1e-3", "optim.lr=2e-5", "critic.warmup_steps=1"]
+    with caplog.at_level("WARNING", logger="rl_lab"):
+        assert warn_unread_overrides(compose_train("algorithm=grpo"), overrides) == [
+            "critic.lr",
+            "critic.warmup_steps",
+        ]
+    assert "critic.lr, critic.warmup_steps: read only by algorithms with a critic" in caplog.text
+    assert warn_unread_overrides(compose_train("algorithm=ppo"), overrides) == []
+    assert warn_unread_overrides(compose_train("arm=dapo"), ["optim.lr=2e-5"]) == []
