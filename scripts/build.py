@@ -246,15 +246,11 @@ def build_flat_groups(cfg: DictConfig) -> FlatGroups | None:
 def build_settings(cfg: DictConfig) -> RunSettings:
     """The typed trainer / optim / reward / dynamic_sampling sections of the checked config, as the
     loop reads them (common.config.RunSettings)."""
-
-    def typed(node: DictConfig) -> Any:
-        return OmegaConf.to_object(node)
-
     return RunSettings(
-        trainer=typed(cfg.trainer),
-        optim=typed(cfg.optim),
-        reward=typed(cfg.reward),
-        dynamic_sampling=typed(cfg.dynamic_sampling),
+        trainer=OmegaConf.to_object(cfg.trainer),
+        optim=OmegaConf.to_object(cfg.optim),
+        reward=OmegaConf.to_object(cfg.reward),
+        dynamic_sampling=OmegaConf.to_object(cfg.dynamic_sampling),
         seed=cfg.seed,
     )
 

@@ -449,7 +449,10 @@ def test_no_default_of_a_run_setting_is_defined_twice():
 
     def leaves(node: dict) -> None:
         for key, value in node.items():
-            leaves(value) if isinstance(value, dict) else keys.add(key)
+            if isinstance(value, dict):
+                leaves(value)
+            else:
+                keys.add(key)
 
     for algorithm in options("algorithm"):
         leaves(OmegaConf.to_container(compose_train(f"algorithm={algorithm}"), resolve=True))
