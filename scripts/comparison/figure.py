@@ -3,6 +3,7 @@ tokens and wall time, one colour per arm."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,9 @@ ROWS = [
     (ACCURACY, "held-out accuracy (IQM, 95% CI)"),
     (REWARD, "training task reward of all samples (mean ± std)"),
 ]
+# arms per legend row, and the figure height (a fraction) that each further row takes
+LEGEND_COLUMNS = 4
+LEGEND_ROW_HEIGHT = 0.03
 COLUMNS = [(STEP, "step"), (TOKENS, "generated tokens"), (WALL, "wall time (min)")]
 
 
@@ -92,15 +96,19 @@ def plot(
         )
         for label, group in groups.items()
     ]
-    fig.legend(handles=handles, loc="upper center", ncol=max(len(handles), 1), frameon=False)
+    # up to LEGEND_COLUMNS arms a legend row; each extra row moves the caption and the plots down
+    extra_rows = max(math.ceil(len(handles) / LEGEND_COLUMNS) - 1, 0)
+    fig.legend(
+        handles=handles, loc="upper center", ncol=min(max(len(handles), 1), LEGEND_COLUMNS), frameon=False
+    )
     fig.suptitle(
         "held-out accuracy: IQM over seeds with a 95% stratified-bootstrap band; training reward: mean"
         " ± std over seeds (faint dashed: not every seed has a value there)",
-        y=0.955,
+        y=0.955 - LEGEND_ROW_HEIGHT * extra_rows,
         fontsize=10,
         color="0.35",
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.93 - LEGEND_ROW_HEIGHT * extra_rows))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
