@@ -6,10 +6,10 @@ over the KV cache and the sampling left out, so both are optimistic):
   - `rollout_bound_s`, from a copy: per decode step, every weight read once at the copy bandwidth,
     or the FLOPs of the live rows at the dense matmul rate, whichever is longer;
   - `gemv_bound_s`, from what the machine's linears actually reach: per decode step, one pass of
-    the live rows through the model's own linear layers, timed in the same process at that row
-    count (`linear_pass_seconds`: the faster of plain and prepacked products). On a CPU whose
-    small-row products stream the weights well below the copy bandwidth (issue 26's Xeon: 8.5 of
-    21 GB/s), this bound is the honest one.
+    the live rows through the model's own linear layers, one after another as a decode step runs
+    them, timed in the same process at that row count (`linear_pass_seconds`: the faster of plain
+    and prepacked products). On a CPU whose small-row products stream the weights well below the
+    copy bandwidth (8.5 of 21 GB/s on one Xeon), this bound is the honest one.
 
 Both add the prompt pass (each distinct prompt's tokens once, their shared prefix once) at the
 matmul rate. `engine_comparison` times the same prompts through several engines (and dtypes).
@@ -79,28 +79,32 @@ def gemv_bound_s(n_params: int, work: RolloutWork, linear_s: Mapping[int, float]
 
 
 def linear_pass_seconds(model: torch.nn.Module, rows: int, repeats: int = 3) -> float:
-    """Seconds of one pass of a (rows, in) input through every nn.Linear of `model` (what one decode
-    step's linears take at `rows` live rows): each distinct weight shape timed once, best of
-    `repeats`, at the faster of plain F.linear and, for float32 on a CPU where it works, the
-    prepacked product (its reorder not counted), times the number of layers of that shape."""
-    shapes: dict[tuple[Any, ...], list[torch.nn.Linear]] = {}
-    for m in model.modules():
-        if isinstance(m, torch.nn.Linear):
-            shapes.setdefault((*m.weight.shape, m.weight.dtype, m.bias is not None), []).append(m)
-    return sum(len(same) * best_linear_seconds(same[0], rows, repeats) for same in shapes.values())
+    """Seconds of one pass of a (rows, in) input through every nn.Linear of `model` in turn, as a
+    decode step at `rows` live rows runs them: each weight read once per pass, so where the
+    weights outgrow the caches (SmolLM2-135M float32: 0.54 GB) they stream from memory as in the
+    rollout, where timing one layer of each shape over and over served them from cache (on a Xeon
+    with a large L3, 37-40 GB/s against a 28 GB/s copy). Best of `repeats` passes, at the faster of
+    plain F.linear and, for float32 on a CPU where it works, the prepacked product (the reorders
+    not counted)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        return 0.0
+    weights = [(m.weight.detach(), m.bias.detach() if m.bias is not None else None) for m in linears]
+    w0 = weights[0][0]
+    inputs = {  # in_features -> (rows, in) input
+        w.shape[1]: torch.ones(rows, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in weights
+    }
 
+    def plain() -> None:
+        for w, b in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w, b)
 
-def best_linear_seconds(linear: torch.nn.Linear, rows: int, repeats: int) -> float:
-    """Seconds of `linear` on a (rows, in) input, best of `repeats`: plain F.linear, or the prepacked
-    product where that is faster (float32 on a CPU where it works)."""
-    weight = linear.weight.detach()
-    bias = linear.bias.detach() if linear.bias is not None else None
-    x = torch.ones(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)  # (rows, in)
     with torch.inference_mode():
-        best = best_seconds(lambda: torch.nn.functional.linear(x, weight, bias), repeats, weight.device)
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and PREPACKING.available():
-            packed = reorder_weight(weight, rows)
-            best = min(best, best_seconds(lambda: packed_linear(packed, bias, x), repeats))
+        best = best_seconds(plain, repeats, w0.device)
+        packable = all(w.device.type == "cpu" and w.dtype == torch.float32 for w, _ in weights)
+        if packable and PREPACKING.available():
+            packed = [(reorder_weight(w, rows), b, inputs[w.shape[1]]) for w, b in weights]
+            best = min(best, best_seconds(lambda: [packed_linear(p, b, x) for p, b, x in packed], repeats))
     return best
 
 
@@ -128,7 +132,7 @@ def engine_comparison(
 ) -> dict[str, Any]:
     """Rollout tokens/s of the same prompts through each engine variant, "<rollout.engine>[:<rollout.dtype>]"
     (e.g. hf, generate, hf:bfloat16), built from cfg with only those keys changed; and the decode
-    engine's speed-up over the generate engine when both are measured (the issue's goal: >= 2 on CPU)."""
+    engine's speed-up over the generate engine when both are measured (the goal: >= 2 on CPU)."""
     engines: dict[str, dict[str, float]] = {}
     for variant in variants:
         name, _, dtype = variant.partition(":")

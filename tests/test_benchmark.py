@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from scripts.benchmark import format_table, main
-from scripts.benchmark_rollout import RolloutWork, gemv_bound_s, live_rows, rollout_bound_s
+from scripts.benchmark_rollout import (
+    RolloutWork,
+    gemv_bound_s,
+    linear_pass_seconds,
+    live_rows,
+    rollout_bound_s,
+)
 from scripts.report import engine_table
 from tests.conftest import ROOT
 
@@ -125,6 +131,27 @@ def test_gemv_bound_by_hand():
     assert rollout_bound_s(10, 40, work, bandwidth=10.0, flops=20.0) == pytest.approx(6 + 20)
     with pytest.raises(KeyError):  # a live-row count the linears were not timed at
         gemv_bound_s(10, work, {2: 3.0}, flops=20.0)
+
+
+def test_linear_pass_runs_every_linear_on_its_own_weight(monkeypatch):
+    """A pass streams each layer's weights, as a decode step does: three layers of one shape are three
+    weights read, not one layer timed three times (which a cache would serve)."""
+    model = torch.nn.Sequential(*(torch.nn.Linear(8, 8) for _ in range(3)), torch.nn.Linear(8, 4))
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    linear = torch.nn.functional.linear
+
+    def recording(x, weight, bias=None):
+        seen.append((weight.data_ptr(), tuple(x.shape)))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", recording)
+    assert linear_pass_seconds(model, rows=2, repeats=2) > 0
+    ptrs = {m.weight.data_ptr() for m in model}
+    ours = [(p, shape) for p, shape in seen if p in ptrs]  # not the prepacking probe's own product
+    # one warm-up pass and two timed passes of the plain product, each over all four weights at 2 rows
+    assert [p for p, _ in ours] == [m.weight.data_ptr() for m in model] * 3 and len(ptrs) == 4
+    assert {shape for _, shape in ours} == {(2, 8)}
+    assert linear_pass_seconds(torch.nn.Sequential(torch.nn.ReLU()), rows=2) == 0.0
 
 
 def test_trl_benchmark_without_trl_says_how_to_install_it():
