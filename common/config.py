@@ -279,10 +279,17 @@ class CriticConfig:
     lr: float
     warmup_steps: int
     name_or_path: str | None
+    head_init: str
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "critic.lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0", self.warmup_steps)
+        require(
+            self.head_init in ("normal", "zeros"),
+            "critic.head_init",
+            "must be normal or zeros",
+            self.head_init,
+        )
 
 
 @dataclass

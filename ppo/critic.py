@@ -16,24 +16,37 @@ from transformers import AutoModel, PreTrainedModel
 
 from common.models import is_lora, merged_copy
 
+HEAD_INITS = ("normal", "zeros")  # critic.head_init
+
 
 class ValueModel(nn.Module):
     """Transformer backbone (no LM head) + nn.Linear(hidden, 1).
 
-    The head starts small: weight ~ N(0, 1 / (hidden + 1)), bias 0, the scalar-head initialisation
-    of OpenAI's lm-human-preferences as reproduced by Huang et al. 2024 (arXiv:2403.17031), so the
-    first values are near 0 and the first GAE advantages are close to the rewards.
+    The head's initialisation (`head_init`, config critic.head_init):
+        normal  weight ~ N(0, 1 / (hidden + 1)), bias 0: the scalar-head initialisation of OpenAI's
+                lm-human-preferences as reproduced by Huang et al. 2024 (arXiv:2403.17031). The first
+                values are of the final hidden state's scale: on SmolLM2-135M (hidden RMS 2.0) about
+                +-1 per token, a mean of -0.2 to 1.3 depending on the seed, the reward's whole range.
+        zeros   weight and bias 0: the first values are exactly 0, so the first GAE advantages are
+                the discounted rewards (KL term included). The head gets the gradient at once
+                (d value / d weight = the hidden state); the backbone from the head's first update on.
 
     Args:
         backbone: a Hugging Face base model returning `last_hidden_state` (e.g. LlamaModel).
+        head_init: "normal" or "zeros" (HEAD_INITS).
     """
 
-    def __init__(self, backbone: PreTrainedModel) -> None:
+    def __init__(self, backbone: PreTrainedModel, head_init: str = "normal") -> None:
         super().__init__()
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init {head_init!r}: expected one of {', '.join(HEAD_INITS)}")
         self.backbone = backbone
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, 1)
-        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
+        if head_init == "normal":
+            nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
+        else:
+            nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
@@ -66,7 +79,9 @@ class ValueModel(nn.Module):
         return self.head(hidden.float()).squeeze(-1)  # (B, T)
 
 
-def build_critic(policy: PreTrainedModel, name_or_path: str | None = None) -> ValueModel:
+def build_critic(
+    policy: PreTrainedModel, name_or_path: str | None = None, head_init: str = "normal"
+) -> ValueModel:
     """The critic of a PPO run, in float32.
 
     Without `name_or_path` the backbone is a deep copy of the policy's base model (for a
@@ -79,6 +94,7 @@ def build_critic(policy: PreTrainedModel, name_or_path: str | None = None) -> Va
     Args:
         policy: the policy model (a Hugging Face causal LM).
         name_or_path: optional separate checkpoint for the critic body.
+        head_init: the value head's initialisation (ValueModel).
 
     Returns:
         A ValueModel on the policy's device.
@@ -96,4 +112,4 @@ def build_critic(policy: PreTrainedModel, name_or_path: str | None = None) -> Va
             raise ValueError(
                 f"critic_name_or_path {name_or_path!r}: no such model folder or reachable Hugging Face id"
             ) from None
-    return ValueModel(backbone).float().to(device)
+    return ValueModel(backbone, head_init).float().to(device)

@@ -292,7 +292,7 @@ def build_critic_for(
         return None
     c = cfg.critic
     try:
-        value_model = wrap(build_critic(model, c.name_or_path))
+        value_model = wrap(build_critic(model, c.name_or_path, c.head_init))
     except ValueError as err:
         raise ConfigError(f"critic.name_or_path: {err}") from err
     optimizer = torch.optim.AdamW(value_model.parameters(), lr=c.lr, betas=tuple(cfg.optim.betas))

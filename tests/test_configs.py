@@ -150,6 +150,10 @@ def test_bad_settings_fail_naming_the_key(override, key):
         (("seed=-1",), "seed: must be in [0, 2**32) (got -1)"),
         (("algorithm=dapo", "algorithm.overlong_factor=-1"), "algorithm.overlong_factor: must be >= 0"),
         (("algorithm=ppo", "algorithm.entropy_coef=-0.1"), "algorithm.entropy_coef: must be >= 0"),
+        (
+            ("algorithm=ppo", "critic.head_init=xavier"),
+            "critic.head_init: must be normal or zeros (got 'xavier')",
+        ),
         # a key that the selected option of its group never reads
         (("model.name_or_path=/x",), "model.name_or_path: read only by model=hub; the selected model"),
         (("model=tiny", "model.name_or_path=/x"), "model.name_or_path: read only by model=hub"),

@@ -236,6 +236,25 @@ def test_value_model_shape_and_alignment():
         torch.testing.assert_close(values[:, t], expected, atol=1e-5, rtol=0)
 
 
+def test_value_head_init_zeros_starts_at_zero_and_learns():
+    """head_init=zeros: every first value is exactly 0 (the first advantages are the discounted
+    rewards), and one step on a value loss moves the head; normal starts away from 0."""
+    input_ids = torch.randint(1, 64, (2, 7))
+    attention_mask = torch.ones_like(input_ids)
+    torch.manual_seed(0)
+    zeros = build_critic(tiny_llama(), head_init="zeros")
+    values = zeros(input_ids, attention_mask, prompt_len=3)  # (2, 4)
+    assert torch.equal(values, torch.zeros(2, 4))
+    ((values - 1.0) ** 2).mean().backward()
+    assert zeros.head.weight.grad.abs().sum() > 0  # d value / d weight = the hidden state
+    torch.optim.SGD(zeros.parameters(), lr=0.1).step()
+    assert zeros(input_ids, attention_mask, prompt_len=3).abs().min() > 0
+    normal = build_critic(tiny_llama(), head_init="normal")
+    assert normal(input_ids, attention_mask, prompt_len=3).abs().max() > 0
+    with pytest.raises(ValueError, match="head_init 'xavier'"):
+        build_critic(tiny_llama(), head_init="xavier")
+
+
 def test_value_model_ignores_left_padding_in_the_prompt():
     critic = build_critic(tiny_llama())
     prompt, response = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10]])
