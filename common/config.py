@@ -272,6 +272,9 @@ class OptimConfig:
         require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0", self.max_grad_norm)
 
 
+HEAD_INITS = ("normal", "zeros")  # critic.head_init: the value head's initialisation (ppo.critic.ValueModel)
+
+
 @dataclass
 class CriticConfig:
     """critic: PPO's value model, read only by algorithms with a critic."""
@@ -284,12 +287,7 @@ class CriticConfig:
     def __post_init__(self) -> None:
         require(self.lr > 0, "critic.lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "critic.warmup_steps", "must be >= 0", self.warmup_steps)
-        require(
-            self.head_init in ("normal", "zeros"),
-            "critic.head_init",
-            "must be normal or zeros",
-            self.head_init,
-        )
+        require_option("critic.head_init", self.head_init, HEAD_INITS)
 
 
 @dataclass

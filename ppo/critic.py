@@ -14,9 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from common.config import HEAD_INITS
 from common.models import is_lora, merged_copy
-
-HEAD_INITS = ("normal", "zeros")  # critic.head_init
 
 
 class ValueModel(nn.Module):

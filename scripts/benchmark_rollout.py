@@ -90,7 +90,6 @@ def linear_pass_seconds(model: torch.nn.Module, rows: int, repeats: int = 3) -> 
     if not linears:
         return 0.0
     weights = [(m.weight.detach(), m.bias.detach() if m.bias is not None else None) for m in linears]
-    w0 = weights[0][0]
     inputs = {  # in_features -> (rows, in) input
         w.shape[1]: torch.ones(rows, w.shape[1], dtype=w.dtype, device=w.device) for w, _ in weights
     }
@@ -100,7 +99,7 @@ def linear_pass_seconds(model: torch.nn.Module, rows: int, repeats: int = 3) -> 
             torch.nn.functional.linear(inputs[w.shape[1]], w, b)
 
     with torch.inference_mode():
-        best = best_seconds(plain, repeats, w0.device)
+        best = best_seconds(plain, repeats, linears[0].weight.device)
         packable = all(w.device.type == "cpu" and w.dtype == torch.float32 for w, _ in weights)
         if packable and PREPACKING.available():
             packed = [(reorder_weight(w, rows), b, inputs[w.shape[1]]) for w, b in weights]

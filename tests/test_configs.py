@@ -152,7 +152,7 @@ def test_bad_settings_fail_naming_the_key(override, key):
         (("algorithm=ppo", "algorithm.entropy_coef=-0.1"), "algorithm.entropy_coef: must be >= 0"),
         (
             ("algorithm=ppo", "critic.head_init=xavier"),
-            "critic.head_init: must be normal or zeros (got 'xavier')",
+            "critic.head_init: not one of the options: normal, zeros (got 'xavier')",
         ),
         # a key that the selected option of its group never reads
         (("model.name_or_path=/x",), "model.name_or_path: read only by model=hub; the selected model"),
