@@ -17,7 +17,7 @@ from torch import Tensor
 from common.config import require, require_option
 from common.kl import KL_KINDS
 from common.losses import AGG_MODES, batch_policy_loss
-from common.rollout_correction import ROLLOUT_CORRECTIONS
+from common.rollout_correction import IS_LEVELS, RS_OPTIONS, k1_bounds
 
 # sums a tensor over data-parallel ranks (DistContext.sum); None: this rank's batch is the batch
 Reduce = Callable[[Tensor], Tensor]
@@ -30,8 +30,8 @@ class Algorithm(Protocol):
     `loss_mask` (which response tokens train), `compute_advantages` (writes batch["advantages"],
     returns stats to log) and, per micro-batch, `loss`. The flags say what the loop must prepare:
     a critic, a reference model, behaviour-policy log-probs, `epochs` passes over each batch;
-    `rollout_correction` (with its cap) whether the loss corrects for the rollout engine's
-    distribution (common.rollout_correction), which needs the behaviour-policy log-probs too.
+    `rollout_correction` how the loss corrects for the rollout engine's distribution
+    (common.rollout_correction), which needs the behaviour-policy log-probs too.
     `state_dict` / `load_state_dict` carry the mutable part (PPO's KL controller) in checkpoints.
     """
 
@@ -39,8 +39,7 @@ class Algorithm(Protocol):
     group_size: int
     loss_agg: str
     loss_scale_factor: int
-    rollout_correction: str
-    tis_imp_ratio_cap: float
+    rollout_correction: RolloutCorrection
     needs_critic: ClassVar[bool]
     group_relative: ClassVar[bool]
 
@@ -74,6 +73,64 @@ class Algorithm(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass
+class RolloutCorrection:
+    """algorithm.rollout_correction: verl's rollout correction (common.rollout_correction), the
+    importance weights the policy loss applies and the rejection of tokens or responses from the loss
+    mask. Values in configs/algorithm/grpo.yaml and ppo.yaml; `__post_init__` checks them."""
+
+    rollout_is: str | None
+    rollout_is_threshold: float
+    rollout_is_threshold_lower: float | None
+    rollout_is_batch_normalize: bool
+    rollout_rs: str | None
+    # a number, or [low, high] for the k1 options (verl: a float or a "low_high" string)
+    rollout_rs_threshold: Any
+
+    def __post_init__(self) -> None:
+        """Raise ConfigError naming the key (algorithm.rollout_correction.<field>) of a bad value."""
+        key = "algorithm.rollout_correction"
+        if self.rollout_is is not None:
+            require_option(f"{key}.rollout_is", self.rollout_is, list(IS_LEVELS))
+        require(
+            self.rollout_is_threshold >= 1,
+            f"{key}.rollout_is_threshold",
+            "must be >= 1 (a cap below 1 would down-weight tokens the two policies agree on)",
+            self.rollout_is_threshold,
+        )
+        lower = self.rollout_is_threshold_lower
+        if lower is not None:
+            require(0 < lower <= 1, f"{key}.rollout_is_threshold_lower", "must be in (0, 1] or null", lower)
+            require(
+                self.rollout_is in ("token_mask", "sequence_mask"),
+                f"{key}.rollout_is_threshold_lower",
+                "is read only by rollout_is=token_mask or sequence_mask; set it to null",
+                lower,
+            )
+        if self.rollout_rs is not None:
+            require_option(f"{key}.rollout_rs", self.rollout_rs, RS_OPTIONS)
+            self._check_rs_threshold(f"{key}.rollout_rs_threshold")
+
+    def _check_rs_threshold(self, key: str) -> None:
+        """rollout_rs_threshold: an upper bound > 0 for k2 / k3; for k1 a u >= 1, meaning (1/u, u), or
+        a pair 0 < low <= high."""
+        value = self.rollout_rs_threshold
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        is_pair = isinstance(value, (list, tuple)) and len(value) == 2
+        is_pair = is_pair and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not self.rollout_rs.endswith("k1"):
+            require(is_number and value > 0, key, f"{self.rollout_rs} takes one upper bound > 0", value)
+            return
+        require(is_number or is_pair, key, "k1 takes u (meaning [1/u, u]) or a pair [low, high]", value)
+        low, high = k1_bounds(value) if is_pair or value > 0 else (0.0, 0.0)
+        require(0 < low <= 1 <= high, key, "k1 bounds must satisfy 0 < low <= 1 <= high (u >= 1)", value)
+
+    @property
+    def enabled(self) -> bool:
+        """Weights or rejection are on: pi_old is computed every step to compare with pi_rollout."""
+        return self.rollout_is is not None or self.rollout_rs is not None
+
+
 @dataclass(frozen=True)
 class BaseAlgorithm:
     """The clipped surrogate's and the KL term's settings, shared by every algorithm here, and the
@@ -94,8 +151,7 @@ class BaseAlgorithm:
     loss_scale_factor: int
     kl_coef: float
     kl_kind: str
-    rollout_correction: str
-    tis_imp_ratio_cap: float
+    rollout_correction: RolloutCorrection
 
     needs_critic: ClassVar[bool] = False
     # advantages compare the responses of a group (so dynamic sampling can drop flat groups)
@@ -121,13 +177,8 @@ class BaseAlgorithm:
         )
         require_option("algorithm.kl_kind", self.kl_kind, KL_KINDS)
         require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", self.kl_coef)
-        require_option("algorithm.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
-        require(
-            self.tis_imp_ratio_cap >= 1,
-            "algorithm.tis_imp_ratio_cap",
-            "must be >= 1 (a cap below 1 would down-weight tokens the two policies agree on)",
-            self.tis_imp_ratio_cap,
-        )
+        if isinstance(self.rollout_correction, dict):  # build_algorithm passes the YAML section as a dict
+            object.__setattr__(self, "rollout_correction", RolloutCorrection(**self.rollout_correction))
 
     @property
     def needs_reference(self) -> bool:

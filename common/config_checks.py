@@ -28,6 +28,9 @@ RENAMED = {
     "algorithm.critic_lr": "critic.lr",
     "algorithm.critic_warmup_steps": "critic.warmup_steps",
     "algorithm.critic_name_or_path": "critic.name_or_path",
+    # the single switch became verl's section (a value there is refused with this pointer too)
+    "algorithm.rollout_correction": "algorithm.rollout_correction.rollout_is (tis is now token, none null)",
+    "algorithm.tis_imp_ratio_cap": "algorithm.rollout_correction.rollout_is_threshold",
 }
 
 
@@ -76,7 +79,9 @@ def as_config_error(err: BaseException) -> ConfigError | None:
         where = key.rpartition(".")[0] or "the top level"
         why = f"renamed to {RENAMED[key]}" if key in RENAMED else f"not a key of {where}"
     elif isinstance(cause, ValidationError):
-        why = _EXPECTED.get(type(cause.child_node), message)
+        why = (
+            f"renamed to {RENAMED[key]}" if key in RENAMED else _EXPECTED.get(type(cause.child_node), message)
+        )
     else:  # e.g. an interpolation that does not resolve
         return ConfigError(f"{key}: {message}")
     value = re.search(r"Value '(.*?)'", message) or re.search(

@@ -19,13 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.algorithm import Algorithm
+from common.algorithm import Algorithm, RolloutCorrection
 from common.config import RunSettings, TrainerConfig
 from common.distributed import SINGLE, DistContext, gathered, no_sync, scalar, unwrap
 from common.finite import step_or_undo
 from common.logprobs import eval_mode, sequence_logprobs
 from common.losses import aggregation_denominator
-from common.rollout_correction import mismatch_metrics, tis_weights
+from common.rollout_correction import (
+    IS_LEVELS,
+    icepop_weights,
+    mismatch_metrics,
+    normalize_is_weights,
+    rejection_mask,
+    sequence_tis_weights,
+    tis_weights,
+)
 
 log = logging.getLogger("rl_lab")
 
@@ -350,7 +358,7 @@ def needs_old_logprob(algo: Algorithm, settings: RunSettings) -> bool:
     return (
         algo.needs_old_logprob
         or settings.trainer.mini_batch_prompts < settings.trainer.batch_size
-        or algo.rollout_correction != "none"
+        or algo.rollout_correction.enabled
         or settings.trainer.log_rollout_mismatch
     )
 
@@ -367,9 +375,9 @@ def add_logprobs_and_values(
     dist: DistContext = SINGLE,
 ) -> dict[str, float]:
     """Fill batch["old_logprob"] (only when `needs_old_logprob`), batch["ref_logprob"] (only with a
-    reference model) and batch["values"] (PPO), all (N, T); then the rollout correction's weights
-    batch["rollout_is_weights"] (N, T) when algo.rollout_correction is tis. Returns the rollout
-    mismatch metrics (common.rollout_correction), when pi_old and the engine's log-probs are there."""
+    reference model) and batch["values"] (PPO), all (N, T); then the rollout correction
+    (`correct_rollout`). Returns the rollout mismatch and correction metrics, when pi_old and the
+    engine's log-probs are there."""
     N, trainer = batch["input_ids"].shape[0], settings.trainer
     micro = split_micro_batches(
         batch, torch.arange(N), trainer.micro_batch_size, trainer.max_tokens_per_micro_batch
@@ -396,16 +404,47 @@ def add_logprobs_and_values(
 
 
 def correct_rollout(batch: dict[str, Any], algo: Algorithm) -> dict[str, float]:
-    """The mismatch metrics between pi_old and the engine's log-probs, and with rollout_correction=tis
-    the truncated importance weights batch["rollout_is_weights"] (N, T) that the policy loss applies
-    (common.rollout_correction; Yao et al. 2025). {} without pi_old or rollout log-probs."""
-    if algo.rollout_correction == "tis" and "rollout_logprob" not in batch:
-        raise ValueError("algorithm.rollout_correction=tis needs the engine's rollout log-probs in the batch")
+    """The mismatch metrics between pi_old and the engine's log-probs, and algo.rollout_correction
+    applied (common.rollout_correction, as verl's rollout correction): with rollout_is, the importance
+    weights batch["rollout_is_weights"] (N, T) that the policy loss multiplies in (batch-normalised
+    with rollout_is_batch_normalize); with rollout_rs, the rejected tokens or responses leave
+    batch["loss_mask"], so they do not train. Both are computed on the whole response mask, as verl
+    does; the normalisation's mean is this rank's batch's. {} without pi_old or rollout log-probs."""
+    correction = algo.rollout_correction
+    if correction.enabled and "rollout_logprob" not in batch:
+        raise ValueError("algorithm.rollout_correction needs the engine's rollout log-probs in the batch")
     if "old_logprob" not in batch or "rollout_logprob" not in batch:
         return {}
     old, rollout, mask = batch["old_logprob"], batch["rollout_logprob"], batch["response_mask"]
     metrics = mismatch_metrics(old, rollout, mask)
-    if algo.rollout_correction == "tis":
-        batch["rollout_is_weights"], stats = tis_weights(old, rollout, mask, algo.tis_imp_ratio_cap)
+    if correction.rollout_is is not None:
+        weights, stats = importance_weights(old, rollout, mask, correction)
+        if correction.rollout_is_batch_normalize:
+            weights, norm = normalize_is_weights(weights, mask, IS_LEVELS[correction.rollout_is])
+            stats.update(norm)
+        batch["rollout_is_weights"] = weights
+        metrics.update(stats)
+    if correction.rollout_rs is not None:
+        keep, stats = rejection_mask(
+            old, rollout, mask, correction.rollout_rs, correction.rollout_rs_threshold
+        )
+        batch["loss_mask"] = batch["loss_mask"] * keep.to(batch["loss_mask"].dtype)
         metrics.update(stats)
     return metrics
+
+
+def importance_weights(
+    old_logprob: torch.Tensor,
+    rollout_logprob: torch.Tensor,
+    mask: torch.Tensor,
+    correction: RolloutCorrection,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The (N, T) importance weights of correction.rollout_is: token / sequence truncate the ratio at
+    rollout_is_threshold (tis_weights, sequence_tis_weights); token_mask / sequence_mask keep it
+    inside [rollout_is_threshold_lower (null: 1 / threshold), rollout_is_threshold] (icepop_weights)."""
+    level, cap = IS_LEVELS[correction.rollout_is], correction.rollout_is_threshold
+    if correction.rollout_is.endswith("_mask"):
+        low = correction.rollout_is_threshold_lower or 1.0 / cap
+        return icepop_weights(old_logprob, rollout_logprob, mask, low, cap, level=level)
+    truncated = tis_weights if level == "token" else sequence_tis_weights
+    return truncated(old_logprob, rollout_logprob, mask, cap)

@@ -78,13 +78,14 @@ def test_smoke_run_per_algorithm(tmp_path, cache_dir, algorithm):
 
 
 def test_bf16_rollout_with_truncated_importance_sampling_trains_and_logs_the_mismatch(tmp_path, cache_dir):
-    """rollout.dtype=bfloat16 with algorithm.rollout_correction=tis: the old log-probs are computed
-    every step, the mismatch of the bf16 rollout against them is logged, finite and non-zero."""
+    """rollout.dtype=bfloat16 with token TIS (algorithm.rollout_correction.rollout_is=token): the old
+    log-probs are computed every step, the mismatch of the bf16 rollout against them is logged, finite
+    and non-zero."""
     result = train_cli(
         "debug=smoke",
         "task=char_share",
         "rollout.dtype=bfloat16",
-        "algorithm.rollout_correction=tis",
+        "algorithm.rollout_correction.rollout_is=token",
         f"seed={TEST_SEED}",
         f"hydra.run.dir={tmp_path}",
         cache_dir=cache_dir,
@@ -92,7 +93,7 @@ def test_bf16_rollout_with_truncated_importance_sampling_trains_and_logs_the_mis
     assert result.returncode == 0, result.stderr[-3000:]
     for row in metrics(tmp_path)[1:]:
         assert 0 < row["rollout/logprob_abs_diff"] < 1 and 0 <= row["rollout/kl"] < 1
-        assert 0 < row["rollout/tis_weight_mean"] < 2 and row["policy/skipped_updates"] == 0
+        assert 0 < row["rollout/is_weight_mean"] < 2 and row["policy/skipped_updates"] == 0
 
 
 def test_issue_command_line_writes_metrics(tmp_path, cache_dir):
