@@ -305,7 +305,7 @@ def run_benchmark(
     result["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     result["prepack_decisions"] = prepack_decisions(engine)
     # how far the rollout's log-probs are from the training forward's (rollout.dtype=bfloat16, vLLM):
-    # logged when pi_old is computed (algorithm.rollout_correction=tis, trainer.log_rollout_mismatch=true)
+    # logged when pi_old is computed (algorithm.rollout_correction, trainer.log_rollout_mismatch=true)
     result["rollout_mismatch"] = {k: mean([r.mismatch[k] for r in runs]) for k in runs[0].mismatch}
     rollout_s, flops = result["seconds_per_step"]["rollout_s"], result["matmul_flops_per_s"]
     result.update(rollout_bounds(cfg, model, [r.rollout_work for r in runs], rollout_s, flops, device))
