@@ -113,7 +113,7 @@ class RolloutCorrection:
 
     def _check_rs_threshold(self, key: str) -> None:
         """rollout_rs_threshold: an upper bound > 0 for k2 / k3; for k1 a u >= 1, meaning (1/u, u), or
-        a pair 0 < low <= high."""
+        a pair with 0 < low <= 1 <= high."""
         value = self.rollout_rs_threshold
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         is_pair = isinstance(value, (list, tuple)) and len(value) == 2

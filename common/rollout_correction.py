@@ -168,8 +168,8 @@ def normalize_is_weights(weights: Tensor, mask: Tensor, level: str) -> tuple[Ten
 
     A mean of 0 (every weight masked or dropped) leaves the weights as they are.
 
-    Example: token weights [[2, 1], [1, ·]] (· masked): token mean 4/3 -> [[1.5, 0.75], [0.75, 0]];
-    at sequence level the row means are (1.5, 1), mean 1.25 -> [[1.6, 0.8], [0.8, 0]].
+    Example: weights [[2, 2], [1, ·]] (· masked): token mean (2 + 2 + 1) / 3 = 5/3 -> [[1.2, 1.2],
+    [0.6, 0]]; at sequence level the row means are (2, 1), mean 1.5 -> [[4/3, 4/3], [2/3, 0]].
 
     Returns:
         weights (N, T) float32, 0 under mask 0; stats: rollout/is_batch_norm_factor (the mean divided by).
