@@ -11,8 +11,10 @@ A document (README.md, docs/*.md) quotes a table of an archived experiment insid
     <!-- /archive -->
 
 whose marker holds `scripts.compare`'s arguments (the archive folder first), a colon, and the section
-of its Markdown to quote: `summary` (one row per arm), `iqm` (interquartile means with 95% CIs) or
-`improvement` (probabilities of improvement). This rewrites each block's body with that section as
+of its Markdown to quote: `summary` (one row per arm), `iqm` (interquartile means with 95% CIs),
+`improvement` (probabilities of improvement), `significance` (every pair's permutation test, Holm's
+correction and power) or `curves` (areas under the curves and the saturating fits), each with the
+notes under its table. This rewrites each block's body with that section as
 `python -m scripts.compare` makes it from the archive today, and each quoted experiment's
 `comparison.md` and `comparison.png` in its archive folder (with the arguments of its first block).
 tests/test_results.py runs the check, so text and data cannot drift apart.
@@ -39,7 +41,15 @@ BLOCK = re.compile(
     r"(<!-- archive: (?P<args>[^:>]*?) : (?P<section>\w+) -->\n)(?P<body>.*?)(<!-- /archive -->)", re.DOTALL
 )
 # the heading that starts each quotable section of summary_table's Markdown; None: the first table
-SECTIONS = {"summary": None, "iqm": "## Interquartile mean", "improvement": "## Probability of improvement"}
+SECTIONS = {
+    "summary": None,
+    "iqm": "## Interquartile mean",
+    "improvement": "## Probability of improvement",
+    "significance": "## Significance and power",
+    "curves": "## Curves",
+}
+# a paragraph right after a section's table that starts so is the table's notes, quoted with it
+NOTE = "Note: "
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -67,7 +77,8 @@ def comparison(args: str, root: Path = ROOT) -> str:
 
 
 def section_table(markdown: str, section: str) -> str:
-    """The first Markdown table of `section` (see SECTIONS) in summary_table's output, with a newline."""
+    """The first Markdown table of `section` (see SECTIONS) in summary_table's output and the notes
+    under it (a paragraph after one blank line whose lines start with NOTE), with a newline."""
     if section not in SECTIONS:
         raise SystemExit(f"refresh_results: unknown section {section!r}; options: {', '.join(SECTIONS)}")
     lines = markdown.splitlines()
@@ -75,6 +86,8 @@ def section_table(markdown: str, section: str) -> str:
     start = 0 if heading is None else lines.index(heading)
     first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
     end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    if end + 1 < len(lines) and lines[end] == "" and lines[end + 1].startswith(NOTE):
+        end = next((i for i in range(end + 1, len(lines)) if lines[i] == ""), len(lines))
     return "\n".join(lines[first:end]) + "\n"
 
 

@@ -1,11 +1,13 @@
-"""scripts/stats.py: IQM, probability of improvement and their bootstrap intervals on tiny tables
-whose values are worked out by hand in the comments."""
+"""scripts/stats.py: IQM, probability of improvement and their bootstrap intervals, the permutation
+test, Holm and power; scripts/comparison/fits.py: areas and the saturating fit; on tiny tables whose
+values are worked out by hand in the comments."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from scripts.comparison.fits import fit_arm, normalised_area, saturating_curve
 from scripts.stats import (
     detectable_difference,
     holm,
@@ -204,3 +206,33 @@ def test_interval_of_three_runs_is_their_min_and_max():
     assert interval_is_min_max(3) and not interval_is_min_max(4)
     mean, low, high = iqm_interval([0.2, 0.5, 0.9], reps=REPS, seed=0)
     assert (low, high) == (pytest.approx(0.2), pytest.approx(0.9))
+
+
+# --- curves: area and the saturating fit (scripts/comparison/fits.py) --------------------------------
+
+
+def test_normalised_area_cuts_at_the_budget_and_holds_the_last_value():
+    # acc(200) = 0.6 by interpolation; 100 * (0.2 + 0.4) / 2 + 100 * (0.4 + 0.6) / 2 = 80 -> 80 / 200
+    assert normalised_area([0, 100, 300], [0.2, 0.4, 0.8], 200) == pytest.approx(0.4)
+    # ends at 100 before a budget of 200: 100 * (0.2 + 0.4) / 2 + 100 * 0.4 = 70 -> 0.35
+    assert normalised_area([0, 100], [0.2, 0.4], 200) == pytest.approx(0.35)
+
+
+def test_saturating_fit_recovers_a_known_curve_and_predicts_its_second_half():
+    # R(C) = 0.2 + (0.7 - 0.2) / (1 + (2000 / C)^2): R(2000) = 0.45, halfway from R0 to A
+    assert saturating_curve([0, 2000], 0.2, 0.7, 2.0, 2000)[1] == pytest.approx(0.45)
+    tokens = np.array([500.0, 1000, 2000, 3000, 4000, 6000, 8000])
+    curves = [(tokens, saturating_curve(tokens, 0.2, 0.7, 2.0, 2000) + shift) for shift in (-0.01, 0, 0.01)]
+    arm = fit_arm(curves, 0.2, 8000, reps=50, seed=0)
+    assert arm.fit.a == pytest.approx(0.7, abs=0.02) and arm.fit.b == pytest.approx(2.0, rel=0.15)
+    assert arm.fit.c_mid == pytest.approx(2000, rel=0.1) and arm.a_identified
+    assert arm.half_error < 0.05
+
+
+def test_an_unbent_curve_leaves_a_not_identified_and_too_few_points_no_fit():
+    # a straight climb: the asymptote is anywhere above the data, its interval runs to the bound 1
+    tokens = np.array([1000.0, 2000, 3000, 4000])
+    curves = [(tokens, 0.2 + tokens / 10_000 + shift) for shift in (-0.05, 0.0, 0.05)]
+    assert not fit_arm(curves, 0.2, 4000, reps=50, seed=0).a_identified
+    # two evaluations past step 0 for three parameters: no fit
+    assert fit_arm([(np.array([0.0, 100, 200]), np.array([0.2, 0.3, 0.4]))], 0.2, 200, reps=10, seed=0).fit is None
