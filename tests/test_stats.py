@@ -235,4 +235,5 @@ def test_an_unbent_curve_leaves_a_not_identified_and_too_few_points_no_fit():
     curves = [(tokens, 0.2 + tokens / 10_000 + shift) for shift in (-0.05, 0.0, 0.05)]
     assert not fit_arm(curves, 0.2, 4000, reps=50, seed=0).a_identified
     # two evaluations past step 0 for three parameters: no fit
-    assert fit_arm([(np.array([0.0, 100, 200]), np.array([0.2, 0.3, 0.4]))], 0.2, 200, reps=10, seed=0).fit is None
+    short = [(np.array([0.0, 100, 200]), np.array([0.2, 0.3, 0.4]))]
+    assert fit_arm(short, 0.2, 200, reps=10, seed=0).fit is None
