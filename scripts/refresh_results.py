@@ -17,7 +17,10 @@ correction and power) or `curves` (areas under the curves and the saturating fit
 notes under its table. This rewrites each block's body with that section as
 `python -m scripts.compare` makes it from the archive today, and each quoted experiment's
 `comparison.md` and `comparison.png` in its archive folder (with the arguments of its first block).
-tests/test_results.py runs the check, so text and data cannot drift apart.
+A block `<!-- prose: <compare arguments> : <kind> -->` ... `<!-- /prose -->` holds sentences made
+from the same runs (scripts/comparison/prose.py: pairs, verdict, machines, run, seeds, budget, truncation,
+critic, skipped), rewritten the same way. tests/test_results.py runs the check, so text and data
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -33,12 +36,16 @@ from pathlib import Path
 
 from scripts import compare
 from scripts.comparison.figure import plot
+from scripts.comparison.prose import prose
 from scripts.comparison.runs import find_runs
 from scripts.comparison.tables import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
     r"(<!-- archive: (?P<args>[^:>]*?) : (?P<section>\w+) -->\n)(?P<body>.*?)(<!-- /archive -->)", re.DOTALL
+)
+PROSE_BLOCK = re.compile(
+    r"(<!-- prose: (?P<args>[^:>]*?) : (?P<kind>\w+) -->\n)(?P<body>.*?)(<!-- /prose -->)", re.DOTALL
 )
 # the heading that starts each quotable section of summary_table's Markdown; None: the first table
 SECTIONS = {
@@ -91,8 +98,16 @@ def section_table(markdown: str, section: str) -> str:
     return "\n".join(lines[first:end]) + "\n"
 
 
+def prose_text(args: str, kind: str, root: Path = ROOT) -> str:
+    """The generated sentences of a prose block's kind for the archive folders and options of its marker."""
+    parsed = compare.parse_args(shlex.split(args))
+    with working_directory(root):
+        runs = find_runs(parsed.paths)
+    return prose(kind, runs, reps=parsed.bootstrap_reps, seed=parsed.seed)
+
+
 def refreshed(text: str, root: Path = ROOT) -> str:
-    """`text` with every archive block's body regenerated from the archive."""
+    """`text` with every archive block's and prose block's body regenerated from the archive."""
     cache: dict[str, str] = {}
 
     def body(match: re.Match[str]) -> str:
@@ -101,7 +116,10 @@ def refreshed(text: str, root: Path = ROOT) -> str:
             cache[args] = comparison(args, root)
         return match.group(1) + section_table(cache[args], match["section"]) + match.group(5)
 
-    return BLOCK.sub(body, text)
+    def sentences(match: re.Match[str]) -> str:
+        return match.group(1) + prose_text(match["args"].strip(), match["kind"], root) + match.group(5)
+
+    return PROSE_BLOCK.sub(sentences, BLOCK.sub(body, text))
 
 
 def quoted_experiments(root: Path = ROOT) -> dict[str, str]:
