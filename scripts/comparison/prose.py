@@ -87,7 +87,7 @@ def verdict_text(runs: Sequence[Run], reps: int, seed: int) -> str:
             f"(smallest Holm p {significance.format_p(best.holm_p)}, `{best.x}` against `{best.y}`"
             + (f"; detectable differences {span(detectable, 2)})" if detectable else ")")
         )
-    return "; ".join(parts) if parts else "no pair of arms to test"
+    return "; ".join(parts) + "." if parts else "No pair of arms to test."
 
 
 def machines_text(runs: Sequence[Run], reps: int, seed: int) -> str:
@@ -111,7 +111,7 @@ def run_text(runs: Sequence[Run], reps: int, seed: int) -> str:
     listed = ", ".join(f"{accuracy:.2f} at step {step}" for step, accuracy in points)
     wall = last_value(run, WALL)
     minutes = f", in {wall / 60:.0f} minutes" if wall is not None else ""
-    return f"held-out greedy accuracy {listed}{minutes}"
+    return f"held-out greedy accuracy {listed}{minutes}."
 
 
 def seeds_text(runs: Sequence[Run], reps: int, seed: int) -> str:
