@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts.comparison.figure import plot
+from scripts.comparison.numerics import mixed_warning
 from scripts.comparison.runs import assign_labels, config_get, find_runs
 from scripts.comparison.tables import BOOTSTRAP_REPS, summary_table
 from scripts.comparison.wandb_runs import load_wandb_group
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"warning: runs span several tasks ({', '.join(tasks)}); they are grouped together",
             file=sys.stderr,
         )
+    if mixed := mixed_warning(runs):
+        print(f"warning: {mixed}", file=sys.stderr)
     table = summary_table(runs, args.threshold, reps=args.bootstrap_reps, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table, encoding="utf-8")

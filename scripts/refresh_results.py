@@ -11,11 +11,16 @@ A document (README.md, docs/*.md) quotes a table of an archived experiment insid
     <!-- /archive -->
 
 whose marker holds `scripts.compare`'s arguments (the archive folder first), a colon, and the section
-of its Markdown to quote: `summary` (one row per arm), `iqm` (interquartile means with 95% CIs) or
-`improvement` (probabilities of improvement). This rewrites each block's body with that section as
+of its Markdown to quote: `summary` (one row per arm), `iqm` (interquartile means with 95% CIs),
+`improvement` (probabilities of improvement), `significance` (every pair's permutation test, Holm's
+correction and power) or `curves` (areas under the curves and the saturating fits), each with the
+notes under its table. This rewrites each block's body with that section as
 `python -m scripts.compare` makes it from the archive today, and each quoted experiment's
 `comparison.md` and `comparison.png` in its archive folder (with the arguments of its first block).
-tests/test_results.py runs the check, so text and data cannot drift apart.
+A block `<!-- prose: <compare arguments> : <kind> -->` ... `<!-- /prose -->` holds sentences made
+from the same runs (scripts/comparison/prose.py: pairs, verdict, machines, run, seeds, budget, truncation,
+critic, skipped), rewritten the same way. tests/test_results.py runs the check, so text and data
+cannot drift apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 
 from scripts import compare
 from scripts.comparison.figure import plot
+from scripts.comparison.prose import prose
 from scripts.comparison.runs import find_runs
 from scripts.comparison.tables import summary_table
 
@@ -38,8 +44,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
     r"(<!-- archive: (?P<args>[^:>]*?) : (?P<section>\w+) -->\n)(?P<body>.*?)(<!-- /archive -->)", re.DOTALL
 )
+PROSE_BLOCK = re.compile(
+    r"(<!-- prose: (?P<args>[^:>]*?) : (?P<kind>\w+) -->\n)(?P<body>.*?)(<!-- /prose -->)", re.DOTALL
+)
 # the heading that starts each quotable section of summary_table's Markdown; None: the first table
-SECTIONS = {"summary": None, "iqm": "## Interquartile mean", "improvement": "## Probability of improvement"}
+SECTIONS = {
+    "summary": None,
+    "iqm": "## Interquartile mean",
+    "improvement": "## Probability of improvement",
+    "significance": "## Significance and power",
+    "curves": "## Curves",
+}
+# a paragraph right after a section's table that starts so is the table's notes, quoted with it
+NOTE = "Note: "
 
 
 def documents(root: Path = ROOT) -> list[Path]:
@@ -67,7 +84,8 @@ def comparison(args: str, root: Path = ROOT) -> str:
 
 
 def section_table(markdown: str, section: str) -> str:
-    """The first Markdown table of `section` (see SECTIONS) in summary_table's output, with a newline."""
+    """The first Markdown table of `section` (see SECTIONS) in summary_table's output and the notes
+    under it (a paragraph after one blank line whose lines start with NOTE), with a newline."""
     if section not in SECTIONS:
         raise SystemExit(f"refresh_results: unknown section {section!r}; options: {', '.join(SECTIONS)}")
     lines = markdown.splitlines()
@@ -75,11 +93,21 @@ def section_table(markdown: str, section: str) -> str:
     start = 0 if heading is None else lines.index(heading)
     first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
     end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    if end + 1 < len(lines) and lines[end] == "" and lines[end + 1].startswith(NOTE):
+        end = next((i for i in range(end + 1, len(lines)) if lines[i] == ""), len(lines))
     return "\n".join(lines[first:end]) + "\n"
 
 
+def prose_text(args: str, kind: str, root: Path = ROOT) -> str:
+    """The generated sentences of a prose block's kind for the archive folders and options of its marker."""
+    parsed = compare.parse_args(shlex.split(args))
+    with working_directory(root):
+        runs = find_runs(parsed.paths)
+    return prose(kind, runs, reps=parsed.bootstrap_reps, seed=parsed.seed)
+
+
 def refreshed(text: str, root: Path = ROOT) -> str:
-    """`text` with every archive block's body regenerated from the archive."""
+    """`text` with every archive block's and prose block's body regenerated from the archive."""
     cache: dict[str, str] = {}
 
     def body(match: re.Match[str]) -> str:
@@ -88,7 +116,10 @@ def refreshed(text: str, root: Path = ROOT) -> str:
             cache[args] = comparison(args, root)
         return match.group(1) + section_table(cache[args], match["section"]) + match.group(5)
 
-    return BLOCK.sub(body, text)
+    def sentences(match: re.Match[str]) -> str:
+        return match.group(1) + prose_text(match["args"].strip(), match["kind"], root) + match.group(5)
+
+    return PROSE_BLOCK.sub(sentences, BLOCK.sub(body, text))
 
 
 def quoted_experiments(root: Path = ROOT) -> dict[str, str]:

@@ -8,11 +8,20 @@ strata (rliable's `StratifiedBootstrap`: runs are resampled with replacement wit
 resample keeps every task). Confidence intervals are percentile intervals (rliable's default method)
 over `reps` resamples drawn from `np.random.default_rng(seed)`: the same inputs and seed give the same
 interval on every machine.
+
+Significance and power of a difference between two arms, on run-level scores: a two-sided exact
+permutation test (Monte Carlo past MAX_EXACT_SPLITS splits), Holm's correction across the pairs of an
+experiment, and the smallest difference detectable at 80% power with the observed spread (t quantiles
+from scipy.stats).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
+import scipy.stats
 from numpy.typing import ArrayLike
 
 
@@ -143,3 +152,133 @@ def iqm_curve(
         if len(present):
             out[:, column] = iqm_interval(present, reps=reps, seed=seed, confidence=confidence)
     return out[0], out[1], out[2]
+
+
+# --- significance and power ------------------------------------------------------------------------
+
+# Up to this many splits the permutation test enumerates them all (10 against 10 runs: 184,756)
+MAX_EXACT_SPLITS = 200_000
+
+
+def permutation_test(
+    x: ArrayLike, y: ArrayLike, *, reps: int = 100_000, seed: int = 0, max_exact: int = MAX_EXACT_SPLITS
+) -> tuple[float, int, bool]:
+    """Two-sided permutation test of equal means on run-level scores (Fisher's randomisation test).
+
+        statistic d = mean(x) - mean(y); pool the n_x + n_y scores and split them into groups of n_x
+        and n_y in every possible way; p = (splits with |d_split| >= |d_observed|) / splits
+
+    The observed split is one of the splits, so p >= 1 / C(n_x + n_y, n_x). When C(n_x + n_y, n_x) >
+    max_exact, `reps` random splits from np.random.default_rng(seed) replace the enumeration and
+    p = (1 + hits) / (1 + reps) (Phipson & Smyth 2010: never 0). A relative tolerance of 1e-9 counts
+    splits whose |d| ties the observed one despite rounding.
+
+        x = (1, 2, 3), y = (4, 5, 6): d = -3; of the C(6, 3) = 20 splits only the observed one and its
+        mirror ((4, 5, 6) vs (1, 2, 3), d = +3) reach |d| = 3 -> p = 2 / 20 = 0.1
+
+    Args:
+        x: (n_x,) scores of arm X, n_x >= 1; y: (n_y,) scores of arm Y, n_y >= 1.
+
+    Returns:
+        (p, splits, exact): splits = how many splits were counted (all of them when exact).
+    """
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    if not len(x) or not len(y):
+        raise ValueError("both arms need at least one score")
+    pooled = np.concatenate([x, y])  # (n,)
+    n, n_x = len(pooled), len(x)
+    observed = abs(x.mean() - y.mean())
+    total = math.comb(n, n_x)
+    if total <= max_exact:
+        members = np.zeros((total, n), dtype=bool)  # (splits, n): True = in group X
+        for row, chosen in enumerate(itertools.combinations(range(n), n_x)):
+            members[row, list(chosen)] = True
+        exact = True
+    else:
+        rng = np.random.default_rng(seed)
+        order = np.argsort(rng.random((reps, n)), axis=1)  # (reps, n): a random permutation per row
+        members = order < n_x  # positions that land in the first n_x slots form group X
+        exact = False
+    sum_x = members @ pooled  # (splits,)
+    d = sum_x / n_x - (pooled.sum() - sum_x) / (n - n_x)
+    hits = int(np.sum(np.abs(d) >= observed * (1 - 1e-9)))
+    if exact:
+        return hits / total, total, True
+    return (1 + hits) / (1 + reps), reps, False
+
+
+def holm(p_values: ArrayLike) -> np.ndarray:
+    """Holm's step-down correction of m p-values (Holm 1979), family-wise error rate alpha.
+
+        sort ascending p_(1) <= ... <= p_(m); adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)),
+        then back in the input order; reject H_i when adjusted p_i < alpha
+
+        (0.01, 0.04, 0.03): sorted 0.01, 0.03, 0.04 -> 3 * 0.01 = 0.03, 2 * 0.03 = 0.06, 1 * 0.04 = 0.04
+        raised to the running max 0.06 -> in input order (0.03, 0.06, 0.06)
+
+    Args:
+        p_values: (m,)
+
+    Returns:
+        (m,) adjusted p-values, in the input order.
+    """
+    p = np.asarray(p_values, dtype=float).ravel()
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])  # (m,), sorted order
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted
+
+
+def pooled_sd(x: ArrayLike, y: ArrayLike) -> float:
+    """Pooled standard deviation of two samples: sqrt(((n_x - 1) s_x^2 + (n_y - 1) s_y^2) / (n_x + n_y - 2)),
+    s the sample std (ddof=1); nan when n_x + n_y < 3 (no degree of freedom)."""
+    x, y = np.asarray(x, dtype=float).ravel(), np.asarray(y, dtype=float).ravel()
+    df = len(x) + len(y) - 2
+    if df < 1:
+        return math.nan
+    squares = np.sum((x - x.mean()) ** 2) + np.sum((y - y.mean()) ** 2)
+    return float(np.sqrt(squares / df))
+
+
+def detectable_difference(sd: float, n_x: int, n_y: int, *, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference of means that a two-sided two-sample t-test at level alpha detects with
+    probability `power`, given the per-run spread sd (the textbook normal-theory approximation with t
+    quantiles, e.g. Cohen 1988; the power of the permutation test is close to it for these sizes):
+
+        MDD = (t_{1 - alpha/2, df} + t_{power, df}) * sd * sqrt(1/n_x + 1/n_y),   df = n_x + n_y - 2
+
+        sd 0.1, 5 against 5 runs: df 8, t_0.975 = 2.306, t_0.8 = 0.889 -> 3.195 * 0.1 * sqrt(0.4) = 0.202
+
+    nan when df < 1 or sd is nan.
+    """
+    df = n_x + n_y - 2
+    if df < 1 or not math.isfinite(sd):
+        return math.nan
+    quantiles = scipy.stats.t.ppf(1 - alpha / 2, df) + scipy.stats.t.ppf(power, df)
+    return float(quantiles * sd * math.sqrt(1 / n_x + 1 / n_y))
+
+
+def seeds_needed(
+    sd: float, difference: float, *, alpha: float = 0.05, power: float = 0.8, most: int = 1000
+) -> int | None:
+    """Runs per arm (equal arms) for detectable_difference(sd, n, n) <= difference: the smallest such
+    n >= 2, or None when sd is nan or more than `most` would be needed.
+
+        sd 0.1, difference 0.1: n = 17 gives df 32, (2.037 + 0.853) * 0.1 * sqrt(2/17) = 0.0991 <= 0.1
+        while n = 16 gives (2.042 + 0.854) * 0.1 * sqrt(2/16) = 0.1024 -> 17
+    """
+    if not math.isfinite(sd):
+        return None
+    for n in range(2, most + 1):
+        if detectable_difference(sd, n, n, alpha=alpha, power=power) <= difference:
+            return n
+    return None
+
+
+def interval_is_min_max(n_runs: int) -> bool:
+    """Whether a 95% percentile-bootstrap interval of the mean (or IQM) of n runs is just their
+    [min, max]: with n <= 3 a resample of n copies of the smallest run has probability (1/n)^n >= 1/27,
+    above the 2.5% tail, so the interval's ends are the extreme runs (n = 4: 1/256, below it)."""
+    return n_runs <= 3

@@ -1,6 +1,7 @@
 """The README as a newcomer meets it: short, every docs/ page linked, every link resolving, and the
 table of config groups listing every option under configs/ (so it cannot go stale); the tuned
-settings quoted in docs/ as the studies recorded them."""
+settings quoted in docs/ as the studies recorded them; no number from runs typed by hand in the
+comparison sections (they come from generated blocks, scripts/refresh_results.py)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,46 @@ def test_tuned_settings_quoted_are_the_studies():
         row = rows.get(path.stem, "")
         cells = [f"{v:.3g}" for v in study["best_params"].values()] + [f"{study['best_value']:.2f}"]
         assert all(cell in row for cell in cells) and study["commit"] in row, (path.stem, row, cells)
+
+
+# The comparison sections: (file, first heading, the heading that ends it); every number from runs in
+# them comes from a generated block (<!-- archive: ... --> or <!-- prose: ... -->)
+COMPARISON_SECTIONS = [
+    ("README.md", "## Comparing algorithms", "## Reading the code"),
+    ("docs/results.md", "## At equal policy updates", "## Cost, and running it larger"),
+]
+# what is not a run's number: generated blocks, code, link targets, hand-written tables (arm
+# descriptions, the paper's values), citations (Eq. 13, Table 1, et al. 2021, arXiv ids), and the
+# statistics' own levels (95% intervals, 80% power), the model's name
+NOT_RUN_NUMBERS = [
+    r"<!-- (archive|prose): .*?<!-- /(archive|prose) -->",
+    r"```.*?```",
+    r"`[^`]*`",
+    r"\]\([^)]*\)",
+    r"^\|[^\n]*$",
+    r"(Eq\.|Table) \d+|et al\. \d{4}|arXiv:\d+\.\d+",
+    r"\b95%|\b80% power|SmolLM2-135M",
+]
+
+
+def hand_typed_numbers(text: str) -> list[str]:
+    """The lines of `text` that still hold a digit once NOT_RUN_NUMBERS are taken out."""
+    for pattern in NOT_RUN_NUMBERS:
+        text = re.sub(pattern, " ", text, flags=re.DOTALL | re.MULTILINE)
+    return [line.strip() for line in text.splitlines() if re.search(r"\d", line)]
+
+
+def test_no_hand_typed_number_in_the_comparison_sections():
+    for name, start, end in COMPARISON_SECTIONS:
+        text = (ROOT / name).read_text(encoding="utf-8")
+        section = text.split(start, 1)[1].split(end, 1)[0]
+        assert hand_typed_numbers(section) == [], name
+
+
+def test_a_typed_number_is_caught_and_a_generated_one_is_not():
+    generated = "<!-- prose: docs/results/x : pairs -->\n`a` ends above `b` by 0.04\n<!-- /prose -->\n"
+    assert hand_typed_numbers(generated + "`dapo5_dynamic_sampling` (Eq. 11, Table 1) [x](a1.md)\n") == []
+    typed = "GRPO ends highest, IQM 0.65."
+    assert hand_typed_numbers(generated + typed + "\n") == [typed]
+    # a hand-written table row is skipped, the sentence after it is not
+    assert hand_typed_numbers("| rung | 30 |\n" + typed + "\n") == [typed]

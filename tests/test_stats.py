@@ -1,18 +1,26 @@
-"""scripts/stats.py: IQM, probability of improvement and their bootstrap intervals on tiny tables
-whose values are worked out by hand in the comments."""
+"""scripts/stats.py: IQM, probability of improvement and their bootstrap intervals, the permutation
+test, Holm and power; scripts/comparison/fits.py: areas and the saturating fit; on tiny tables whose
+values are worked out by hand in the comments."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from scripts.comparison.fits import fit_arm, normalised_area, saturating_curve
 from scripts.stats import (
+    detectable_difference,
+    holm,
     improvement_interval,
+    interval_is_min_max,
     iqm,
     iqm_curve,
     iqm_interval,
+    permutation_test,
+    pooled_sd,
     probability_of_improvement,
     runs_by_tasks,
+    seeds_needed,
 )
 
 REPS = 10_000
@@ -134,3 +142,98 @@ def test_iqm_curve_uses_the_runs_present_at_each_x():
     # a resample of x 1 holds (0.3, 0.3), (0.3, 0.5) or (0.5, 0.5): 0.3 and 0.5 each have chance 1/4
     np.testing.assert_allclose([low[1], high[1]], [0.3, 0.5])
     assert np.all(low[:2] <= centre[:2]) and np.all(centre[:2] <= high[:2])
+
+
+# --- significance and power ------------------------------------------------------------------------
+
+
+def test_exact_permutation_p_of_fully_separated_three_against_three():
+    # C(6, 3) = 20 splits; only the observed split (d = -3) and its mirror (d = +3) reach |d| = 3 -> 2 / 20
+    assert permutation_test([1, 2, 3], [4, 5, 6]) == (pytest.approx(0.1), 20, True)
+
+
+def test_exact_permutation_p_counts_ties_of_the_statistic():
+    # x = (0, 1), y = (1, 2): d = -1; the C(4, 2) = 6 splits of {0, 1, 1, 2} give d = -1 ({0,1} twice),
+    # 0 ({0,2}, {1,1}), +1 ({1,2} twice) -> 4 of 6 reach |d| = 1 -> p = 2/3
+    p, splits, exact = permutation_test([0, 1], [1, 2])
+    assert (p, splits, exact) == (pytest.approx(2 / 3), 6, True)
+
+
+def test_permutation_p_of_equal_arms_is_one_and_of_single_runs_is_one():
+    assert permutation_test([0.5, 0.5], [0.5, 0.5])[0] == 1.0
+    # 1 against 1: C(2, 1) = 2 splits, both reach |d| -> 1.0 (one run per arm can never separate)
+    assert permutation_test([0.2], [0.9])[0] == 1.0
+
+
+def test_monte_carlo_permutation_is_seeded_and_close_to_the_exact_p():
+    # 12 against 12 (C(24, 12) = 2,704,156 splits) past max_exact: a seeded Monte Carlo
+    x, y = np.arange(12.0), np.arange(12.0) + 3
+    p, splits, exact = permutation_test(x, y, reps=20_000, seed=1)
+    assert (splits, exact) == (20_000, False)
+    assert p == permutation_test(x, y, reps=20_000, seed=1)[0]
+    # the same pair enumerated exactly (max_exact raised) differs by Monte Carlo noise only
+    p_exact, _, _ = permutation_test(x, y, max_exact=3_000_000)
+    assert abs(p - p_exact) < 0.01
+
+
+def test_holm_hand_values():
+    # sorted 0.01, 0.03, 0.04 -> 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06 -> input order
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    # capped at 1: 2 * 0.6 = 1.2 -> 1
+    np.testing.assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])
+
+
+def test_pooled_sd_and_detectable_difference_hand_values():
+    # x = (0, 2), y = (4, 6): squares 2 + 2 = 4 over df 2 -> sd 1.414
+    assert pooled_sd([0, 2], [4, 6]) == pytest.approx(2**0.5)
+    assert np.isnan(pooled_sd([1], [2]))
+    # sd 0.1, 5 vs 5: df 8, t_0.975 = 2.306 + t_0.8 = 0.889 -> 3.195 * 0.1 * sqrt(0.4) = 0.202
+    assert detectable_difference(0.1, 5, 5) == pytest.approx(0.2021, abs=1e-4)
+    assert np.isnan(detectable_difference(0.1, 1, 1))
+
+
+def test_seeds_needed_hand_values():
+    # n = 17: (2.037 + 0.853) * 0.1 * sqrt(2/17) = 0.0991 <= 0.1; n = 16: 0.1024 > 0.1 -> 17
+    assert seeds_needed(0.1, 0.10) == 17
+    # half the difference takes about four times the runs
+    assert seeds_needed(0.1, 0.05) == 64
+    assert seeds_needed(float("nan"), 0.1) is None
+    assert seeds_needed(1.0, 0.01, most=50) is None
+
+
+def test_interval_of_three_runs_is_their_min_and_max():
+    # 3 runs: resampling the lowest three times has probability 1/27 = 3.7% > 2.5% -> the ends are min, max
+    assert interval_is_min_max(3) and not interval_is_min_max(4)
+    mean, low, high = iqm_interval([0.2, 0.5, 0.9], reps=REPS, seed=0)
+    assert (low, high) == (pytest.approx(0.2), pytest.approx(0.9))
+
+
+# --- curves: area and the saturating fit (scripts/comparison/fits.py) --------------------------------
+
+
+def test_normalised_area_cuts_at_the_budget_and_holds_the_last_value():
+    # acc(200) = 0.6 by interpolation; 100 * (0.2 + 0.4) / 2 + 100 * (0.4 + 0.6) / 2 = 80 -> 80 / 200
+    assert normalised_area([0, 100, 300], [0.2, 0.4, 0.8], 200) == pytest.approx(0.4)
+    # ends at 100 before a budget of 200: 100 * (0.2 + 0.4) / 2 + 100 * 0.4 = 70 -> 0.35
+    assert normalised_area([0, 100], [0.2, 0.4], 200) == pytest.approx(0.35)
+
+
+def test_saturating_fit_recovers_a_known_curve_and_predicts_its_second_half():
+    # R(C) = 0.2 + (0.7 - 0.2) / (1 + (2000 / C)^2): R(2000) = 0.45, halfway from R0 to A
+    assert saturating_curve([0, 2000], 0.2, 0.7, 2.0, 2000)[1] == pytest.approx(0.45)
+    tokens = np.array([500.0, 1000, 2000, 3000, 4000, 6000, 8000])
+    curves = [(tokens, saturating_curve(tokens, 0.2, 0.7, 2.0, 2000) + shift) for shift in (-0.01, 0, 0.01)]
+    arm = fit_arm(curves, 0.2, 8000, reps=50, seed=0)
+    assert arm.fit.a == pytest.approx(0.7, abs=0.02) and arm.fit.b == pytest.approx(2.0, rel=0.15)
+    assert arm.fit.c_mid == pytest.approx(2000, rel=0.1) and arm.a_identified
+    assert arm.half_error < 0.05
+
+
+def test_an_unbent_curve_leaves_a_not_identified_and_too_few_points_no_fit():
+    # a straight climb: the asymptote is anywhere above the data, its interval runs to the bound 1
+    tokens = np.array([1000.0, 2000, 3000, 4000])
+    curves = [(tokens, 0.2 + tokens / 10_000 + shift) for shift in (-0.05, 0.0, 0.05)]
+    assert not fit_arm(curves, 0.2, 4000, reps=50, seed=0).a_identified
+    # two evaluations past step 0 for three parameters: no fit
+    short = [(np.array([0.0, 100, 200]), np.array([0.2, 0.3, 0.4]))]
+    assert fit_arm(short, 0.2, 200, reps=10, seed=0).fit is None

@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.ticker import EngFormatter
 
 from scripts import stats
+from scripts.comparison import significance
 from scripts.comparison.curves import (
     final_and_best,
     finite,
@@ -22,7 +23,7 @@ from scripts.comparison.curves import (
     series,
     x_value,
 )
-from scripts.comparison.runs import ACCURACY, KL, STEP, STEP_S, TOKENS, UPDATES, Run, group_runs
+from scripts.comparison.runs import ACCURACY, KL, STEP, STEP_S, TOKENS, UPDATES, Run, config_get, group_runs
 
 # Bootstrap resamples for every confidence interval (rliable's examples use 2,000 to 50,000)
 BOOTSTRAP_REPS = 10_000
@@ -45,9 +46,34 @@ def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{format_number(mean, digits)} ± {format_number(std, digits)}"
 
 
-def summary_row(label: str, runs: Sequence[Run], threshold: float) -> list[str]:
-    """One table row: the aggregates over the runs (seeds) of one label."""
-    accuracy = present(final_and_best(run) for run in runs)
+def best_steps(runs: Sequence[Run]) -> list[int] | None:
+    """The evaluation steps over which "best" held-out accuracy is taken, the same for every arm: the
+    steps at which every finished run evaluated (a crashed run counts up to where it stopped). None
+    under a token budget (trainer.max_generated_tokens): there arms reach the budget in different
+    numbers of steps and were evaluated a different number of times, and a maximum over more noisy
+    evaluations is higher by itself, so "best" is not shown."""
+    if any(config_get(run.config, "trainer.max_generated_tokens") is not None for run in runs):
+        return None
+    evaluated = [
+        {int(row[STEP]) for row in run.rows if finite(row.get(ACCURACY))} for run in runs if run.finished
+    ]
+    return sorted(set.intersection(*evaluated)) if evaluated else None
+
+
+def final_and_shared_best(run: Run, steps: list[int] | None) -> tuple[float, float | None] | None:
+    """The run's final held-out accuracy and its highest at `steps` (best_steps; None: no best)."""
+    scores = final_and_best(run)
+    if scores is None:
+        return None
+    if steps is None:
+        return scores[0], None
+    at = [float(row[ACCURACY]) for row in run.rows if row[STEP] in steps and finite(row.get(ACCURACY))]
+    return scores[0], max(at) if at else None
+
+
+def summary_row(label: str, runs: Sequence[Run], threshold: float, steps: list[int] | None) -> list[str]:
+    """One table row: the aggregates over the runs (seeds) of one label; best at `steps` (best_steps)."""
+    accuracy = present(final_and_shared_best(run, steps) for run in runs)
     reached = present(first_reach(run, threshold) for run in runs)
     step_s = [float(np.mean(ys)) for _, ys in (series(run, STEP_S, STEP) for run in runs) if len(ys)]
     kl = present(last_value(run, KL) for run in runs)
@@ -62,7 +88,7 @@ def summary_row(label: str, runs: Sequence[Run], threshold: float) -> list[str]:
         label,
         f"{sum(run.finished for run in runs)}/{len(runs)}",
         format_mean_std([final for final, _ in accuracy]),
-        format_mean_std([best for _, best in accuracy]),
+        format_mean_std(present(best for _, best in accuracy)) if steps is not None else "—",
         format_mean_std(start),
         format_mean_std([float(row[STEP]) for row in reached], digits=1) + counts,
         format_mean_std([x_value(row, TOKENS) or 0.0 for row in reached], digits=-1) + counts,
@@ -84,8 +110,25 @@ def runs_cell(scored: int, unfinished: int) -> str:
     return f"{scored} ({unfinished} unfinished)" if unfinished else str(scored)
 
 
+def min_max_note(counts: Sequence[int]) -> list[str]:
+    """A note under a table of bootstrap intervals when some arm has too few runs for one to mean more
+    than [min, max] (stats.interval_is_min_max)."""
+    few = sorted({n for n in counts if stats.interval_is_min_max(n)})
+    if not few:
+        return []
+    runs = " or ".join(str(n) for n in few)
+    return [
+        f"Note: with {runs} runs a 95% percentile-bootstrap interval is no more than the [min, max] of what"
+        " those runs give: it says where the runs lie, not where the arm's mean is; 1.00 [1.00, 1.00]"
+        " means every run of X ended above every run of Y, not that X is surely better (see Significance"
+        " and power)."
+    ]
+
+
 def iqm_section(groups: dict[str, list[Run]], *, reps: int, seed: int) -> list[str]:
-    """Markdown lines: final and best held-out accuracy per label as IQM with its 95% CI (stats)."""
+    """Markdown lines: final and best held-out accuracy per label as IQM with its 95% CI (stats);
+    best at the evaluation steps every run shares (best_steps), or not at all under a token budget."""
+    steps = best_steps([run for group in groups.values() for run in group])
     lines = [
         "## Interquartile mean",
         "",
@@ -96,11 +139,13 @@ def iqm_section(groups: dict[str, list[Run]], *, reps: int, seed: int) -> list[s
         "| arm | held-out acc | runs | IQM | 95% CI | mean ± std |",
         "|---|---|---|---|---|---|",
     ]
+    counts = []
     for label, group in groups.items():
-        scored = [(run, scores) for run in group if (scores := final_and_best(run)) is not None]
+        scored = [(run, scores) for run in group if (scores := final_and_shared_best(run, steps)) is not None]
         runs = runs_cell(len(scored), sum(not run.finished for run, _ in scored))
-        for index, metric in enumerate(("final", "best")):
-            values = [scores[index] for _, scores in scored]
+        counts.append(len(scored))
+        for index, metric in enumerate(("final", "best") if steps is not None else ("final",)):
+            values = present(scores[index] for _, scores in scored)
             if not values:
                 lines.append(f"| {label} | {metric} | 0 | n/a | n/a | n/a |")
                 continue
@@ -109,7 +154,16 @@ def iqm_section(groups: dict[str, list[Run]], *, reps: int, seed: int) -> list[s
             lines.append(
                 f"| {label} | {metric} | {runs} | {iqm:.3f} | {interval} | {format_mean_std(values)} |"
             )
-    return lines
+    lines.append("")
+    if steps is None:
+        lines.append(
+            "Note: best held-out accuracy is not shown: under a token budget the arms were evaluated a"
+            " different number of times, and the highest of more noisy evaluations is higher by itself."
+        )
+    else:
+        shared = ", ".join(map(str, steps))
+        lines.append(f"Note: best is the highest held-out accuracy at the steps every run shares ({shared}).")
+    return lines + min_max_note(counts)
 
 
 # Up to this many labels the probability of improvement is a list of pairs; beyond, a matrix
@@ -132,8 +186,10 @@ def improvement_section(groups: dict[str, list[Run]], *, reps: int, seed: int) -
         "and of Y independently, after Agarwal et al. 2021.",
         "",
     ]
+    note = min_max_note([len(finals[label]) for label in labels])
+    note = ["", *note] if note else []
     if len(labels) > MAX_PAIR_LIST:
-        return lines + improvement_matrix(finals, labels, reps=reps, seed=seed)
+        return lines + improvement_matrix(finals, labels, reps=reps, seed=seed) + note
     lines += ["| X | Y | runs (X, Y) | P(X > Y) | 95% CI |", "|---|---|---|---|---|"]
     for i, x in enumerate(labels):
         for y in labels[i + 1 :]:
@@ -142,7 +198,7 @@ def improvement_section(groups: dict[str, list[Run]], *, reps: int, seed: int) -
             lines.append(f"| {x} | {y} | {runs} | {p:.3f} | {format_interval(low, high, 3)} |")
     if len(labels) < 2:
         lines.append("| — | — | — | — | — |")
-    return lines
+    return lines + note
 
 
 def improvement_matrix(
@@ -199,10 +255,16 @@ def summary_table(runs: Sequence[Run], threshold: float, *, reps: int = BOOTSTRA
         "|" + "|".join("---" for _ in header) + "|",
     ]
     groups = group_runs(runs)
+    steps = best_steps(runs)
     for label, group in groups.items():
-        lines.append("| " + " | ".join(summary_row(label, group, threshold)) + " |")
+        lines.append("| " + " | ".join(summary_row(label, group, threshold, steps)) + " |")
     lines += ["", *iqm_section(groups, reps=reps, seed=seed)]
     lines += ["", *improvement_section(groups, reps=reps, seed=seed)]
+    budget, _ = significance.token_budget(runs)
+    scores = significance.run_scores(groups, budget)
+    tests = significance.pair_tests(scores, reps=reps, seed=seed)
+    lines += ["", *significance.significance_section(tests, reps=reps, seed=seed)]
+    lines += ["", *significance.curves_section(groups, scores, reps=reps, seed=seed)]
     unfinished = [run for run in runs if not run.finished]
     if unfinished:
         lines.append("")
