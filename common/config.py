@@ -116,7 +116,10 @@ class TrainerConfig:
     micro_batch_size: int
     max_tokens_per_micro_batch: int | None
     eval_every: int
+    eval_every_tokens: int | None
     eval_num_prompts: int
+    eval_num_samples: int
+    eval_temperature: float
     log_samples_every: int
     num_samples_logged: int
     save_every: int
@@ -184,12 +187,30 @@ class TrainerConfig:
         ):
             value = getattr(self, key)
             require(value >= 0, f"trainer.{key}", "must be >= 0", value)
+        self._check_eval()
         require(
             self.num_threads is None or self.num_threads >= 1,
             "trainer.num_threads",
             "must be >= 1 or null",
             self.num_threads,
         )
+
+    def _check_eval(self) -> None:
+        """The held-out evaluation's schedule and its sampled mean@k."""
+        every_tokens = self.eval_every_tokens
+        require(
+            every_tokens is None or every_tokens >= 1,
+            "trainer.eval_every_tokens",
+            "must be >= 1 or null",
+            every_tokens,
+        )
+        require(self.eval_num_samples >= 0, "trainer.eval_num_samples", "must be >= 0", self.eval_num_samples)
+        require(self.eval_temperature > 0, "trainer.eval_temperature", "must be > 0", self.eval_temperature)
+
+    @property
+    def evaluates(self) -> bool:
+        """Held-out evaluation is on: every trainer.eval_every steps or trainer.eval_every_tokens tokens."""
+        return self.eval_every > 0 or self.eval_every_tokens is not None
 
     @property
     def mini_batch_prompts(self) -> int:

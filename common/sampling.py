@@ -4,7 +4,9 @@
 scores every response against its own prompt, and, with dynamic sampling (DAPO Eq. 11), drops
 flat groups and refills from new prompts (`group_filter`, the filter mode) or grows flat groups
 one response at a time (`flat_groups`, the resample mode). The group tests themselves are pure
-functions in dapo/sampling.py, passed in by scripts/build.py.
+functions in dapo/sampling.py, passed in by scripts/build.py. Under a token budget
+(trainer.max_generated_tokens) the step that reaches it samples only what the budget has left
+(`sample_within_budget`).
 """
 
 from __future__ import annotations
@@ -140,6 +142,51 @@ def generate_and_score(
     return score_samples(task, rollout, examples, algo, settings)
 
 
+def budget_share(tokens_left: int | None, dist: DistContext = SINGLE) -> int | None:
+    """This rank's share of the tokens the budget has left, rounded up so that the shares add up to
+    at least `tokens_left` (None: no budget)."""
+    return None if tokens_left is None else -(-tokens_left // dist.world_size)
+
+
+def sample_within_budget(
+    engine: RolloutEngine,
+    task: Task,
+    examples: list[Example],
+    algo: Algorithm,
+    settings: RunSettings,
+    tokens_left: int | None,
+) -> Samples:
+    """Roll out G responses for each of `examples`, stopping once `tokens_left` response tokens are
+    generated: the token budget's last step ends at the budget, not a whole batch past it.
+
+    When even the longest responses (G x rollout.max_new_tokens per group) cannot pass the budget,
+    one batched call, as without a budget. Otherwise in chunks of as many groups as cannot pass
+    it, at least one, until the budget is reached or the examples run out: only a one-group chunk
+    can pass the budget, so the rollout ends past it by less than G x max_new_tokens tokens. The
+    examples after the last chunk are not sampled (the step is the run's last: they are not needed).
+
+    Example (G = 4, max_new_tokens = 48: at most 192 tokens a group; 4 examples, 500 tokens left):
+    a chunk of 500 // 192 = 2 groups generates 130 tokens, then 370 // 192 = 1 group 60 tokens, then
+    1 group 70 tokens: 260 in all, the last example is sampled with 240 left; the step holds 4
+    groups and the run goes on. With 100 left, one group (50 tokens), then another (45): 95 < 100,
+    then the third: the budget is passed, the step holds 3 groups and is the run's last.
+
+    Args:
+        tokens_left: the response tokens this rank may still generate (`budget_share`); None = no budget.
+    """
+    worst = engine.group_size * engine.max_new_tokens  # the most tokens one group can generate
+    if tokens_left is None or len(examples) * worst <= tokens_left:
+        return generate_and_score(engine, task, examples, algo, settings)
+    parts: list[Samples] = []
+    used = 0
+    while examples and used < tokens_left:
+        n = max(1, (tokens_left - used) // worst)  # groups that cannot pass the budget, at least one
+        parts.append(generate_and_score(engine, task, examples[:n], algo, settings))
+        used += int(parts[-1].rollout.lengths.sum())
+        examples = examples[n:]
+    return Samples.concat(parts)
+
+
 def collect(
     engine: RolloutEngine,
     task: Task,
@@ -149,23 +196,30 @@ def collect(
     group_filter: GroupFilter | None,
     flat_groups: FlatGroups | None = None,
     dist: DistContext = SINGLE,
+    tokens_left: int | None = None,
 ) -> tuple[Samples | None, dict[str, float]]:
     """Roll out batch_size groups; with a group filter, refill until batch_size groups are kept
     (see `fill_with_filtered_groups`); with `flat_groups`, grow all-equal groups instead (see
-    `resample_flat_groups`).
+    `resample_flat_groups`). `tokens_left`: what the token budget has left (None: no budget); the
+    rollout stops there (`sample_within_budget`), with fewer than batch_size groups.
 
     Data parallel: every rank takes the same global batch from the stream and rolls out its own
     contiguous share (batch_size / world_size prompts), so groups never span ranks and the stream
     stays in step on all ranks; with a filter, generation rounds go on until every rank is full.
+    Under a token budget each rank stops at its share of what is left (`budget_share`).
     """
     if group_filter is not None:
-        return fill_with_filtered_groups(engine, task, stream, algo, settings, group_filter, dist)
-    samples = generate_and_score(
-        engine, task, dist.shard(stream.take(settings.trainer.batch_size)), algo, settings
-    )
+        return fill_with_filtered_groups(
+            engine, task, stream, algo, settings, group_filter, dist, tokens_left
+        )
+    share = budget_share(tokens_left, dist)
+    examples = dist.shard(stream.take(settings.trainer.batch_size))
+    samples = sample_within_budget(engine, task, examples, algo, settings, share)
     stats: dict[str, float] = {"sampling/gen_batches": 1}
     if flat_groups is not None:
-        samples, resample_stats = resample_flat_groups(engine, task, samples, algo, settings, flat_groups)
+        samples, resample_stats = resample_flat_groups(
+            engine, task, samples, algo, settings, flat_groups, share
+        )
         stats.update(resample_stats)
     check_reward_errors(samples, settings, dist)
     stats["sampling/samples"] = len(samples.rollout)
@@ -206,6 +260,7 @@ def fill_with_filtered_groups(
     settings: RunSettings,
     group_filter: GroupFilter,
     dist: DistContext = SINGLE,
+    tokens_left: int | None = None,
 ) -> tuple[Samples | None, dict[str, float]]:
     """Dynamic sampling (DAPO Algorithm 1, lines 3-8), as verl's DAPO recipe runs it: each round
     samples dynamic_sampling.prompts_per_round prompts (verl's gen_batch_size, an oversampling factor times
@@ -219,6 +274,11 @@ def fill_with_filtered_groups(
     update, "error" raises DynamicSamplingError (verl's behaviour). Under data parallel the
     decision is the same on every rank. A partial batch is normalised by its own tokens (or rows):
     the loss denominators count what is in the batch, never the nominal batch_size x G.
+
+    Under a token budget (`tokens_left`: what it has left; None = none) a round samples only what
+    the budget has left (`sample_within_budget`, each rank its `budget_share`) and no round starts
+    once it is spent: the step trains on the groups kept so far (none kept: the update is skipped),
+    whatever on_exhausted says, and is the run's last.
     """
     ds = settings.dynamic_sampling
     if not isinstance(ds, FilterSampling):
@@ -229,13 +289,15 @@ def fill_with_filtered_groups(
     kept: list[Samples] = []
     sampled: list[Samples] = []  # every round's rollout, for the step's reward before the filter
     n_kept = n_seen = n_generated = n_tokens = gen_batch = 0
-    short = True
-    while gen_batch < ds.max_num_gen_batches and short:
+    share = budget_share(tokens_left, dist)
+    short, spent = True, False
+    while gen_batch < ds.max_num_gen_batches and short and not spent:
         gen_batch += 1
         examples = dist.shard(stream.take(gen_batch_size))  # every rank advances the stream
         samples = None
-        if n_kept < target:
-            samples = generate_and_score(engine, task, examples, algo, settings)
+        if n_kept < target and (share is None or n_tokens < share):
+            left = None if share is None else share - n_tokens
+            samples = sample_within_budget(engine, task, examples, algo, settings, left)
             sampled.append(samples)
             keep = group_filter(samples.terms["correct"], G)  # (n_prompts,)
             n_seen += keep.numel()
@@ -248,6 +310,7 @@ def fill_with_filtered_groups(
                 n_kept += take.numel()
         check_reward_errors(samples, settings, dist)  # every round, on every rank
         short = dist.any(n_kept < target)
+        spent = tokens_left is not None and dist.all_reduce(n_tokens) >= tokens_left
     stats = {
         "sampling/gen_batches": gen_batch,
         "sampling/samples": n_generated,
@@ -261,6 +324,9 @@ def fill_with_filtered_groups(
         f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
         "(dynamic_sampling.max_num_gen_batches)"
     )
+    if short and spent:  # the token budget ended the step, not max_num_gen_batches
+        log.info("dynamic sampling: %d of %d groups kept when the token budget ran out", n_kept, target)
+        return (Samples.concat(kept) if kept else None), stats
     if short and ds.on_exhausted == "error":
         raise DynamicSamplingError(
             f"{shortfall}; the prompts are too easy or too hard for the policy: raise max_num_gen_batches "
@@ -281,9 +347,12 @@ def resample_flat_groups(
     algo: Algorithm,
     settings: RunSettings,
     flat_groups: FlatGroups,
+    tokens_left: int | None = None,
 ) -> tuple[Samples, dict[str, float]]:
     """Grow every group whose correctness rewards are all equal (std < 1e-6) by one response at a
-    time, batched across such groups, until its rewards differ or it holds dynamic_sampling.max_samples.
+    time, batched across such groups, until its rewards differ or it holds dynamic_sampling.max_samples,
+    or, under a token budget, until the batch holds `tokens_left` response tokens (None: no budget;
+    the last round may pass it by one response per flat group).
 
     The design notes' dynamic sampling, an alternative to DAPO's filter: no prompt is dropped,
     but groups end up with unequal sizes. The new rows carry their group's id, so the advantages
@@ -297,7 +366,7 @@ def resample_flat_groups(
     if not isinstance(ds, ResampleSampling):
         raise TypeError(f"resampling flat groups needs dynamic_sampling=resample, not {ds.mode}")
     extra = rounds = 0
-    while True:
+    while tokens_left is None or int(samples.rollout.lengths.sum()) < tokens_left:
         group_index = samples.rollout.group_index  # (N,)
         flat = flat_groups(samples.terms["correct"], group_index)  # group ids
         flat = flat[torch.bincount(group_index)[flat] < ds.max_samples]

@@ -8,7 +8,7 @@ rollout and reward code is identical under all three and differences in results 
 This module is the loop itself, to be read top to bottom; each concern it calls lives in a module
 named for it: common/sampling.py (prompt stream, scored rollouts, dynamic sampling),
 common/update.py (log-prob passes, micro-batches, gradient accumulation, optimizer steps),
-common/finite.py (non-finite steps undone), common/evaluation.py (held-out pass@1),
+common/finite.py (non-finite steps undone), common/evaluation.py (held-out pass@1 and mean@k),
 common/state.py (what a checkpoint carries, Ctrl-C), common/checkpoint.py (writing and finding them).
 What is fixed for a run (models, optimizers, engine, task, settings, ...) travels as one frozen
 `RunContext`, built once in scripts/train.py.
@@ -55,7 +55,7 @@ from common.distributed import (
     train_state_bytes,
     unwrap,
 )
-from common.evaluation import evaluate
+from common.evaluation import evaluation_due, held_out_metrics
 from common.logging import RunLogger, peak_rss_mb
 from common.rewards import RewardError
 from common.rollout.engine import RolloutEngine
@@ -158,16 +158,30 @@ def build_batch(samples: Samples, algo: Algorithm, device: torch.device) -> dict
 
 
 def train_step(
-    ctx: RunContext, step: int, stream: PromptStream, generator: torch.Generator
+    ctx: RunContext,
+    step: int,
+    stream: PromptStream,
+    generator: torch.Generator,
+    tokens_left: int | None = None,
 ) -> tuple[Samples | None, dict[str, float]]:
     """One step: rollout -> reward -> log-probs -> advantages -> update. Returns the step's batch
-    (None when dynamic sampling kept nothing and the update was skipped) and this rank's metrics."""
+    (None when dynamic sampling kept nothing and the update was skipped) and this rank's metrics.
+    `tokens_left`: what the token budget has left (None: no budget); the rollout stops there
+    (common.sampling.sample_within_budget), so the run's last step may hold fewer prompts."""
     algo, dist, model = ctx.algo, ctx.dist, ctx.model
     t0 = time.perf_counter()
     # 1. rollout + reward (+ dynamic sampling): rows grouped [q1]*G + [q2]*G + ...
     with gathered([model], dist):  # ranks decode different numbers of tokens
         samples, metrics = collect(
-            ctx.engine, ctx.task, stream, algo, ctx.settings, ctx.group_filter, ctx.flat_groups, dist
+            ctx.engine,
+            ctx.task,
+            stream,
+            algo,
+            ctx.settings,
+            ctx.group_filter,
+            ctx.flat_groups,
+            dist,
+            tokens_left,
         )
     t_rollout = time.perf_counter()
     metrics["perf/rollout_s"] = t_rollout - t0
@@ -246,18 +260,19 @@ def step_summary(step: int, max_steps: int, metrics: dict[str, float]) -> str:
 
 
 def evaluate_if_due(
-    ctx: RunContext, examples: list[Example], step: int, last: bool = False
+    ctx: RunContext, examples: list[Example], loop: LoopState, tokens_before: int = 0, last: bool = False
 ) -> dict[str, float]:
-    """Held-out evaluation at step 0, every trainer.eval_every steps and at the `last` step (the
-    step budget or the token budget reached); {} when not due. Data parallel: a collective, every
+    """Held-out evaluation after the step `loop` has just counted, when `evaluation_due`; {} when
+    not. Greedy pass@1 (eval/accuracy, ...), the sampled eval/mean_at_k with trainer.eval_num_samples
+    > 0, and eval/tokens, the generated tokens at which it ran. Data parallel: a collective, every
     rank decodes its share of the prompts."""
     settings = ctx.settings
-    due = settings.trainer.eval_every > 0 and (step % settings.trainer.eval_every == 0 or last)
-    if not (due and examples):
+    if not (examples and evaluation_due(settings.trainer, loop.step, tokens_before, loop.tokens_total, last)):
         return {}
     t = time.perf_counter()
     with gathered([ctx.model], ctx.dist):  # every rank decodes its share of the held-out prompts
-        metrics = evaluate(ctx.engine, ctx.task, examples, settings.reward.format_weight, dist=ctx.dist)
+        metrics = held_out_metrics(ctx.engine, ctx.task, examples, settings, ctx.dist)
+    metrics["eval/tokens"] = loop.tokens_total
     metrics["perf/eval_s"] = time.perf_counter() - t
     return metrics
 
@@ -392,22 +407,24 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     last_metrics: dict[str, float] = {}
     with StopRequest() as stop, progress_bar(ctx, loop.step) as progress:
         # a resumed run logged its step 0 already (a checkpoint at step 0 is a failed first step's)
-        if resume_state is None and (initial := evaluate_if_due(ctx, eval_examples, 0)) and logger:
+        if resume_state is None and (initial := evaluate_if_due(ctx, eval_examples, loop)) and logger:
             logger.log(0, initial)
             tqdm.write(f"Step 0/{settings.trainer.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
         while not finished(loop, settings.trainer):
             step = loop.step + 1
             before = resumable.snapshot()  # a failing reward checkpoints the state after the last step
+            left = tokens_left(loop, settings.trainer)
             try:
-                samples, metrics = train_step(ctx, step, stream, generator)
+                samples, metrics = train_step(ctx, step, stream, generator, left)
             except RewardError as err:
                 path = saver.save(f"step_{loop.step}", snapshot=before)
                 raise RunAbortedError(
                     f"step {step}: {err}; the state after step {loop.step} is saved in {path}", path
                 ) from err
+            tokens_before = loop.tokens_total
             metrics = advance(loop, step, reduce_metrics(metrics, dist), saver.t_start)
             last = finished(loop, settings.trainer)
-            metrics.update(evaluate_if_due(ctx, eval_examples, step, last))
+            metrics.update(evaluate_if_due(ctx, eval_examples, loop, tokens_before, last))
             progress.update(1)
             log_step(ctx, step, samples, metrics)
             last_metrics = metrics
@@ -429,12 +446,20 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     return last_metrics
 
 
+def tokens_left(loop: LoopState, trainer: TrainerConfig) -> int | None:
+    """What trainer.max_generated_tokens leaves after the steps done (None: no token budget)."""
+    budget = trainer.max_generated_tokens
+    return None if budget is None else budget - loop.tokens_total
+
+
 def finished(loop: LoopState, trainer: TrainerConfig) -> bool:
     """The run's budget is spent: trainer.max_steps steps, or trainer.max_generated_tokens tokens
     generated (every sampled token, kept or dropped: sampling/tokens_total), whichever comes first.
-    The step that crosses the token budget is completed and is the run's last."""
-    budget = trainer.max_generated_tokens
-    return loop.step >= trainer.max_steps or (budget is not None and loop.tokens_total >= budget)
+    The step that reaches the token budget is its last: it samples only what the budget has left
+    (common.sampling.sample_within_budget), so the run ends past the budget by less than one
+    group's rollout.max_new_tokens x G tokens."""
+    left = tokens_left(loop, trainer)
+    return loop.step >= trainer.max_steps or (left is not None and left <= 0)
 
 
 def progress_bar(ctx: RunContext, initial: int) -> tqdm:

@@ -364,11 +364,11 @@ def test_compare_presets_keep_a_weights_only_final_checkpoint():
 def test_addition_5_40_is_the_default_task_with_wider_operands():
     base = OmegaConf.to_container(compose_train().task)
     task = OmegaConf.to_container(compose_train("experiment=compare", "task=addition_5_40").task)
-    assert {**base, "min_operand": 5, "max_operand": 40} == task
+    assert {**base, "min_operand": 5, "max_operand": 40, "num_test": 400} == task
     built = build_task_from(compose_train("task=addition_5_40"))
     # "What is 12 + 37? Put ..." -> 12, 37
     operands = [int(n) for e in built.train + built.test for n in re.findall(r"\d+", e.prompt.split("?")[0])]
-    assert min(operands) == 5 and max(operands) == 40 and len(operands) == 2 * (300 + 100)
+    assert min(operands) == 5 and max(operands) == 40 and len(operands) == 2 * (300 + 400)
 
 
 def test_algorithm_presets_keep_their_own_optimizer_steps_outside_the_comparison():

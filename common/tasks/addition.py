@@ -33,7 +33,10 @@ class AdditionTask(Task):
 
     Train and test never share a problem: the num_train + num_test operand tuples are drawn
     WITHOUT replacement from all (max - min + 1) ** num_operands ordered tuples, so "3 + 5" and
-    "5 + 3" are distinct problems. The draw depends only on `seed`.
+    "5 + 3" are distinct problems. The draw depends only on `seed`. Python's random.sample draws one
+    problem after the other, so a larger num_test appends held-out problems and keeps the training
+    split and the earlier held-out ones, as long as sample() picks the same algorithm for both sizes
+    (it does for operands 5..40 with 300 + 100 and 300 + 400: tests/test_heldout.py).
 
     Args:
         min_operand, max_operand: inclusive operand range (negative operands are shown in
