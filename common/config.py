@@ -129,6 +129,7 @@ class TrainerConfig:
     max_bad_steps: int
     device: str
     num_threads: int | None
+    portable_numerics: bool
     ddp_backend: str
     zero_stage: int
     bf16: bool
@@ -226,6 +227,7 @@ class RolloutConfig:
     gpu_memory_utilization: float
     group_size: int
     max_new_tokens: int
+    min_new_tokens: int
     temperature: float
     top_p: float
     top_k: int
@@ -242,6 +244,12 @@ class RolloutConfig:
         require_option("rollout.prepack_linears", self.prepack_linears, PREPACK_MODES)
         require_option("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "rollout.min_new_tokens",
+            f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}]",
+            self.min_new_tokens,
+        )
         require(self.temperature > 0, "rollout.temperature", "must be > 0", self.temperature)
         require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]", self.top_p)
         require(self.top_k >= 0, "rollout.top_k", "must be >= 0, 0 = off", self.top_k)
@@ -450,6 +458,18 @@ class TrainConfig:
             "(trainer.zero_stage 2 or 3): use float32 or zero_stage 0 / 1",
             self.rollout.dtype,
         )
+        for key, value, fp32 in (
+            ("trainer.bf16", t.bf16, False),
+            ("rollout.dtype", self.rollout.dtype, "float32"),
+            ("rollout.prepack_linears", self.rollout.prepack_linears, "auto"),
+        ):
+            require(
+                not t.portable_numerics or value in (fp32, "never"),
+                key,
+                "trainer.portable_numerics=true pins float32 MKL kernels; bf16 and prepacked linears "
+                "run oneDNN's",
+                value,
+            )
         ds = self.dynamic_sampling
         require(
             ds.mode == "disabled" or self.algorithm.group_relative,

@@ -4,10 +4,15 @@
     python -m scripts.benchmark --steps 3 --out bench.json rollout.group_size=8 trainer.batch_size=4
     python -m scripts.benchmark model=tiny --naive-prompts 1      # seconds, for a quick check
     python -m scripts.benchmark --compare-engines hf,generate,hf:bfloat16 trainer.num_threads=2
+    python -m scripts.benchmark --fixed-length      # every response exactly max_new_tokens (equal work)
+    python -m scripts.benchmark --precision         # + float32 against bf16 (scripts/benchmark_precision.py)
 
 Positional arguments are Hydra overrides of configs/train.yaml, so the benchmark runs exactly the
 code and settings of a training run. It reports, per step (mean over the timed steps, after one
-warm-up step):
+warm-up step;
+--fixed-length sets rollout.min_new_tokens = rollout.max_new_tokens, so every response, the naive
+loop's too, has exactly max_new_tokens tokens and the work per step does not depend on what was
+sampled, as scripts/benchmark_trl.py --fixed-length does for TRL):
   - seconds split into rollout (generation), reward, log-probs (reference and old policy), update;
   - rollout tokens/s (generated tokens) and update tokens/s (all tokens the update's forward and
     backward passes process, prompt included);
@@ -61,6 +66,7 @@ from common.sampling import score_samples
 from common.timing import best_seconds, clock
 from common.trainer import build_batch
 from common.update import add_logprobs_and_values, micro_batch, split_micro_batches, update_policy
+from scripts.benchmark_precision import precision_comparison
 from scripts.benchmark_rollout import (
     RolloutWork,
     engine_comparison,
@@ -121,6 +127,7 @@ def naive_rollout(
                     **enc,
                     do_sample=True,
                     max_new_tokens=max_new_tokens,
+                    min_new_tokens=engine.min_new_tokens,
                     temperature=engine.temperature,
                     top_p=engine.top_p,
                     top_k=engine.top_k,
@@ -246,6 +253,8 @@ def workload_and_machine(
             "prompts": cfg.trainer.batch_size,
             "group_size": cfg.rollout.group_size,
             "max_new_tokens": cfg.rollout.max_new_tokens,
+            "min_new_tokens": cfg.rollout.min_new_tokens,
+            "fixed_length": cfg.rollout.min_new_tokens == cfg.rollout.max_new_tokens,
             "algorithm": cfg.algorithm.name,
             "kl_coef": cfg.algorithm.kl_coef,
             "engine": cfg.rollout.engine,
@@ -263,7 +272,12 @@ def workload_and_machine(
 
 
 def run_benchmark(
-    cfg: DictConfig, steps: int, naive_prompts: int, compare: list[str], compare_repeats: int
+    cfg: DictConfig,
+    steps: int,
+    naive_prompts: int,
+    compare: list[str],
+    compare_repeats: int,
+    precision: bool = False,
 ) -> dict[str, Any]:
     validate(cfg)
     if cfg.trainer.num_threads:
@@ -311,6 +325,8 @@ def run_benchmark(
     result.update(rollout_bounds(cfg, model, [r.rollout_work for r in runs], rollout_s, flops, device))
     prompts = [e.prompt for e in examples]
     result["engine_comparison"] = engine_comparison(cfg, model, tokenizer, prompts, compare, compare_repeats)
+    if precision:  # float32 against bf16 for the update, log-prob and rollout work, interleaved
+        result["precision"] = precision_comparison(model, decode_rows=len(prompts) * cfg.rollout.group_size)
     return result
 
 
@@ -476,12 +492,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "[:<rollout.dtype>], comma-separated (e.g. hf,generate,hf:bfloat16); empty = none",
     )
     parser.add_argument("--compare-repeats", type=int, default=3, help="timed rollouts per engine variant")
+    parser.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="every response exactly rollout.max_new_tokens (rollout.min_new_tokens = max_new_tokens)",
+    )
+    parser.add_argument("--precision", action="store_true", help="add float32 against bf16 timings")
     args = parser.parse_args(argv)
     store_schemas()
+    fixed = ["rollout.min_new_tokens=${rollout.max_new_tokens}"] if args.fixed_length else []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train", overrides=[*WORKLOAD, *args.overrides])
+        cfg = compose("train", overrides=[*WORKLOAD, *fixed, *args.overrides])
     compare = [v for v in args.compare_engines.split(",") if v]
-    result = run_benchmark(cfg, args.steps, args.naive_prompts, compare, args.compare_repeats)
+    result = run_benchmark(cfg, args.steps, args.naive_prompts, compare, args.compare_repeats, args.precision)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"written to {args.out}")

@@ -98,8 +98,11 @@ def step_timer() -> Any:
     return StepTimer()
 
 
-def grpo_config(output_dir: str, steps: int, n_prompts: int, group_size: int, max_new_tokens: int) -> Any:
-    """TRL's GRPOConfig matched to our workload (see the module docstring for each choice)."""
+def grpo_config(
+    output_dir: str, steps: int, n_prompts: int, group_size: int, max_new_tokens: int, min_new_tokens: int = 0
+) -> Any:
+    """TRL's GRPOConfig matched to our workload (see the module docstring for each choice); EOS is
+    masked for the first `min_new_tokens` through generate's min_new_tokens (generation_kwargs)."""
     from trl import GRPOConfig
 
     return GRPOConfig(
@@ -112,6 +115,7 @@ def grpo_config(output_dir: str, steps: int, n_prompts: int, group_size: int, ma
         gradient_accumulation_steps=1,
         num_generations=group_size,
         max_completion_length=max_new_tokens,
+        generation_kwargs={"min_new_tokens": min_new_tokens} if min_new_tokens else None,
         temperature=1.0,
         beta=0.04,
         use_bias_correction_kl=False,
@@ -132,7 +136,9 @@ def grpo_config(output_dir: str, steps: int, n_prompts: int, group_size: int, ma
     )
 
 
-def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) -> dict[str, Any]:
+def run_trl(
+    steps: int, n_prompts: int, group_size: int, max_new_tokens: int, min_new_tokens: int = 0
+) -> dict[str, Any]:
     """Train TRL's GRPOTrainer for 1 + `steps` steps and time each; returns the JSON result."""
     try:
         from datasets import Dataset
@@ -147,7 +153,7 @@ def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) ->
     )
     model, tokenizer = load_policy("smollm2-gguf", dtype="float32")
     output_dir = tempfile.mkdtemp(prefix="benchmark_trl-")  # Trainer wants one; nothing is saved
-    config = grpo_config(output_dir, steps, n_prompts, group_size, max_new_tokens)
+    config = grpo_config(output_dir, steps, n_prompts, group_size, max_new_tokens, min_new_tokens)
     timer = step_timer()
     trainer = GRPOTrainer(
         model=model,
@@ -172,6 +178,8 @@ def run_trl(steps: int, n_prompts: int, group_size: int, max_new_tokens: int) ->
             "prompts": n_prompts,
             "group_size": group_size,
             "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "fixed_length": min_new_tokens == max_new_tokens,
             "algorithm": "grpo (TRL GRPOTrainer, loss_type grpo)",
             "kl_coef": config.beta,
             "timed_steps": steps,
@@ -217,8 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--group-size", type=int, default=4, help="samples per prompt, G (at least 2)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum completion length")
     parser.add_argument("--out", default="benchmark_trl.json", help="where to write the JSON")
+    parser.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="every completion exactly --max-new-tokens (generate's min_new_tokens), as in scripts/benchmark",
+    )
     args = parser.parse_args(argv)
-    result = run_trl(args.steps, args.prompts, args.group_size, args.max_new_tokens)
+    min_new = args.max_new_tokens if args.fixed_length else 0
+    result = run_trl(args.steps, args.prompts, args.group_size, args.max_new_tokens, min_new)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"written to {args.out}")

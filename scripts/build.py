@@ -363,6 +363,7 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
     sampling = dict(
         group_size=r.group_size,
         max_new_tokens=r.max_new_tokens,
+        min_new_tokens=r.min_new_tokens,
         temperature=r.temperature,
         top_p=r.top_p,
         top_k=r.top_k,
@@ -371,7 +372,9 @@ def build_rollout(cfg: DictConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
         dtype=r.dtype,
     )
     if r.engine in ("hf", "decode"):
-        tricks = DecodeTricks(r.prepack_linears, r.preallocated_cache, r.inplace_row_removal, r.shared_prefix)
+        # portable numerics: no choice by timing, which would differ between machines
+        prepack = "never" if cfg.trainer.portable_numerics else r.prepack_linears
+        tricks = DecodeTricks(prepack, r.preallocated_cache, r.inplace_row_removal, r.shared_prefix)
         return make_engine(r.engine, model, tokenizer, tricks=tricks, **sampling)
     if r.engine == "generate":
         return make_engine(r.engine, model, tokenizer, **sampling)

@@ -11,7 +11,8 @@ def workload_row(w: dict[str, Any]) -> tuple[str, str]:
     return (
         "workload",
         f"{w['model']} {w['dtype']}, {w['prompts']} prompts x G={w['group_size']}, "
-        f"{w['max_new_tokens']} new tokens, {w['algorithm']} (kl_coef {w['kl_coef']})",
+        f"{w['max_new_tokens']} new tokens{' (fixed length)' if w.get('fixed_length') else ''}, "
+        f"{w['algorithm']} (kl_coef {w['kl_coef']})",
     )
 
 

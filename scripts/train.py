@@ -51,6 +51,7 @@ from common.distributed import (
 )
 from common.logging import LogWriteError, RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
+from common.numerics import pin_portable_numerics
 from common.provenance import record_start
 from common.rollout.base import PromptTooLongError
 from common.rollout.engine import RolloutEngine
@@ -339,6 +340,8 @@ def main(cfg: DictConfig) -> float:
         warn_unread_overrides(cfg, HydraConfig.get().overrides.task)
         if cfg.trainer.num_threads is None:  # recorded in the run's config like a setting
             cfg.trainer.num_threads = sweep_num_threads(HydraConfig.get(), len(os.sched_getaffinity(0)))
+        if cfg.trainer.portable_numerics:  # before the first tensor operation, where the kernels are chosen
+            pin_portable_numerics(cfg.trainer.num_threads)
         return objective(run(cfg, run_dir), cfg.objective)
     except (ConfigError, ModelLoadError, TaskError, CheckpointError, DistributedError) as err:
         return failed(f"error: {err}", 2)

@@ -248,3 +248,45 @@ def test_trl_benchmark_reads_the_workload_task_and_reward():
         answer=[example.answer] * 2,
     )
     assert scores == pytest.approx([1.1, 0.0])
+
+
+def test_fixed_length_benchmark_generates_exactly_max_new_tokens_per_response(tmp_path, cache_dir):
+    """--fixed-length: 2 prompts x G=4 x 6 tokens = 48 generated tokens in every timed step and in each
+    engine of the comparison, and the JSON and table say it was that workload (the random tiny model
+    rarely samples EOS anyway: that the engines mask it is tests/test_rollout_min_new_tokens.py's)."""
+    out = tmp_path / "bench.json"
+    result = main(
+        [
+            "model=tiny",
+            "rollout.max_new_tokens=6",
+            "trainer.batch_size=2",
+            f"paths.cache_dir={cache_dir}",
+            "--fixed-length",
+            "--precision",
+            *("--steps", "1", "--naive-prompts", "1", "--compare-engines", "hf,generate"),
+            *("--compare-repeats", "1", "--out", str(out)),
+        ]
+    )
+    assert result["workload"]["fixed_length"] and result["workload"]["min_new_tokens"] == 6
+    assert result["generated_tokens_per_step"] == 2 * 4 * 6
+    assert all(e["tokens"] == 2 * 4 * 6 for e in result["engine_comparison"]["engines"].values())
+    assert "(fixed length)" in format_table(result)
+    assert result["precision"].keys() == {"update", "logprob", "rollout"}  # --precision's block
+
+
+def test_precision_benchmark_times_float32_and_bf16_of_each_kind_of_work(tmp_path, cache_dir):
+    """scripts/benchmark_precision.py on the tiny model: update, log-prob and rollout each timed in
+    float32 and bf16, the ratio their quotient, and the machine's numerics recorded (no timing asserts)."""
+    from scripts.benchmark_precision import main as precision_main
+
+    out = tmp_path / "precision.json"
+    result = precision_main(
+        ["model=tiny", f"paths.cache_dir={cache_dir}", "--rows", "2", "--tokens", "8", "--repeats", "1"]
+        + ["--out", str(out)]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["precision"].keys() == {"update", "logprob", "rollout"}
+    for r in saved["precision"].values():
+        assert r["float32_s"] > 0 and r["bf16_s"] > 0
+        assert r["float32_over_bf16"] == pytest.approx(r["float32_s"] / r["bf16_s"])
+    assert "digest" in saved["machine"]["numerics"] and result["workload"]["rows"] == 2

@@ -146,6 +146,12 @@ def test_bad_settings_fail_naming_the_key(override, key):
         (("trainer.keep_last_checkpoints=-2",), "trainer.keep_last_checkpoints: must be >= 0"),
         (("trainer.num_threads=0",), "trainer.num_threads: must be >= 1 or null (got 0)"),
         (("rollout.max_prompt_len=0",), "rollout.max_prompt_len: must be >= 1 (got 0)"),
+        (("rollout.min_new_tokens=49",), "rollout.min_new_tokens: must be in [0, rollout.max_new_tokens=48]"),
+        (("trainer.portable_numerics=true", "trainer.bf16=true"), "trainer.bf16: trainer.portable_numerics"),
+        (
+            ("trainer.portable_numerics=true", "rollout.prepack_linears=always"),
+            "rollout.prepack_linears: trainer.portable_numerics=true pins float32 MKL kernels",
+        ),
         (("rollout.gpu_memory_utilization=1.5",), "rollout.gpu_memory_utilization: must be in (0, 1)"),
         (("seed=-1",), "seed: must be in [0, 2**32) (got -1)"),
         (("algorithm=dapo", "algorithm.overlong_factor=-1"), "algorithm.overlong_factor: must be >= 0"),

@@ -62,6 +62,11 @@ class BaseRollout:
         model, tokenizer: from `common.models.load_policy` (left padding, pad token set).
         group_size: G, responses per prompt.
         max_new_tokens: response budget in tokens, EOS included.
+        min_new_tokens: EOS cannot be sampled before this many tokens (its logit masked to -inf, as
+            transformers' MinNewTokensLengthLogitsProcessor does; vLLM: min_tokens); 0 = off. Sampling
+            only: greedy decoding (evaluation) stops at EOS. min = max gives every response exactly
+            max_new_tokens (equal work for benchmarks); the rollout log-probs are then those of the
+            masked distribution the tokens were drawn from.
         temperature, top_p, top_k: sampling; top_p = 1.0 and top_k = 0 switch those filters off.
         system_prompt: system message; None keeps the chat template's default.
         max_prompt_len: longest prompt in tokens after the chat template; None = context - max_new_tokens.
@@ -86,9 +91,14 @@ class BaseRollout:
         system_prompt: str | None = None,
         max_prompt_len: int | None = None,
         dtype: str = "float32",
+        min_new_tokens: int = 0,
     ) -> None:
         if group_size < 1 or max_new_tokens < 1:
             raise ValueError(f"group_size ({group_size}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({min_new_tokens}) must be in [0, max_new_tokens ({max_new_tokens})]"
+            )
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use do_sample=False")
         if tokenizer.padding_side != "left":
@@ -99,6 +109,7 @@ class BaseRollout:
         self.tokenizer = tokenizer
         self.group_size = group_size
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
         self.temperature = temperature
         self.top_p = top_p
         self.top_k = top_k
@@ -115,6 +126,11 @@ class BaseRollout:
         """The module to sample with, for one rollout: the policy (outside DDP), or its copy in
         self.dtype (`weights_in`)."""
         return weights_in(unwrap(self.model), ROLLOUT_DTYPES[self.dtype])
+
+    def min_tokens(self, do_sample: bool, max_new_tokens: int) -> int:
+        """The tokens before which EOS is masked in this generation: min_new_tokens when sampling
+        (at most max_new_tokens), 0 when greedy."""
+        return min(self.min_new_tokens, max_new_tokens) if do_sample else 0
 
     def format_prompts(self, prompts: list[str]) -> list[str]:
         """Chat-template each user prompt, ending with the assistant header (add_generation_prompt)."""

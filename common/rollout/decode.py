@@ -178,6 +178,7 @@ def decode(
     pad_token_id: int,
     sampler: Callable[[Tensor], tuple[Tensor, Tensor]],
     in_place: bool = True,
+    min_new_tokens: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Sample the responses of all rows in one batched loop, one token per step; a row that samples
     EOS leaves the batch (its cache rows go too; with `in_place`, an unfinished row from the end of
@@ -192,6 +193,8 @@ def decode(
         logits: (N, V) next-token logits after the prompt.
         attention_mask: (N, P) the mask of the cached prompt tokens (`prefill`), padding 0.
         sampler: logits (n, V) -> tokens (n,) and their log-probs (n,), e.g. a TokenSampler.
+        min_new_tokens: EOS's logit is -inf at the steps before this one (transformers'
+            MinNewTokensLengthLogitsProcessor), so no row ends before it.
     Returns:
         (N, T) response ids, T = the longest response (<= max_new_tokens), each row padded with
         pad_token_id after its EOS; (N, T) float32 log-probs of the sampled tokens under the
@@ -205,6 +208,8 @@ def decode(
     position = mask.sum(dim=1, keepdim=True)  # (n, 1) position of the next token
     width = 0
     for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits = logits.index_fill(1, logits.new_tensor([eos_token_id], dtype=torch.long), -torch.inf)
         token, logprob = sampler(logits)  # (n,), (n,)
         out[live, t], out_logprob[live, t] = token, logprob
         width = t + 1
@@ -310,6 +315,7 @@ class DecodeRollout(BaseRollout):
                 pad_token_id=self.pad_token_id,
                 sampler=sampler,
                 in_place=in_place,
+                min_new_tokens=self.min_tokens(sampler.do_sample, max_new_tokens),
             )
 
 

@@ -26,11 +26,13 @@ class GenerateRollout(BaseRollout):
     """G responses per prompt from `model.generate` in one batched call. Arguments: BaseRollout's."""
 
     def generation_config(self, do_sample: bool, max_new_tokens: int) -> GenerationConfig:
-        """Sampling at the temperature with top-k / top-p (0 / 1.0 switch them off), or greedy."""
+        """Sampling at the temperature with top-k / top-p (0 / 1.0 switch them off) and EOS masked for
+        the first min_new_tokens (`min_tokens`), or greedy."""
         sampling = dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p) if do_sample else {}
         return GenerationConfig(
             do_sample=do_sample,
             max_new_tokens=max_new_tokens,
+            min_new_tokens=self.min_tokens(do_sample, max_new_tokens),
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,

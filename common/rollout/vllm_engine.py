@@ -121,6 +121,7 @@ class VLLMRollout(BaseRollout):
         params = self._vllm.SamplingParams(
             n=G,
             max_tokens=max_new_tokens,
+            min_tokens=self.min_tokens(do_sample, max_new_tokens),
             temperature=self.temperature if do_sample else 0.0,
             top_p=self.top_p if do_sample else 1.0,
             top_k=self.top_k if (do_sample and self.top_k > 0) else -1,
