@@ -4,13 +4,32 @@ rewritten by a read, runs of different settings pooled as seeds, and failed jobs
 
 from __future__ import annotations
 
-import pytest
-from omegaconf import OmegaConf
+import re
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+import common.trainer as trainer_module
+import scripts.train as train_module
+from common.checkpoint import COMPLETE_FILE
 from common.config import ConfigError
-from scripts.build import validate
+from common.models import ModelLoadError, load_policy, save_hf
+from common.rewards import RewardError, score_responses
+from common.rollout.sampler import NonFiniteLogitsError, TokenSampler
+from common.state import RunAbortedError
+from common.tasks import CharShareTask, Example
+from common.tasks.base import checked_score
+from scripts.build import build_policy, validate
+from scripts.eval import main as eval_main
+from scripts.train import run
 from tests.conftest import TINY_RUN, compose_train
 from tests.test_cli import train_cli
+from tests.test_resume import read_metrics
 
 
 @pytest.mark.parametrize(
@@ -61,3 +80,178 @@ def test_added_key_on_the_command_line_is_one_line_and_hydra_keys_still_work(tmp
     )
     assert good.returncode == 0, good.stderr[-2000:]
     assert (tmp_path / "good" / "metrics.jsonl").is_file()
+
+
+# --- rewards: a finite number in the task's range, or an error -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "score, expected",
+    [(1, 1.0), (True, 1.0), (0.25, 0.25), (np.float32(0.5), 0.5), (0, 0.0)],
+)
+def test_checked_score_takes_real_numbers_in_range(score, expected):
+    assert checked_score(score, (0.0, 1.0)) == expected
+
+
+@pytest.mark.parametrize(
+    "score, why",
+    [
+        ("0.5", "'0.5' of type str, not a number"),  # a string is not parsed into a reward
+        (None, "None of type NoneType, not a number"),
+        (374.17, "374.17, outside the task's range [0.0, 1.0]"),
+        (-0.5, "-0.5, outside the task's range [0.0, 1.0]"),
+        (float("nan"), "nan, outside"),
+        (float("inf"), "inf, outside"),
+    ],
+)
+def test_checked_score_refuses_anything_else(score, why):
+    with pytest.raises(ValueError, match=re.escape(f"verifier returned {why}")):
+        checked_score(score, (0.0, 1.0))
+
+
+class ScoreTask(CharShareTask):
+    """char_share whose verifier returns the response text as its score ("0.5" stays a string)."""
+
+    def correctness(self, response, example):
+        return {"num": 0.5, "str": "0.5", "big": 374.17}[response]
+
+
+def test_a_score_out_of_range_or_of_the_wrong_type_is_a_reward_error():
+    task, ex = ScoreTask(), Example("p", "a")
+    result = score_responses(task, ["num", "str", "big"], [ex] * 3, format_weight=0.0)
+    # only "num" counts: 0.5; the others score 0 and are errors
+    assert result.correct.tolist() == [0.5, 0.0, 0.0] and result.errors == 2
+    assert "ValueError: verifier returned '0.5' of type str" in result.error_messages[0]
+    with pytest.raises(RewardError, match=r"sample 2: ValueError: verifier returned 374.17, outside"):
+        score_responses(task, ["num", "num", "big"], [ex] * 3, format_weight=0.0, fail_fast=True)
+
+
+def test_a_run_whose_every_reward_fails_stops_in_one_line(tmp_path, cache_dir, monkeypatch):
+    # without fail_on_reward_error: a reward that is never valid is not a run that trains on zeros
+    monkeypatch.setattr(CharShareTask, "correctness", lambda self, response, example: 374.17)
+    cfg = compose_train(*TINY_RUN, "trainer.max_steps=3", f"paths.cache_dir={cache_dir}")
+    message = (
+        r"^step 1: reward function failed on every sample of the rollout, the first: sample 0: ValueError: "
+        r"verifier returned 374.17, outside the task's range \[0.0, 1.0\] .*the state after step 0 is saved"
+    )
+    with pytest.raises(RunAbortedError, match=message):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() or read_metrics(tmp_path) == {}
+
+
+def fails_on_held_out_prompts(monkeypatch) -> None:
+    """char_share's verifier raising inside held-out evaluation only (training rewards are fine)."""
+    original, original_evaluate = CharShareTask.correctness, trainer_module.evaluate
+    in_eval = {"on": False}
+
+    def evaluate(*args, **kwargs):
+        in_eval["on"] = True
+        try:
+            return original_evaluate(*args, **kwargs)
+        finally:
+            in_eval["on"] = False
+
+    def correctness(self, response, example):
+        if in_eval["on"]:
+            raise KeyError("held-out field")
+        return original(self, response, example)
+
+    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    monkeypatch.setattr(CharShareTask, "correctness", correctness)
+
+
+def test_reward_errors_in_evaluation_are_counted(tmp_path, cache_dir, monkeypatch):
+    fails_on_held_out_prompts(monkeypatch)
+    eval_every = ("trainer.eval_every=2", "trainer.eval_num_prompts=3")
+    run(
+        compose_train(*TINY_RUN, *eval_every, "trainer.max_steps=2", f"paths.cache_dir={cache_dir}"), tmp_path
+    )
+    rows = read_metrics(tmp_path)
+    # steps 0 and 2 evaluate 3 prompts each, every one an error (scored 0: accuracy 0)
+    assert [rows[s]["eval/reward_errors"] for s in (0, 2)] == [3, 3]
+    assert rows[2]["eval/accuracy"] == 0.0 and "eval/reward_errors" not in rows[1]
+
+
+def test_reward_errors_in_evaluation_under_fail_on_reward_error_stop_with_a_checkpoint(
+    tmp_path, cache_dir, monkeypatch
+):
+    fails_on_held_out_prompts(monkeypatch)
+    overrides = ("trainer.eval_every=2", "trainer.eval_num_prompts=3", "trainer.fail_on_reward_error=true")
+    cfg = compose_train(*TINY_RUN, *overrides, "trainer.max_steps=4", f"paths.cache_dir={cache_dir}")
+    message = r"^step 0: held-out evaluation: the reward function failed on 3 prompt\(s\) .*step_0$"
+    with pytest.raises(RunAbortedError, match=message) as info:
+        run(cfg, tmp_path)
+    assert info.value.path == tmp_path / "checkpoints" / "step_0"
+    assert (info.value.path / COMPLETE_FILE).is_file()
+
+
+# --- non-finite logits and unreadable weights -------------------------------------------------------
+
+
+def test_sampler_refuses_non_finite_logits_before_drawing():
+    logits = torch.zeros(3, 100)
+    logits[1, 96] = float("nan")
+    for do_sample in (True, False):
+        with pytest.raises(NonFiniteLogitsError, match="NaN or an infinity in 1 of 3 rows"):
+            TokenSampler(do_sample)(logits)
+    masked = torch.zeros(2, 5)
+    masked[:, 0] = float("-inf")  # a masked token beside finite ones is a distribution
+    assert TokenSampler(True)(masked)[0].ne(0).all()
+
+
+def test_non_finite_logits_stop_the_run_naming_the_step(tmp_path, cache_dir, monkeypatch):
+    def nan_policy(cfg):
+        model, tokenizer = build_policy(cfg)
+        with torch.no_grad():
+            model.lm_head.weight[5, 0] = float("nan")  # after loading, which refuses such weights
+        return model, tokenizer
+
+    monkeypatch.setattr(train_module, "build_policy", nan_policy)
+    cfg = compose_train(*TINY_RUN, "trainer.max_steps=2", f"paths.cache_dir={cache_dir}")
+    message = r"^step 1: the policy's next-token logits hold a NaN or an infinity in \d+ of 8 rows$"
+    with pytest.raises(RunAbortedError, match=message) as info:
+        run(cfg, tmp_path)
+    assert info.value.path is None  # nothing to resume from: no checkpoint of such a policy
+
+
+@pytest.fixture(scope="module")
+def hub_folder(cache_dir, tmp_path_factory):
+    model, tokenizer = load_policy("tiny", cache_dir=cache_dir)
+    return save_hf(model, tokenizer, tmp_path_factory.mktemp("hub") / "model")
+
+
+def copy_with(folder: Path, target: Path, change) -> Path:
+    shutil.copytree(folder, target)
+    change(target / "model.safetensors")
+    return target
+
+
+def truncate(weights: Path) -> None:
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+
+
+def nan_weight(weights: Path) -> None:
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def test_hub_model_with_a_truncated_or_non_finite_weights_file_is_one_line(hub_folder, tmp_path):
+    truncated = copy_with(hub_folder, tmp_path / "truncated", truncate)
+    with pytest.raises(ModelLoadError, match=r"^cannot load .*truncated' as a local directory: Error while"):
+        load_policy("hub", name_or_path=str(truncated))
+    nan = copy_with(hub_folder, tmp_path / "nan", nan_weight)
+    message = r"nan: the weight model.layers.0.mlp.up_proj.weight holds a NaN or an infinity; use an earlier"
+    with pytest.raises(ModelLoadError, match=message):
+        load_policy("hub", name_or_path=str(nan))
+
+
+def test_train_and_eval_on_a_truncated_weights_file_are_one_line(hub_folder, tmp_path, cache_dir):
+    truncated = copy_with(hub_folder, tmp_path / "truncated", truncate)
+    with pytest.raises(SystemExit, match=r"^error: cannot load .*truncated' as a local directory"):
+        eval_main([str(truncated), "--num-prompts", "2", "--k", "1", "--max-new-tokens", "4"])
+    args = ("model=hub", f"model.name_or_path={truncated}", "task=char_share", "logger=none")
+    result = train_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cache_dir=cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load ")
