@@ -4,8 +4,12 @@ rewritten by a read, runs of different settings pooled as seeds, and failed jobs
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +28,14 @@ from common.rollout.sampler import NonFiniteLogitsError, TokenSampler
 from common.state import RunAbortedError
 from common.tasks import CharShareTask, Example
 from common.tasks.base import checked_score
+from scripts import archive, compare, refresh_results
 from scripts.build import build_policy, validate
+from scripts.comparison.runs import find_runs
 from scripts.eval import main as eval_main
 from scripts.train import run
-from tests.conftest import TINY_RUN, compose_train
+from tests.conftest import ROOT, TINY_RUN, compose_train
 from tests.test_cli import train_cli
+from tests.test_compare import write_run
 from tests.test_resume import read_metrics
 
 
@@ -255,3 +262,92 @@ def test_train_and_eval_on_a_truncated_weights_file_are_one_line(hub_folder, tmp
     result = train_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cache_dir=cache_dir)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load ")
+
+
+# --- tools that write: the results archive and scripts.compare --------------------------------------
+
+EXPERIMENTS = sorted(p.name for p in (ROOT / "docs" / "results").iterdir() if p.is_dir())
+
+
+def git_status(path: Path) -> str:
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--", str(path)], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_compare_on_an_archive_reproduces_its_published_table_and_writes_nothing_tracked(experiment):
+    folder = ROOT / "docs" / "results" / experiment
+    before = git_status(folder)
+    command = [sys.executable, "-m", "scripts.compare", f"docs/results/{experiment}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert git_status(folder) == before  # the published comparison.md / .png untouched
+    written = ROOT / "outputs" / "compare" / experiment / "comparison.md"
+    assert f"wrote {written.relative_to(ROOT)}" in result.stdout
+    # at the archive's recorded threshold, the table is the published one
+    assert written.read_text(encoding="utf-8") == (folder / "comparison.md").read_text(encoding="utf-8")
+
+
+def test_each_archive_records_the_options_its_quoted_tables_use():
+    quoted = refresh_results.quoted_experiments()
+    assert sorted(quoted) == [f"docs/results/{e}" for e in EXPERIMENTS]
+    for folder, args in quoted.items():
+        marker, recorded = compare.parse_args(shlex.split(args)), compare.parse_args([str(ROOT / folder)])
+        assert (marker.threshold, marker.bootstrap_reps, marker.seed) == (
+            recorded.threshold,
+            recorded.bootstrap_reps,
+            recorded.seed,
+        ), folder
+
+
+def finished_run(root: Path, seed: int, **config: object) -> Path:
+    """A finished grpo run under `root` as scripts.train leaves it, with `config` keys changed."""
+    run_dir = write_run(root, "grpo", seed, steps=2, accuracy={0: 0.2, 2: 0.4}, tokens_per_step=10,
+                        step_s=1, kl_per_step=None)  # fmt: skip
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    for key, value in config.items():
+        OmegaConf.update(saved, key, value)
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    (run_dir / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+    return run_dir
+
+
+def test_archive_records_the_threshold_that_compare_then_uses(tmp_path):
+    to = tmp_path / "results" / "exp"
+    archive.archive([finished_run(tmp_path / "a", 0)], to, threshold=0.35)
+    assert json.loads((to / "compare.json").read_text()) == {
+        "threshold": 0.35,
+        "bootstrap_reps": 10_000,
+        "seed": 0,
+    }
+    archive.archive([finished_run(tmp_path / "b", 1)], to)  # a later seed keeps the recorded threshold
+    assert compare.parse_args([str(to)]).threshold == 0.35
+    assert compare.parse_args([str(to), "--threshold", "0.9"]).threshold == 0.9  # a flag wins
+    assert compare.parse_args([str(tmp_path / "a")]).threshold == 0.6  # run folders: the default
+    assert compare.default_out([str(to)], None) == Path("outputs") / "compare" / "exp"
+    assert compare.default_out([str(tmp_path / "a")], None) == tmp_path / "a"
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_archive_refuses_two_runs_of_one_arm_and_seed_in_one_call(tmp_path, replace):
+    first, second = finished_run(tmp_path / "a", 3), finished_run(tmp_path / "b", 3)
+    with pytest.raises(SystemExit, match=r"^archive: .* and .* are both grpo-s3 \(arm grpo, seed 3\)"):
+        archive.archive([tmp_path / "a", tmp_path / "b"], tmp_path / "to", replace=replace)
+    assert not (tmp_path / "to" / "grpo-s3").exists() and first != second
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("experiment_name", "other"),
+        ("optim.lr", 0.01),
+        ("model.name", "smollm2-135m"),
+        ("trainer.max_steps", 9),
+    ],
+)
+def test_compare_refuses_to_pool_runs_of_different_settings_as_seeds(tmp_path, key, value):
+    finished_run(tmp_path / "runs", 0, **{"optim.lr": 1e-5, "trainer.max_steps": 2})
+    finished_run(tmp_path / "runs", 1, **{"optim.lr": 1e-5, "trainer.max_steps": 2, key: value})
+    with pytest.raises(SystemExit, match=rf"^compare: arm grpo mixes runs of different settings: {key} is "):
+        find_runs([tmp_path / "runs"])
