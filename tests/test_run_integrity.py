@@ -32,9 +32,10 @@ from scripts import archive, compare, refresh_results
 from scripts.build import build_policy, validate
 from scripts.comparison.runs import find_runs
 from scripts.eval import main as eval_main
+from scripts.sweeps import FAILED_FILE
 from scripts.train import run
 from tests.conftest import ROOT, TINY_RUN, compose_train
-from tests.test_cli import train_cli
+from tests.test_cli import cli_env, train_cli
 from tests.test_compare import write_run
 from tests.test_resume import read_metrics
 
@@ -351,3 +352,34 @@ def test_compare_refuses_to_pool_runs_of_different_settings_as_seeds(tmp_path, k
     finished_run(tmp_path / "runs", 1, **{"optim.lr": 1e-5, "trainer.max_steps": 2, key: value})
     with pytest.raises(SystemExit, match=rf"^compare: arm grpo mixes runs of different settings: {key} is "):
         find_runs([tmp_path / "runs"])
+
+
+# --- entry points: the trainer as a file, and a sweep with failed jobs ------------------------------
+
+
+def test_train_py_run_as_a_file_works(tmp_path, cache_dir):
+    # a config error is reported after every import of the entry point (it read "No module named 'common'")
+    command = [
+        sys.executable,
+        "scripts/train.py",
+        *TINY_RUN,
+        "trainer.max_step=3",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=cli_env(cache_dir), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == "error: trainer.max_step: not a key of trainer (got 3)"
+
+
+def test_a_sweep_with_failed_jobs_lists_them_and_exits_non_zero(tmp_path, cache_dir):
+    sweep = ("-m", *TINY_RUN, "trainer.max_steps=1", "trainer.num_threads=1", "optim.lr=1e-5,-1")
+    result = train_cli(*sweep, f"hydra.sweep.dir={tmp_path}", cache_dir=cache_dir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "error: 1 job(s) of the sweep failed"
+    job = tmp_path / "grpo-char_share-s0-1"  # the second job's folder
+    assert lines[-2] == f"failed: {job}: error: optim.lr: must be > 0 (got -1.0)"
+    assert len(list(tmp_path.rglob("metrics.jsonl"))) == 1  # the other job ran to its end
+    # the same sweep without a failure exits 0 and leaves no failure record
+    ok = train_cli(*sweep[:-1], "optim.lr=1e-5", f"hydra.sweep.dir={tmp_path / 'ok'}", cache_dir=cache_dir)
+    assert ok.returncode == 0 and not list((tmp_path / "ok").rglob(FAILED_FILE)), ok.stderr[-3000:]
