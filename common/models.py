@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -48,6 +49,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from common.finite import first_non_finite
 
 SOURCES = ("smollm2-gguf", "tiny", "hub")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -220,7 +223,7 @@ def _load_hub(name_or_path: str | None, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a truncated weights file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         where = "local directory" if path.exists() else "hub id (not found, or offline and not cached)"
         raise ModelLoadError(f"cannot load {name_or_path!r} as a {where}: {reason}") from err
@@ -251,7 +254,8 @@ def load_policy(
         pad token (eos when the tokenizer has none).
 
     Raises:
-        ModelLoadError: unknown source or dtype, package not installed, missing path or unknown id.
+        ModelLoadError: unknown source or dtype, package not installed, missing path or unknown id,
+            an unreadable (e.g. truncated) weights file, a weight holding a NaN or an infinity.
     """
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; expected one of: {', '.join(DTYPES)}")
@@ -272,6 +276,10 @@ def load_policy(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(torch_dtype)
+    if (bad := first_non_finite(model.named_parameters())) is not None:  # its samples would be noise
+        where = name_or_path if source == "hub" else source
+        why = "holds a NaN or an infinity; use an earlier checkpoint"
+        raise ModelLoadError(f"{where}: the weight {bad} {why}")
     model.generation_config = _generation_config(tokenizer, model)
     model.train()
     return model, tokenizer

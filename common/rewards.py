@@ -11,13 +11,12 @@ holds no model and no tensors other than its results.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from common.tasks.base import Example, Task
+from common.tasks.base import Example, Task, checked_score
 
 # characters of a prompt or response quoted in a reward error message
 EXCERPT_CHARS = 60
@@ -74,8 +73,9 @@ def score_responses(
         total_i   = correct_i + format_weight * format_i
 
     The caller expands prompts in group order ([q1]*G + [q2]*G + ...), so examples has one entry
-    per response, not one per prompt. A verifier that raises, or returns a non-finite score, on
-    one sample costs only that sample: it scores 0 on every term, is counted in `errors` and
+    per response, not one per prompt. A verifier that raises, or returns anything but a finite
+    number inside the task's `score_range` (common.tasks.base.checked_score), on one sample costs
+    only that sample: it scores 0 on every term, is counted in `errors` and
     described in `error_messages`, and grading goes on. With fail_fast=True the first such
     failure is raised instead, as a RewardError naming the sample index.
 
@@ -95,9 +95,7 @@ def score_responses(
     error_messages = []
     for i, (response, example) in enumerate(zip(responses, examples, strict=True)):
         try:
-            score = float(task.correctness(response, example))
-            if not math.isfinite(score):
-                raise ValueError(f"verifier returned {score}")
+            score = checked_score(task.correctness(response, example), task.score_range)
             has_format = bool(task.has_format(response))
             answer = task.extract_answer(response)
         except Exception as exc:

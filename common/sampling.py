@@ -120,13 +120,15 @@ def score_samples(
 
 def check_reward_errors(samples: Samples | None, settings: RunSettings, dist: DistContext = SINGLE) -> None:
     """trainer.fail_on_reward_error: raise RewardError naming the first sample whose reward function
-    raised in `samples` (this rank's latest scored rollout; None: none this round). Data parallel:
-    a collective, so every rank raises together at the same point of the step."""
-    if not settings.trainer.fail_on_reward_error:
-        return
+    raised in `samples` (this rank's latest scored rollout; None: none this round). Whatever the
+    setting, a rollout whose every reward failed raises too: there is nothing to learn from. Data
+    parallel: a collective, so every rank raises together at the same point of the step."""
     message = samples.error_messages[0] if samples is not None and samples.errors else None
-    if dist.any(message is not None):
+    if settings.trainer.fail_on_reward_error and dist.any(message is not None):
         raise RewardError(f"reward function raised on sample {message or 'of another data-parallel rank'}")
+    if dist.any(samples is not None and samples.errors == len(samples.rollout) > 0):
+        first = message or "of another data-parallel rank"
+        raise RewardError(f"reward function failed on every sample of the rollout, the first: sample {first}")
 
 
 def generate_and_score(

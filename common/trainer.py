@@ -59,6 +59,7 @@ from common.evaluation import evaluation_due, held_out_metrics
 from common.logging import RunLogger, peak_rss_mb
 from common.rewards import RewardError
 from common.rollout.engine import RolloutEngine
+from common.rollout.sampler import NonFiniteLogitsError
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
 from common.state import (
     CheckpointWriteError,
@@ -271,7 +272,10 @@ def evaluate_if_due(
         return {}
     t = time.perf_counter()
     with gathered([ctx.model], ctx.dist):  # every rank decodes its share of the held-out prompts
-        metrics = held_out_metrics(ctx.engine, ctx.task, examples, settings, ctx.dist)
+        try:
+            metrics = held_out_metrics(ctx.engine, ctx.task, examples, settings, ctx.dist)
+        except NonFiniteLogitsError as err:
+            raise RunAbortedError(f"step {loop.step}: held-out evaluation: {err}") from err
     metrics["eval/tokens"] = loop.tokens_total
     metrics["perf/eval_s"] = time.perf_counter() - t
     return metrics
@@ -375,6 +379,20 @@ def check_bad_steps(saver: Checkpointer, step: int) -> None:
     raise RunAbortedError(f"{why}; the last good state is saved in {path}", path)
 
 
+def check_eval_reward_errors(saver: Checkpointer, step: int, metrics: dict[str, float]) -> None:
+    """trainer.fail_on_reward_error in held-out evaluation as in training: a reward error there
+    (eval/reward_errors > 0) saves the state after `step` and raises RunAbortedError."""
+    errors = metrics.get("eval/reward_errors", 0)
+    if not (errors and saver.ctx.settings.trainer.fail_on_reward_error):
+        return
+    path = saver.save(f"step_{step}")
+    raise RunAbortedError(
+        f"step {step}: held-out evaluation: the reward function failed on {errors} prompt(s) (the first in "
+        f"the warning above; trainer.fail_on_reward_error); the state after step {step} is saved in {path}",
+        path,
+    )
+
+
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
     """Run until the budget is spent (see `finished`: trainer.max_steps steps or
     trainer.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
@@ -407,9 +425,11 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     last_metrics: dict[str, float] = {}
     with StopRequest() as stop, progress_bar(ctx, loop.step) as progress:
         # a resumed run logged its step 0 already (a checkpoint at step 0 is a failed first step's)
-        if resume_state is None and (initial := evaluate_if_due(ctx, eval_examples, loop)) and logger:
+        initial = evaluate_if_due(ctx, eval_examples, loop) if resume_state is None else {}
+        if initial and logger:
             logger.log(0, initial)
             tqdm.write(f"Step 0/{settings.trainer.max_steps} | eval accuracy {initial['eval/accuracy']:.3f}")
+        check_eval_reward_errors(saver, 0, initial)
         while not finished(loop, settings.trainer):
             step = loop.step + 1
             before = resumable.snapshot()  # a failing reward checkpoints the state after the last step
@@ -421,12 +441,15 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
                 raise RunAbortedError(
                     f"step {step}: {err}; the state after step {loop.step} is saved in {path}", path
                 ) from err
+            except NonFiniteLogitsError as err:  # nothing to sample from: no checkpoint of such a policy
+                raise RunAbortedError(f"step {step}: {err}") from err
             tokens_before = loop.tokens_total
             metrics = advance(loop, step, reduce_metrics(metrics, dist), saver.t_start)
             last = finished(loop, settings.trainer)
             metrics.update(evaluate_if_due(ctx, eval_examples, loop, tokens_before, last))
             progress.update(1)
             log_step(ctx, step, samples, metrics)
+            check_eval_reward_errors(saver, step, metrics)
             last_metrics = metrics
             # 5. faults: a step whose every update was non-finite changed nothing; K in a row end the run
             loop.bad_steps = loop.bad_steps + 1 if failed_update(samples, metrics) else 0

@@ -130,10 +130,30 @@ def validate(cfg: DictConfig) -> None:
     as the composed config becomes its dataclasses."""
     require_option("algorithm.name", cfg.algorithm.name, list(ALGORITHMS))
     try:
+        require_known_keys(cfg)
         require_finite(cfg)
         OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         raise as_config_error(err) or ConfigError(str(err).splitlines()[0]) from err
+
+
+def require_known_keys(node: DictConfig, prefix: str = "") -> None:
+    """Raise ConfigError for a key that no schema reads: `+trainer.max_step=3`, `++rollout.temprature=0.1`
+    or `+foo=1` add a key to a typed section (Hydra's `+` opens the struct flag that refuses a plain
+    `trainer.max_step=3`), where nothing would read it. Sections typed as a free mapping (model.tiny,
+    the tiny model's config) stay open; Hydra's own node (`hydra`, with its `+hydra...` keys) is not a
+    schema's and is skipped."""
+    schema = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        if not prefix and key == "hydra":
+            continue
+        name = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"{name}: not a key of {where} (got {node[key]})")
+        if not OmegaConf.is_missing(node, key) and isinstance(child := node[key], DictConfig):
+            require_known_keys(child, f"{name}.")
 
 
 def check_bool_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:

@@ -10,8 +10,15 @@ A run is any folder holding `metrics.jsonl` next to `.hydra/config.yaml` (what `
 scripts.train` writes) or next to `config.yaml` (an archived run, scripts/archive.py), found
 recursively under each PATH. Runs are grouped by their arm (config key `arm`: the algorithm, or a
 named variant such as drgrpo or a rung of the DAPO ablation); when runs of one arm differ in
-`rollout.group_size`, each group size gets its own label (`grpo-G4`, `grpo-G16`). Writes into --out
-(default: the first PATH):
+`rollout.group_size`, each group size gets its own label (`grpo-G4`, `grpo-G16`); runs of one arm that
+differ in a setting that defines the run (experiment, model, task, learning rate, budget:
+scripts/comparison/runs.py DEFINING_KEYS) are refused, not pooled as seeds.
+
+An archive folder (docs/results/<experiment>/) records the options its published tables were made
+with in compare.json (scripts/archive.py --threshold): they are the defaults when it is the first
+PATH, so `python -m scripts.compare docs/results/<experiment>` reproduces the published files. Writes
+into --out; by default the first PATH, except an archive's (tracked, published) folder, whose
+comparison is written to outputs/compare/<experiment>/ instead:
 
     comparison.png   2x3 grid: rows held-out accuracy (eval/accuracy) and the training task reward of
                      everything sampled (reward/correct, before any dynamic-sampling filter); columns
@@ -32,15 +39,50 @@ aggregates over seeds), tables.py (the Markdown), figure.py, wandb_runs.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from scripts.comparison.figure import plot
 from scripts.comparison.numerics import mixed_warning
 from scripts.comparison.runs import assign_labels, config_get, find_runs
 from scripts.comparison.tables import BOOTSTRAP_REPS, summary_table
 from scripts.comparison.wandb_runs import load_wandb_group
+
+# the file in an archive folder that records the options of its published tables (scripts/archive.py)
+ARCHIVE_SETTINGS = "compare.json"
+# those options when neither a flag nor the archive sets them
+DEFAULTS: dict[str, Any] = {"threshold": 0.6, "bootstrap_reps": BOOTSTRAP_REPS, "seed": 0}
+
+
+def archive_settings(folder: Path) -> dict[str, Any]:
+    """The compare options an archive folder recorded (its ARCHIVE_SETTINGS file), {} if none."""
+    path = folder / ARCHIVE_SETTINGS
+    if not path.is_file():
+        return {}
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise SystemExit(f"compare: {path} is not valid JSON ({err})") from err
+    unknown = sorted(set(recorded) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(
+            f"compare: {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
+        )
+    return recorded
+
+
+def default_out(paths: Sequence[str], wandb_group: str | None) -> Path:
+    """Where the comparison goes without --out: the first PATH, unless it is an archive (it records
+    its settings): the published files are rewritten only on request, so outputs/compare/<name>."""
+    if not paths:
+        return Path("outputs") / "compare" / str(wandb_group)
+    first = Path(paths[0])
+    if (first / ARCHIVE_SETTINGS).is_file():
+        return Path("outputs") / "compare" / first.resolve().name
+    return first
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,23 +93,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "paths", nargs="*", help="run folders or archived runs, or folders searched for them recursively"
     )
-    parser.add_argument("--out", help="output folder (default: the first PATH)")
     parser.add_argument(
-        "--threshold", type=float, default=0.6, help="held-out accuracy to reach (default 0.6)"
+        "--out", help="output folder (default: the first PATH; outputs/compare/<name> for an archive)"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help=f"held-out accuracy to reach (default: the archive's, else {DEFAULTS['threshold']})",
     )
     parser.add_argument(
         "--bootstrap-reps",
         type=int,
-        default=BOOTSTRAP_REPS,
-        help=f"bootstrap resamples per confidence interval (default {BOOTSTRAP_REPS})",
+        help=f"bootstrap resamples per confidence interval (default: the archive's, else {BOOTSTRAP_REPS})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--seed", type=int, help="bootstrap seed (default: the archive's, else 0)")
     parser.add_argument("--wandb-group", help="read the runs of this W&B group instead of (or besides) PATHs")
     parser.add_argument("--wandb-project", default="rl-lab")
     parser.add_argument("--wandb-entity", default=None)
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb_group:
         parser.error("give at least one PATH or --wandb-group")
+    recorded = archive_settings(Path(args.paths[0])) if args.paths else {}
+    for key, default in DEFAULTS.items():  # a flag, else the archive's record, else the default
+        if getattr(args, key) is None:
+            setattr(args, key, recorded.get(key, default))
     if args.bootstrap_reps < 1:
         parser.error(f"--bootstrap-reps must be at least 1 (got {args.bootstrap_reps})")
     return args
@@ -80,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = assign_labels(
             runs + load_wandb_group(args.wandb_group, project=args.wandb_project, entity=args.wandb_entity)
         )
-    out = Path(args.out or (args.paths[0] if args.paths else Path("outputs") / "compare" / args.wandb_group))
+    out = Path(args.out) if args.out else default_out(args.paths, args.wandb_group)
     for warning in (warning for run in runs for warning in run.warnings):
         print(f"warning: {warning}", file=sys.stderr)
     tasks = sorted({str(config_get(run.config, "task.name")) for run in runs})

@@ -43,7 +43,6 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from common.checkpoint import CheckpointError, find_latest
-from common.finite import first_non_finite
 from common.models import ModelLoadError, load_policy
 from common.rewards import score_responses
 from common.rollout.base import PromptTooLongError
@@ -281,12 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(kind, model_path, args)
-    if (bad := first_non_finite(model.named_parameters())) is not None:  # its accuracy would be a lie
-        raise SystemExit(
-            f"error: {model_path or args.source}: the weight {bad} holds a NaN or an infinity; "
-            "evaluate an earlier checkpoint"
-        )
+    model, tokenizer = load_model(kind, model_path, args)  # a non-finite weight: ModelLoadError
     model.to(device)
     engine = make_engine(
         args.engine,

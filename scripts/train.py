@@ -10,6 +10,7 @@ The only module that reads the Hydra config: it validates it, builds the objects
 common.trainer.RunContext and calls common.trainer.train with it.
 """
 
+# ruff: noqa: E402 (the repository root goes on sys.path before the imports of its packages)
 from __future__ import annotations
 
 import logging
@@ -20,6 +21,9 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # `python scripts/train.py` (a file, not -m): its folder, not the root, is on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra
 import numpy as np
@@ -77,6 +81,7 @@ from scripts.build import (
     validate,
     warn_unread_overrides,
 )
+from scripts.sweeps import record_failure
 
 log = logging.getLogger("rl_lab")
 
@@ -327,6 +332,7 @@ def failed(message: str, exit_code: int) -> float:
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
+        record_failure(Path(HydraConfig.get().runtime.output_dir), message)  # for the sweep's summary
         return worst_objective(HydraConfig.get())
     sys.exit(exit_code)
 

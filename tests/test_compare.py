@@ -49,8 +49,11 @@ def write_run(
     finished: bool = True,
     truncated_step: int | None = None,
     nan_reward_step: int | None = None,
+    max_steps: int = 10,
 ) -> Path:
-    """A run directory as scripts.train writes it; reward/correct = 0.1 + 0.01 * seed + 0.05 * step."""
+    """A run directory as scripts.train writes it; reward/correct = 0.1 + 0.01 * seed + 0.05 * step.
+    `steps` rows are written; the config's trainer.max_steps is `max_steps`, the same for every run
+    of a sweep (runs of one arm that differ in it are not pooled)."""
     run_dir = root / "multirun" / "2026-01-01_00-00-00" / f"{algorithm}-addition-s{seed}-G{group_size}"
     (run_dir / ".hydra").mkdir(parents=True)
     config = {
@@ -61,7 +64,7 @@ def write_run(
         "rollout": {"group_size": group_size},
         "task": {"name": "addition"},
         "model": {"name": "tiny"},
-        "trainer": {"max_steps": steps, "eval_every": 5},
+        "trainer": {"max_steps": max_steps, "eval_every": 5},
     }
     OmegaConf.save(OmegaConf.create(config), run_dir / ".hydra" / "config.yaml")
     rows = [{"step": 0, "eval/accuracy": accuracy[0], "eval/reward": accuracy[0], "perf/eval_s": 1.0}]

@@ -67,8 +67,10 @@ def test_optuna_study_runs_trials_and_a_failing_trial_does_not_end_it(tmp_path, 
     assert len(trials) == 2 and all((t / "metrics.jsonl").is_file() for t in trials)
     failing = tmp_path / "failing"
     result = train_cli(*args, "rollout.max_prompt_len=2", f"hydra.sweep.dir={failing}", cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("error: task char_share:") == 2  # one line per failed trial
+    # the study ran both trials, then lists the failed ones and exits 1 (scripts/sweeps.py)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.count("error: task char_share:") == 4  # one line per failed trial, and its summary
+    assert result.stderr.strip().endswith("error: 2 job(s) of the sweep failed")
     assert OmegaConf.load(failing / "optimization_results.yaml").best_value == -math.inf
 
 

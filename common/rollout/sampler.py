@@ -7,6 +7,24 @@ from torch import Tensor
 from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The policy's next-token logits hold a NaN or +inf (or a row is all -inf): there is no
+    distribution to sample from. Raised before drawing, where it would otherwise surface as an
+    index past the vocabulary; the trainer adds the step."""
+
+
+def check_finite_logits(logits: Tensor) -> None:
+    """Raise NonFiniteLogitsError unless every row of logits (n, V) has a finite maximum: one
+    reduction catches a NaN (max propagates it), a +inf, and a row with no finite entry; a token
+    masked at -inf beside finite ones is allowed."""
+    row_max = logits.amax(dim=-1)  # (n,)
+    if not bool(torch.isfinite(row_max).all()):
+        bad = int((~torch.isfinite(row_max)).sum())
+        raise NonFiniteLogitsError(
+            f"the policy's next-token logits hold a NaN or an infinity in {bad} of {len(row_max)} rows"
+        )
+
+
 def below(x: Tensor, top: Tensor) -> Tensor:
     """`x` clamped into [0, top): into [0, the largest float64 below top]. An inverse-CDF target in
     that range lands, under searchsorted(cdf, x, right=True), on the first entry whose cumulative
@@ -75,7 +93,9 @@ class TokenSampler:
     def __call__(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens (n,) and their log-probs (n,) float32 under the distribution they were drawn from:
         log softmax of the warped scores (a top-k / top-p truncated distribution is renormalised
-        over the kept tokens); 0 when greedy, which draws from a point mass."""
+        over the kept tokens); 0 when greedy, which draws from a point mass. Non-finite logits
+        raise NonFiniteLogitsError (`check_finite_logits`)."""
+        check_finite_logits(logits)
         if not self.do_sample:
             return logits.argmax(dim=-1), logits.new_zeros(logits.shape[0], dtype=torch.float32)
         scores = logits.float() / self.temperature  # (n, V)

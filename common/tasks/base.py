@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import abc
 import functools
+import math
+import numbers
 import re
 import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import ClassVar
 
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
@@ -54,11 +57,15 @@ class Task(abc.ABC):
 
     Subclasses set `name`, fill `train` and `test` through `_set_splits`, and implement
     `correctness`. `has_format` and `extract_answer` have defaults based on the answer tags.
+    `score_range` declares what `correctness` may return; a score outside it is a reward error
+    (`checked_score`).
     """
 
     name: str
     train: list[Example]
     test: list[Example]
+    # (low, high) of `correctness`: [0, 1] for every task here (0/1 accuracy, char_share's share)
+    score_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def _set_splits(self, train: list[Example], test: list[Example]) -> None:
         """Store the splits; an empty split is a configuration error, caught here at start-up."""
@@ -84,6 +91,23 @@ class Task(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, train={len(self.train)}, test={len(self.test)})"
+
+
+def checked_score(score: object, score_range: tuple[float, float]) -> float:
+    """A verifier's score as a float, or ValueError naming what is wrong with it: it must be a real
+    number (int, float, bool; a string "0.5" or None is an error, not a number), finite, and inside
+    the task's declared `score_range` (374.17 from a 0/1 verifier is a bug, not a high reward).
+
+    >>> checked_score(1, (0.0, 1.0))
+    1.0
+    """
+    if not isinstance(score, numbers.Real):
+        raise ValueError(f"verifier returned {score!r} of type {type(score).__name__}, not a number")
+    value = float(score)
+    low, high = score_range
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"verifier returned {value}, outside the task's range [{low}, {high}]")
+    return value
 
 
 def answer_tag_content(response: str) -> str | None:

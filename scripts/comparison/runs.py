@@ -31,6 +31,20 @@ STEP_S = "perf/step_s"
 KL = "kl/value"
 UPDATES = "policy/optimizer_steps_total"
 
+# What defines a run besides its arm and group size: runs of one arm must agree on these to be pooled
+# as seeds of one thing (runs of another experiment, model, task, learning rate or budget are not)
+DEFINING_KEYS = (
+    "experiment_name",
+    "task.name",
+    "model.name",
+    "model.name_or_path",
+    "optim.lr",
+    "trainer.batch_size",
+    "trainer.max_steps",
+    "trainer.max_generated_tokens",
+    "rollout.max_new_tokens",
+)
+
 # Arms in this order first (the algorithms, then Dr. GRPO), then the others in natural order
 # (dapo0_naive_grpo, dapo1_..., so the DAPO ladder reads rung by rung)
 ARM_ORDER = ["ppo", "grpo", "drgrpo", "dapo"]
@@ -174,14 +188,31 @@ def load_run(path: str | Path) -> Run:
 
 
 def assign_labels(runs: list[Run]) -> list[Run]:
-    """label = arm, plus "-G<g>" for every run of an arm whose runs differ in group size."""
+    """label = arm, plus "-G<g>" for every run of an arm whose runs differ in group size; then
+    `check_same_settings`."""
     sizes: dict[str, set[str]] = {}
     for run in runs:
         sizes.setdefault(run.arm, set()).add(str(run.group_size))
     for run in runs:
         split = len(sizes[run.arm]) > 1
         run.label = f"{run.arm}-G{run.group_size}" if split else run.arm
+    check_same_settings(runs)
     return runs
+
+
+def check_same_settings(runs: list[Run]) -> None:
+    """SystemExit in one line when two runs of one label differ in a DEFINING_KEYS setting: they are
+    not seeds of one arm, and their mean would describe neither."""
+    first: dict[tuple[str, str], Run] = {}
+    for run in runs:
+        for key in DEFINING_KEYS:
+            seen = first.setdefault((run.label, key), run)
+            old, new = config_get(seen.config, key), config_get(run.config, key)
+            if old != new:
+                raise SystemExit(
+                    f"compare: arm {run.label} mixes runs of different settings: {key} is {old} in "
+                    f"{seen.path} and {new} in {run.path}; compare them separately"
+                )
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Run]:
