@@ -14,9 +14,10 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
+from common.advantage import ADV_ESTIMATORS
 from common.config import require, require_option
 from common.kl import KL_KINDS
-from common.losses import AGG_MODES, batch_policy_loss
+from common.losses import AGG_MODES, POLICY_LOSSES, batch_policy_loss
 from common.rollout_correction import IS_LEVELS, RS_OPTIONS, k1_bounds
 
 # sums a tensor over data-parallel ranks (DistContext.sum); None: this rank's batch is the batch
@@ -41,7 +42,9 @@ class Algorithm(Protocol):
     loss_scale_factor: int
     rollout_correction: RolloutCorrection
     needs_critic: ClassVar[bool]
-    group_relative: ClassVar[bool]
+
+    @property
+    def group_relative(self) -> bool: ...
 
     @property
     def needs_reference(self) -> bool: ...
@@ -144,6 +147,8 @@ class BaseAlgorithm:
 
     name: str
     group_size: int
+    policy_loss: str
+    adv_estimator: str
     clip_low: float
     clip_high: float
     dual_clip: float | None
@@ -154,18 +159,27 @@ class BaseAlgorithm:
     rollout_correction: RolloutCorrection
 
     needs_critic: ClassVar[bool] = False
-    # advantages compare the responses of a group (so dynamic sampling can drop flat groups)
-    group_relative: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         """Raise ConfigError naming the key (algorithm.<field>) of a value out of range."""
-        for key in ("clip_low", "clip_high"):
-            value = getattr(self, key)
-            require(0 < value < 1, f"algorithm.{key}", "must be in (0, 1)", value)
+        require_option("algorithm.policy_loss", self.policy_loss, list(POLICY_LOSSES))
+        # the estimators that fit this algorithm: those with a critic for PPO, the others otherwise
+        estimators = [n for n, e in ADV_ESTIMATORS.items() if e.needs_critic == self.needs_critic]
+        require_option("algorithm.adv_estimator", self.adv_estimator, estimators)
+        # clip_low = 1 puts the lower bound at 0, which no ratio reaches: no lower clip (CISPO's paper)
+        require(0 < self.clip_low <= 1, "algorithm.clip_low", "must be in (0, 1]", self.clip_low)
+        # above 1 for CISPO's weight bound (TRL, after ScaleRL: a cap of 5, clip_high 4)
+        require(self.clip_high > 0, "algorithm.clip_high", "must be > 0", self.clip_high)
         require(
             self.dual_clip is None or self.dual_clip > 1,
             "algorithm.dual_clip",
             "must be > 1 or null",
+            self.dual_clip,
+        )
+        require(
+            self.dual_clip is None or self.policy_loss == "vanilla",
+            "algorithm.dual_clip",
+            f"bounds the vanilla surrogate only; set it to null for policy_loss={self.policy_loss}",
             self.dual_clip,
         )
         require_option("algorithm.loss_agg", self.loss_agg, AGG_MODES)
@@ -179,6 +193,12 @@ class BaseAlgorithm:
         require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0", self.kl_coef)
         if isinstance(self.rollout_correction, dict):  # build_algorithm passes the YAML section as a dict
             object.__setattr__(self, "rollout_correction", RolloutCorrection(**self.rollout_correction))
+
+    @property
+    def group_relative(self) -> bool:
+        """The advantages compare the responses of a group (adv_estimator grpo or rloo), so a group of
+        equal rewards carries no signal and dynamic sampling may drop or grow groups."""
+        return ADV_ESTIMATORS[self.adv_estimator].group_relative
 
     @property
     def needs_reference(self) -> bool:
@@ -203,11 +223,13 @@ class BaseAlgorithm:
     def clipped_surrogate(
         self, batch: dict[str, Any], logprob: Tensor, denominator: float
     ) -> tuple[Tensor, dict[str, float]]:
-        """The clipped policy loss (PPO Eq. 1, DAPO Eq. 10) of a micro-batch with this algorithm's
-        clip range, dual clip and aggregation (common.losses.batch_policy_loss)."""
+        """The policy loss `policy_loss` (vanilla: the clipped surrogate, PPO Eq. 1, DAPO Eq. 10; gspo;
+        cispo) of a micro-batch with this algorithm's clip range, dual clip and aggregation
+        (common.losses.batch_policy_loss)."""
         return batch_policy_loss(
             batch,
             logprob,
+            policy_loss=self.policy_loss,
             clip_low=self.clip_low,
             clip_high=self.clip_high,
             agg=self.loss_agg,

@@ -475,7 +475,7 @@ class TrainConfig:
             ds.mode == "disabled" or self.algorithm.group_relative,
             "dynamic_sampling",
             f"{ds.mode} drops or grows groups of responses and needs a group algorithm, "
-            f"not {self.algorithm.name}",
+            f"not {self.algorithm.name} with adv_estimator={self.algorithm.adv_estimator}",
             ds.mode,
         )
         if isinstance(ds, FilterSampling):

@@ -25,6 +25,7 @@ from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 # keys that moved, for the error that names the new one
 RENAMED = {
+    "algorithm.scale_by_std": "algorithm.scale_rewards (true = group, false = none)",
     "algorithm.critic_lr": "critic.lr",
     "algorithm.critic_warmup_steps": "critic.warmup_steps",
     "algorithm.critic_name_or_path": "critic.name_or_path",

@@ -1,16 +1,53 @@
-"""Loss functions: the clipped policy surrogate, the clipped value loss, and loss aggregation.
+"""Loss functions: the policy losses (by name, `POLICY_LOSSES`), the clipped value loss, and loss
+aggregation.
 
 Equation numbers follow the DAPO paper (arXiv:2503.14476): Eq. 1 PPO clipped objective, Eq. 5
 GRPO objective (sample-level mean), Eq. 10 Clip-Higher, Eq. 12 token-level loss. Dual-clip PPO
 is arXiv:1912.09729; the constant-normaliser aggregation is Dr. GRPO's (arXiv:2503.20783). The
-four aggregation modes are verl's (`agg_loss`), including its handling of fully masked rows.
-Every function is pure and returns float32; stats come back as a dict of Python floats.
+five aggregation modes are verl's (`agg_loss`), including its handling of fully masked rows.
+The policy losses are registered by name as in verl (`register_policy_loss`): `vanilla` (the
+clipped surrogate), `gspo` (GSPO, arXiv:2507.18071) and `cispo` (CISPO, MiniMax-M1, arXiv:2506.13585);
+`algorithm.policy_loss` picks one. Every function is pure and returns float32; stats come back as a
+dict of Python floats.
 """
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+)
+
+# (loss, stats) from (logprob, old_logprob, advantages, mask, clip_low=, clip_high=, agg=, denominator=,
+# token_weights=) and the loss's own keywords (vanilla: dual_clip)
+PolicyLossFn = Callable[..., tuple[Tensor, dict[str, float]]]
+POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: make a policy loss selectable as `algorithm.policy_loss=<name>` (verl's
+    register_policy_loss). A name is registered once."""
+
+    def register(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is registered twice")
+        POLICY_LOSSES[name] = fn
+        return fn
+
+    return register
+
+
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The policy loss registered as `name` (verl's get_policy_loss_fn)."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; expected one of {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
 
 
 def _check_mode(mode: str) -> None:
@@ -55,6 +92,7 @@ def aggregate_loss(
         seq-mean-token-mean      mean_i( sum_t(L * m) / sum_t(m) )       original GRPO, Eq. 5
         seq-mean-token-sum       mean_i( sum_t(L * m) )                  sum over tokens, mean over rows
         seq-mean-token-sum-norm  mean_i( sum_t(L * m) ) / C              Dr. GRPO (arXiv:2503.20783)
+        token-sum                sum(L * m)                             verl's token-sum: no normaliser
 
     mean_i runs over the rows with at least one token under the mask, as in verl's agg_loss (0.5
     and later): a fully masked row (e.g. a truncated response under overlong filtering) neither adds
@@ -70,7 +108,7 @@ def aggregate_loss(
     Gradient accumulation: `denominator` replaces the whole normaliser, sum(m) for token-mean, the
     number of non-empty rows for seq-mean-token-mean / -sum, that number times C for -norm, by the
     one of the whole update batch (`aggregation_denominator`). The micro-batch losses then add up
-    exactly to the loss of the full batch.
+    exactly to the loss of the full batch. token-sum has no normaliser: its denominator is 1.
 
     Example (x = masked; the third row is fully masked):
         L = [[1, 1, x],
@@ -80,6 +118,7 @@ def aggregate_loss(
         seq-mean-token-mean      (2/2 + 2/1) / 2          = 1.5
         seq-mean-token-sum       (2 + 2) / 2              = 2.0
         seq-mean-token-sum-norm  (2 + 2) / (2 * C), C = 4 = 0.5
+        token-sum                1 + 1 + 2                = 4.0
 
     Args:
         loss_mat: (B, T) per-token loss.
@@ -105,7 +144,7 @@ def aggregate_loss(
         scale = loss_scale_factor if loss_scale_factor is not None else keep.shape[1]
         denominator = aggregation_denominator(keep, mode, scale) or 1.0  # empty: the sum below is 0
     masked = torch.where(keep, loss_mat, 0.0)  # (B, T)
-    if mode == "token-mean":
+    if mode in ("token-mean", "token-sum"):
         return masked.sum() / denominator
     row_loss = masked.sum(dim=1)  # (B,), token sums
     if mode == "seq-mean-token-mean":
@@ -119,12 +158,16 @@ def aggregation_denominator(mask: Tensor, mode: str, loss_scale_factor: float | 
     -sum, that number times C = loss_scale_factor for seq-mean-token-sum-norm. Passing it as
     `denominator` to every micro-batch makes the accumulated gradient equal the full batch's (DAPO
     Eq. 12 across micro-batches). It is 0 when nothing is left to train on: a caller that sums it
-    over data-parallel ranks clamps the sum, not each rank's part.
+    over data-parallel ranks clamps the sum, not each rank's part. token-sum divides by nothing:
+    its part is always 0, which every caller reads as 1 (`or 1.0`), so that the sum over ranks is
+    1 too (a part of 1 would divide the loss by the number of ranks).
 
     Example: mask [[1, 1, 0], [1, 0, 0], [0, 0, 0]] gives 3.0 for token-mean, 2.0 for the
-    seq-mean modes and 2 C for seq-mean-token-sum-norm.
+    seq-mean modes, 2 C for seq-mean-token-sum-norm and 0.0 (read as 1) for token-sum.
     """
     _check_mode(mode)
+    if mode == "token-sum":
+        return 0.0
     if mode == "seq-mean-token-sum-norm" and (loss_scale_factor is None or loss_scale_factor <= 0):
         raise ValueError(f"{mode} needs a positive loss_scale_factor, got {loss_scale_factor}")
     keep = torch.as_tensor(mask).bool()  # (B, T)
@@ -134,6 +177,28 @@ def aggregation_denominator(mask: Tensor, mode: str, loss_scale_factor: float | 
     return rows * loss_scale_factor if mode == "seq-mean-token-sum-norm" else rows
 
 
+def _policy_inputs(
+    logprob: Tensor, old_logprob: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The policy losses' inputs as float32 on logprob's device: logprob, old_logprob, advantages
+    broadcast to (B, T) (one per response, (B,), or per token), and the mask as bool."""
+    logprob = torch.as_tensor(logprob, dtype=torch.float32)
+    old_logprob = torch.as_tensor(old_logprob, dtype=torch.float32, device=logprob.device)
+    advantages = torch.as_tensor(advantages, dtype=torch.float32, device=logprob.device)
+    keep = torch.as_tensor(mask, device=logprob.device).bool()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # (B,) -> (B, 1), broadcasts over T
+    return logprob, old_logprob, advantages.expand_as(logprob), keep  # advantages (B, T)
+
+
+def _weighted(loss_mat: Tensor, token_weights: Tensor | None) -> Tensor:
+    """loss_mat times the constant per-token weights (no gradient through them), if any."""
+    if token_weights is None:
+        return loss_mat
+    return loss_mat * torch.as_tensor(token_weights, dtype=torch.float32, device=loss_mat.device).detach()
+
+
+@register_policy_loss("vanilla")
 def policy_loss(
     logprob: Tensor,
     old_logprob: Tensor,
@@ -146,7 +211,7 @@ def policy_loss(
     denominator: float | None = None,
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped surrogate policy loss (PPO, DAPO Eq. 1; decoupled Clip-Higher, Eq. 10).
+    """Clipped surrogate policy loss (PPO, DAPO Eq. 1; decoupled Clip-Higher, Eq. 10), `vanilla`.
 
         ratio = exp(logprob - old_logprob)
         L     = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
@@ -172,23 +237,17 @@ def policy_loss(
         dual_clip: c > 1, or None for no dual clip.
         denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
         token_weights: optional (B, T) constant per-token weights of the loss (no gradient flows
-            through them): truncated importance sampling weights min(pi_old / pi_rollout, C), as
-            verl multiplies its clipped loss by them (tis_imp_ratio_cap).
+            through them): the rollout correction's importance weights (common.rollout_correction),
+            as verl multiplies its policy loss by rollout_is_weights.
 
     Returns:
         loss: scalar float32.
-        stats: dict of Python floats, see `clip_stats`.
+        stats: dict of Python floats, see `clip_stats`, and dual_clipfrac (the dual-clip cap is
+            active; 0 without dual clip).
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    logprob = torch.as_tensor(logprob, dtype=torch.float32)
-    old_logprob = torch.as_tensor(old_logprob, dtype=torch.float32, device=logprob.device)
-    advantages = torch.as_tensor(advantages, dtype=torch.float32, device=logprob.device)
-    keep = torch.as_tensor(mask, device=logprob.device).bool()
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)  # (B,) -> (B, 1), broadcasts over T
-    advantages = advantages.expand_as(logprob)  # (B, T)
-
+    logprob, old_logprob, advantages, keep = _policy_inputs(logprob, old_logprob, advantages, mask)
     log_ratio = torch.where(keep, logprob - old_logprob, 0.0)  # junk under mask 0 -> ratio 1
     ratio = torch.exp(log_ratio)
     clipped_ratio = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -201,36 +260,162 @@ def policy_loss(
         capped = torch.minimum(loss_mat, loss_dual)
         dual_active = (advantages < 0) & (loss_mat > loss_dual)
         loss_mat = torch.where(advantages < 0, capped, loss_mat)
-    if token_weights is not None:
-        loss_mat = (
-            loss_mat * torch.as_tensor(token_weights, dtype=torch.float32, device=logprob.device).detach()
-        )
-    loss = aggregate_loss(loss_mat, keep, agg, denominator)
+    loss = aggregate_loss(_weighted(loss_mat, token_weights), keep, agg, denominator)
     with torch.no_grad():
-        stats = clip_stats(log_ratio, advantages, keep, loss_clipped > loss_unclipped, clip_low, clip_high)
+        low, high = surrogate_clipped(ratio, advantages, clip_low, clip_high)
+        stats = clip_stats(log_ratio, keep, low, high)
         dual = 0.0 if dual_active is None else float(masked_mean(dual_active.float(), keep))
     return loss, {**stats, "dual_clipfrac": dual}
 
 
-def clip_stats(
-    log_ratio: Tensor, advantages: Tensor, keep: Tensor, clipped: Tensor, clip_low: float, clip_high: float
-) -> dict[str, float]:
-    """The clipped surrogate's statistics, Python floats, means over masked-in tokens:
+@register_policy_loss("gspo")
+def gspo_policy_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    agg: str = "seq-mean-token-mean",
+    token_weights: Tensor | None = None,
+    denominator: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071), `gspo`: one
+    importance ratio per response, the length-normalised sequence likelihood ratio, clipped per
+    sequence; written per token as the paper's GSPO-token.
 
-        clipfrac       the clipped term is the active one (`clipped`; clipfrac_low + clipfrac_high)
-        clipfrac_low   ratio < 1 - clip_low and A < 0
-        clipfrac_high  ratio > 1 + clip_high and A > 0
+        s_i     = exp( mean_t m (logprob - old_logprob) )      = (pi(y_i) / pi_old(y_i))^(1 / |y_i|)
+        s_{i,t} = sg[s_i] * exp(logprob_t - sg[logprob_t])     value s_i, gradient s_i * grad logprob_t
+        L       = max(-A * s_{i,t}, -A * clip(s_{i,t}, 1 - clip_low, 1 + clip_high))     no dual clip
+        loss    = aggregate_loss(w * L, mask, agg, denominator)
+
+    With one A per response and agg seq-mean-token-mean (the default, verl's loss_mode=gspo; TRL's
+    importance_sampling_level="sequence") this is GSPO's objective: row i's loss is
+    max(-A_i s_i, -A_i clip(s_i)), and its gradient, when unclipped, spreads -A_i s_i / |y_i| evenly
+    over the tokens' grad logprob; a clipped response gives no gradient at all. The paper's clip
+    range is tiny (clip_low 3e-4, clip_high 4e-4) because s_i is a per-token geometric mean. As in
+    verl, log s_{i,t} is capped at 10 so one far-off-policy response cannot make the loss infinite.
+    Masked positions (and fully masked rows, s = 1) are never read.
+
+    Example (one response of 2 tokens, A = 1, clip 0.2 / 0.2, seq-mean-token-mean):
+        logprob - old_logprob = [0.1, 0.3]  ->  s = exp(0.2) = 1.2214 > 1.2: clipped
+        L = max(-1.2214, -1.2) = -1.2 on both tokens, loss -1.2, gradient 0
+        with A = -1 instead: L = max(1.2214, 1.2) = 1.2214, loss 1.2214, gradient 1.2214 / 2 per token
+
+    Args:
+        logprob, old_logprob: (B, T) log-probs under the current and the behaviour policy.
+        advantages: (B,) one per response, or (B, T).
+        mask: (B, T) response mask.
+        clip_low, clip_high: epsilon_low and epsilon_high of the sequence ratio.
+        agg: aggregation mode, see aggregate_loss.
+        token_weights: optional (B, T) constant per-token weights (the rollout correction's).
+        denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
+
+    Returns:
+        loss: scalar float32.
+        stats: see `clip_stats`, of the sequence ratio s_i (counted on each of its tokens).
+    """
+    logprob, old_logprob, advantages, keep = _policy_inputs(logprob, old_logprob, advantages, mask)
+    log_ratio = torch.where(keep, logprob - old_logprob, 0.0)  # (B, T)
+    log_seq_ratio = masked_mean(log_ratio, keep, dim=1).unsqueeze(1).expand_as(logprob)  # (B,) -> (B, T)
+    # value log s_i, gradient grad logprob_t (logprob - sg[logprob] is 0 in value, 1 in gradient)
+    log_token_ratio = torch.where(keep, logprob - logprob.detach(), 0.0) + log_seq_ratio.detach()
+    ratio = torch.exp(log_token_ratio.clamp(max=10.0))  # (B, T), s_{i,t}
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    loss = aggregate_loss(_weighted(loss_mat, token_weights), keep, agg, denominator)
+    with torch.no_grad():
+        low, high = surrogate_clipped(ratio, advantages, clip_low, clip_high)
+        stats = clip_stats(log_seq_ratio, keep, low, high)
+    return loss, stats
+
+
+@register_policy_loss("cispo")
+def cispo_policy_loss(
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    agg: str = "token-mean",
+    token_weights: Tensor | None = None,
+    denominator: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped IS-weight Policy Optimization (MiniMax-M1, arXiv:2506.13585, Eq. 4-5), `cispo`: the
+    clipped importance ratio is a constant weight on REINFORCE's log-likelihood term.
+
+        r = exp(logprob - old_logprob)
+        L = -sg[clip(r, 1 - clip_low, 1 + clip_high)] * A * logprob
+        loss = aggregate_loss(w * L, mask, agg, denominator)
+
+    The gradient of a token is -clip(r) * A * grad logprob: never 0, also where r is clipped,
+    where PPO's surrogate drops the token (MiniMax-M1 Sec. 3.1: rare, high-entropy "fork" tokens
+    are clipped after the first update and stop learning). Clipping only bounds the weight.
+
+    Both sides are clipped, as in verl (loss_mode=cispo); the paper bounds only the top ("we did
+    not impose a lower bound ... by setting eps_low^IS to a large value"): clip_low = 1 gives that,
+    a lower bound of 0, which a ratio never goes below. TRL's loss_type="cispo" clamps r at
+    epsilon_high alone (5.0 recommended there, after ScaleRL: clip_low 1, clip_high 4 here).
+    The token-mean default is the paper's (Eq. 4 normalises by the batch's token count).
+
+    Example (one token, A = 2, logprob = -1, clip 0.2 / 0.2):
+        logprob - old_logprob = 0.5  ->  r = 1.6487, weight clip(r) = 1.2
+        L = -1.2 * 2 * (-1) = 2.4, d L / d logprob = -1.2 * 2 = -2.4 (PPO's would be 0)
+
+    Args:
+        logprob, old_logprob: (B, T) log-probs under the current and the behaviour policy.
+        advantages: (B,) one per response, or (B, T).
+        mask: (B, T) response mask.
+        clip_low, clip_high: the weight's bounds 1 - clip_low and 1 + clip_high.
+        agg: aggregation mode, see aggregate_loss.
+        token_weights: optional (B, T) constant per-token weights (the rollout correction's).
+        denominator: full-batch normaliser for gradient accumulation, see aggregate_loss.
+
+    Returns:
+        loss: scalar float32.
+        stats: see `clip_stats`; clipfrac_low / clipfrac_high count weights clipped at either bound,
+            whatever the sign of A.
+    """
+    logprob, old_logprob, advantages, keep = _policy_inputs(logprob, old_logprob, advantages, mask)
+    log_ratio = torch.where(keep, logprob - old_logprob, 0.0)  # (B, T)
+    ratio = torch.exp(log_ratio)
+    weight = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high).detach()  # (B, T), sg[clip(r)]
+    loss_mat = -weight * advantages * torch.where(keep, logprob, 0.0)
+    loss = aggregate_loss(_weighted(loss_mat, token_weights), keep, agg, denominator)
+    with torch.no_grad():
+        stats = clip_stats(log_ratio, keep, ratio < 1.0 - clip_low, ratio > 1.0 + clip_high)
+    return loss, stats
+
+
+def surrogate_clipped(
+    ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float
+) -> tuple[Tensor, Tensor]:
+    """Where the clipped term of PPO's surrogate is the active one, split by side: (ratio <
+    1 - clip_low and A < 0, ratio > 1 + clip_high and A > 0), both (B, T) bool. These are exactly the
+    tokens where -A * clip(ratio) > -A * ratio."""
+    return (ratio < 1.0 - clip_low) & (advantages < 0), (ratio > 1.0 + clip_high) & (advantages > 0)
+
+
+def clip_stats(
+    log_ratio: Tensor, keep: Tensor, clipped_low: Tensor, clipped_high: Tensor
+) -> dict[str, float]:
+    """A policy loss's statistics, Python floats, means over masked-in tokens:
+
+        clipfrac       clipped at either bound (clipfrac_low + clipfrac_high)
+        clipfrac_low   clipped at the lower bound (`clipped_low`)
+        clipfrac_high  clipped at the upper bound (`clipped_high`)
         approx_kl      mean(old_logprob - logprob) = mean(-log_ratio), verl's ppo_kl
         ratio_mean, ratio_max
 
-    (`policy_loss` adds dual_clipfrac: the dual-clip cap is active, 0 without dual clip.)
-    All arguments (B, T) but the clip ranges; log_ratio is 0 under mask 0.
+    All tensor arguments (B, T); log_ratio is 0 under mask 0.
     """
     ratio = torch.exp(log_ratio)  # (B, T)
     stats = {
-        "clipfrac": masked_mean(clipped.float(), keep),
-        "clipfrac_low": masked_mean(((ratio < 1.0 - clip_low) & (advantages < 0)).float(), keep),
-        "clipfrac_high": masked_mean(((ratio > 1.0 + clip_high) & (advantages > 0)).float(), keep),
+        "clipfrac": masked_mean((clipped_low | clipped_high).float(), keep),
+        "clipfrac_low": masked_mean(clipped_low.float(), keep),
+        "clipfrac_high": masked_mean(clipped_high.float(), keep),
         "approx_kl": masked_mean(-log_ratio, keep),
         "ratio_mean": masked_mean(ratio, keep),
         # ratio > 0, so 0 under mask 0 never wins the max; an empty mask gives 0
@@ -243,22 +428,25 @@ def batch_policy_loss(
     batch: dict[str, Tensor],
     logprob: Tensor,
     *,
+    policy_loss: str,
     clip_low: float,
     clip_high: float,
     agg: str,
     dual_clip: float | None,
     denominator: float | None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """`policy_loss` on a micro-batch dict with "advantages" and "loss_mask" (and "old_logprob").
+    """The policy loss registered as `policy_loss` (POLICY_LOSSES: vanilla, gspo, cispo) on a
+    micro-batch dict with "advantages" and "loss_mask" (and "old_logprob").
 
     The ratio is taken against batch["old_logprob"], the behaviour policy, when the batch holds it
     (the trainer records it when the batch is reused or split into several optimizer steps);
     otherwise the behaviour policy is the current one: ratio = 1, but its gradient is not 0.
-    batch["rollout_is_weights"] (N, T), when present (algorithm.rollout_correction=tis), weighs each
-    token's loss (common.rollout_correction.tis_weights).
+    batch["rollout_is_weights"] (N, T), when present (algorithm.rollout_correction), weighs each
+    token's loss (common.rollout_correction). dual_clip is the vanilla loss's alone (None otherwise).
     """
     old_logprob = batch["old_logprob"] if "old_logprob" in batch else logprob.detach()
-    return policy_loss(
+    own = {"dual_clip": dual_clip} if dual_clip is not None else {}
+    return get_policy_loss_fn(policy_loss)(
         logprob,
         old_logprob,
         batch["advantages"],
@@ -266,9 +454,9 @@ def batch_policy_loss(
         clip_low=clip_low,
         clip_high=clip_high,
         agg=agg,
-        dual_clip=dual_clip,
         denominator=denominator,
         token_weights=batch.get("rollout_is_weights"),
+        **own,
     )
 
 

@@ -4,18 +4,19 @@ Equation numbers follow the DAPO paper (arXiv:2503.14476), which restates GRPO: 
 objective Eq. 5. Relative to PPO (ppo/): 1) no critic, the group mean is the baseline;
 2) the KL to the reference is a loss term (k3, DeepSeekMath), not a per-token reward;
 3) one scalar advantage per response, broadcast over its tokens.
+The critic-free variants are settings of this class (README.md): adv_estimator rloo or
+reinforce_plus_plus, scale_rewards batch, policy_loss gspo or cispo.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
-from common.advantage import compute_group_relative_advantages
+from common.advantage import ADV_ESTIMATORS, SCALE_REWARDS, AdvantageInputs
 from common.algorithm import BaseAlgorithm, Reduce
-from common.config import require
+from common.config import require, require_option
 from common.kl import kl_penalty
 from common.losses import aggregate_loss
 
@@ -28,17 +29,17 @@ class GRPO(BaseAlgorithm):
     the defaults (no critic, no reward shaping, every response token trains) are BaseAlgorithm's.
     """
 
-    scale_by_std: bool
+    scale_rewards: str
     num_iterations: int
-
-    group_relative: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require_option("algorithm.scale_rewards", self.scale_rewards, SCALE_REWARDS)
         require(
-            self.group_size >= 2,
+            self.group_size >= 2 or not self.group_relative,
             "rollout.group_size",
-            f"{self.name} compares responses within a group and needs group_size >= 2",
+            f"{self.name} with adv_estimator={self.adv_estimator} compares responses within a group and "
+            "needs group_size >= 2",
             self.group_size,
         )
         require(self.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1", self.num_iterations)
@@ -57,15 +58,27 @@ class GRPO(BaseAlgorithm):
     def compute_advantages(
         self, batch: dict[str, torch.Tensor], reduce: Reduce | None = None
     ) -> dict[str, float]:
-        """batch["advantages"] = (r_i - mean_g) / (std_g + eps) per group (DAPO Eq. 4): (N,).
+        """batch["advantages"] from the estimator adv_estimator (common.advantage.ADV_ESTIMATORS): grpo,
+        (r_i - mean_g) / (std + eps) per group (DAPO Eq. 4), std as scale_rewards says, (N,); rloo,
+        the leave-one-out baseline, (N,); reinforce_plus_plus, the batch-whitened return, (N, T).
 
-        Groups are read from batch["group_index"], so ragged groups (dynamic resampling) work too.
-        `reduce` (summing over data-parallel ranks) is not needed: a group never spans ranks.
-        Returns stats to log (none for GRPO: the reward terms are logged by the trainer).
+        Groups are read from batch["group_index"], so ragged groups (dynamic resampling) work too; a
+        group never spans ranks. `reduce` sums over data-parallel ranks for the batch statistics
+        (scale_rewards=batch, reinforce_plus_plus). Returns stats to log (none: the reward terms are
+        logged by the trainer).
         """
-        batch["advantages"], _ = compute_group_relative_advantages(
-            batch["rewards"], batch["group_index"], scale_by_std=self.scale_by_std
+        inputs = AdvantageInputs(
+            rewards=batch["rewards"],
+            group_index=batch["group_index"],
+            response_mask=batch["response_mask"],
+            scale_rewards=self.scale_rewards,
+            token_rewards=None,
+            values=None,
+            gamma=None,
+            lam=None,
+            reduce=reduce,
         )
+        batch["advantages"], _ = ADV_ESTIMATORS[self.adv_estimator].compute(inputs)
         return {}
 
     def loss(
@@ -77,10 +90,11 @@ class GRPO(BaseAlgorithm):
         entropy: torch.Tensor | None = None,
         values: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Clipped surrogate (PPO Eq. 1 with GRPO's advantages) + kl_coef * KL(pi || pi_ref) (GRPO Eq. 5).
+        """Policy loss (policy_loss: the clipped surrogate, PPO Eq. 1 with GRPO's advantages, or gspo /
+        cispo) + kl_coef * KL(pi || pi_ref) (GRPO Eq. 5).
 
         Args:
-            batch: rows of one micro-batch: "advantages" (B,), "loss_mask" (B, T), optionally
+            batch: rows of one micro-batch: "advantages" (B,) or (B, T), "loss_mask" (B, T), optionally
                 "old_logprob" (B, T) (only when epochs > 1) and "ref_logprob" (B, T) (when kl_coef > 0).
             logprob: (B, T) log-probs of the taken tokens under the current policy, with grad.
             denominator: the normaliser of the whole mini-batch (tokens, or sequences times

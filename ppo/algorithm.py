@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from common.advantage import compute_gae, masked_whiten
+from common.advantage import ADV_ESTIMATORS, AdvantageInputs, masked_whiten
 from common.algorithm import BaseAlgorithm, Reduce
 from common.config import require, require_option
 from common.kl import kl_penalty
@@ -154,7 +154,7 @@ class PPO(BaseAlgorithm):
 
             KL_t          = kl_penalty(old_logprob, ref_logprob, kl_kind)       KL(pi_old || pi_ref)
             token_rewards = token_level_rewards(rewards, response_mask, KL, beta)
-            A, R          = compute_gae(token_rewards, values, response_mask, gamma, lam)
+            A, R          = compute_gae(token_rewards, values, response_mask, gamma, lam)  (estimator gae)
             A             = masked_whiten(A, response_mask)                       if whiten_advantages
 
         The controller sees the KL per sequence, sum_t KL_t averaged over the batch, as TRL does
@@ -184,7 +184,18 @@ class PPO(BaseAlgorithm):
         if self.kl_coef > 0:
             kl = kl_penalty(batch["old_logprob"], batch["ref_logprob"], self.kl_kind, mask=mask)  # (N, T)
         token_rewards = token_level_rewards(batch["rewards"], mask, kl, beta)  # (N, T)
-        advantages, returns = compute_gae(token_rewards, batch["values"], mask, self.gamma, self.lam)
+        inputs = AdvantageInputs(
+            rewards=batch["rewards"],
+            group_index=None,
+            response_mask=mask,
+            scale_rewards=None,
+            token_rewards=token_rewards,
+            values=batch["values"],
+            gamma=self.gamma,
+            lam=self.lam,
+            reduce=reduce,
+        )
+        advantages, returns = ADV_ESTIMATORS[self.adv_estimator].compute(inputs)  # gae: (N, T) each
         if self.whiten_advantages:
             advantages = masked_whiten(advantages, mask, reduce=reduce)
         batch["token_rewards"], batch["advantages"], batch["returns"] = token_rewards, advantages, returns

@@ -4,9 +4,14 @@ import pytest
 import torch
 
 from common.advantage import (
+    ADV_ESTIMATORS,
+    AdvantageInputs,
+    batch_std,
     compute_gae,
     compute_group_relative_advantages,
+    compute_reinforce_plus_plus_advantages,
     compute_relative_rewards,
+    compute_rloo_advantages,
     group_stats,
     masked_whiten,
 )
@@ -51,7 +56,7 @@ def test_relative_rewards_matches_torch_std_reference():
 
 def test_relative_rewards_without_std_is_dr_grpo():
     # group means 0.5 and 2; A = R - mean
-    adv, base = compute_relative_rewards([1.0, 0.0, 3.0, 1.0], group_size=2, scale_by_std=False)
+    adv, base = compute_relative_rewards([1.0, 0.0, 3.0, 1.0], group_size=2, scale_rewards="none")
     torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, 1.0, -1.0]))
     torch.testing.assert_close(base, torch.tensor([0.5, 0.5, 2.0, 2.0]))
 
@@ -92,17 +97,19 @@ def test_group_relative_ragged_hand_example():
     torch.testing.assert_close(base, torch.tensor([1 / 3, 4.0, 1 / 3, 4.0, 1 / 3]))
 
 
-@pytest.mark.parametrize("scale_by_std", [True, False])
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_group_relative_equals_contiguous_for_equal_groups(scale_by_std, seed):
+def test_group_relative_equals_contiguous_for_equal_groups(scale_rewards, seed):
     g = torch.Generator().manual_seed(seed)
     n_groups, G = 5, 4
     rewards = torch.randint(0, 3, (n_groups * G,), generator=g).float() / 2
-    expected_adv, expected_base = compute_relative_rewards(rewards, G, scale_by_std=scale_by_std)
+    expected_adv, expected_base = compute_relative_rewards(rewards, G, scale_rewards=scale_rewards)
     # same groups, rows shuffled and ids relabelled non-contiguously
     perm = torch.randperm(n_groups * G, generator=g)
     group_index = (torch.arange(n_groups * G) // G) * 10 + 3
-    adv, base = compute_group_relative_advantages(rewards[perm], group_index[perm], scale_by_std=scale_by_std)
+    adv, base = compute_group_relative_advantages(
+        rewards[perm], group_index[perm], scale_rewards=scale_rewards
+    )
     torch.testing.assert_close(adv, expected_adv[perm])
     torch.testing.assert_close(base, expected_base[perm])
 
@@ -269,3 +276,99 @@ def test_masked_whiten_hand_values_and_no_shift():
 def test_masked_whiten_single_entry_is_finite():
     out = masked_whiten(torch.tensor([[4.0, 2.0]]), torch.tensor([[1, 0]]))
     torch.testing.assert_close(out, torch.zeros(1, 2))
+
+
+# ---------------------------------------------------------------- batch std, RLOO, REINFORCE++, registry
+
+
+def test_batch_std_scales_every_group_by_the_same_std():
+    # the docstring's ragged example: group 0 = (1, 0, 0), group 1 = (5, 3); batch mean 1.8,
+    # std = sqrt((0.64 + 10.24 + 3.24 + 1.44 + 3.24) / 4) = sqrt(4.7) = 2.167948
+    rewards, group_index = [1.0, 5.0, 0.0, 3.0, 0.0], [0, 1, 0, 1, 0]
+    assert batch_std(torch.tensor(rewards)).item() == pytest.approx(math.sqrt(4.7))
+    adv, base = compute_group_relative_advantages(rewards, group_index, scale_rewards="batch", eps=0.0)
+    deviations = torch.tensor([2 / 3, 1.0, -1 / 3, -1.0, -1 / 3])  # R - group mean (1/3 and 4)
+    torch.testing.assert_close(adv, deviations / math.sqrt(4.7))
+    torch.testing.assert_close(base, torch.tensor([1 / 3, 4.0, 1 / 3, 4.0, 1 / 3]))
+
+
+def test_batch_std_of_equal_rewards_gives_zero_advantage_and_unknown_scaling_is_refused():
+    adv, _ = compute_group_relative_advantages(
+        [1.0, 1.0, 1.0, 1.0], [0, 0, 1, 1], scale_rewards="batch", eps=0.0
+    )
+    assert torch.equal(adv, torch.zeros(4))
+    with pytest.raises(ValueError, match="group, batch, none"):
+        compute_group_relative_advantages([1.0, 0.0], [0, 0], scale_rewards="std")
+
+
+def test_batch_std_pools_the_ranks_through_reduce():
+    # this rank holds (1, 0), the other (0, 1); reduce adds the other's count 2, sum 1 and squared
+    # deviations around the shared mean 0.5 (0.25 + 0.25): the std of (1, 0, 0, 1) = sqrt(1 / 3)
+    other_parts = iter([2.0, 1.0, 0.5])
+    std = batch_std(torch.tensor([1.0, 0.0]), reduce=lambda t: t + next(other_parts))
+    assert std.item() == pytest.approx(math.sqrt(1 / 3))
+
+
+def test_rloo_leaves_each_response_out_of_its_baseline():
+    # group 0 = (1, 0, 0, 1): A_0 = 1 - (0 + 0 + 1) / 3 = 2/3, A_1 = 0 - 2/3; group 1 = (3, 1): A = +-2;
+    # group 2 = (5,) alone: 0
+    rewards, group_index = [1.0, 0.0, 3.0, 0.0, 1.0, 5.0, 1.0], [0, 0, 1, 0, 1, 2, 0]
+    adv = compute_rloo_advantages(rewards, group_index)
+    torch.testing.assert_close(adv, torch.tensor([2 / 3, -2 / 3, 2.0, -2 / 3, -2.0, 0.0, 2 / 3]))
+    # = G / (G - 1) times GRPO's unscaled advantage
+    plain, _ = compute_group_relative_advantages(rewards, group_index, scale_rewards="none")
+    torch.testing.assert_close(adv[[0, 1, 3, 6]], plain[[0, 1, 3, 6]] * 4 / 3)
+    assert torch.equal(compute_rloo_advantages([0.5, 0.5, 0.5], [0, 0, 0]), torch.zeros(3))
+
+
+def test_reinforce_plus_plus_whitens_the_return_over_the_batch_tokens():
+    # token returns 1, 1 (row 0) and 0 (row 1): mean 2/3, var = (1/9 + 1/9 + 4/9) / 2 = 1/3
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    adv = compute_reinforce_plus_plus_advantages(torch.tensor([1.0, 0.0]), mask)
+    std = math.sqrt(1 / 3 + 1e-8)
+    torch.testing.assert_close(adv, torch.tensor([[1 / 3 / std, 1 / 3 / std, 0.0], [-2 / 3 / std, 0.0, 0.0]]))
+    # a flat group keeps its signal against the batch (no group baseline)
+    flat = compute_reinforce_plus_plus_advantages(torch.tensor([1.0, 1.0, 0.0]), torch.ones(3, 2))
+    assert (flat[:2] > 0).all() and (flat[2] < 0).all()
+
+
+def inputs(**changes) -> AdvantageInputs:
+    fields = dict(
+        rewards=torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        group_index=torch.tensor([0, 0, 0, 0]),
+        response_mask=torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]]),
+        scale_rewards="none",
+        token_rewards=None,
+        values=None,
+        gamma=None,
+        lam=None,
+        reduce=None,
+    )
+    return AdvantageInputs(**{**fields, **changes})
+
+
+def test_estimators_are_registered_by_verls_names_and_say_what_they_need():
+    assert list(ADV_ESTIMATORS) == ["grpo", "rloo", "reinforce_plus_plus", "gae"]
+    flags = {name: (e.group_relative, e.needs_critic) for name, e in ADV_ESTIMATORS.items()}
+    assert flags == {
+        "grpo": (True, False),
+        "rloo": (True, False),
+        "reinforce_plus_plus": (False, False),
+        "gae": (False, True),
+    }
+    # rewards (1, 0, 0, 1), one group: mean 1/2
+    grpo, _ = ADV_ESTIMATORS["grpo"].compute(inputs())
+    torch.testing.assert_close(grpo, torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    rloo, _ = ADV_ESTIMATORS["rloo"].compute(inputs())
+    torch.testing.assert_close(rloo, torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    rpp, _ = ADV_ESTIMATORS["reinforce_plus_plus"].compute(inputs())
+    assert rpp.shape == (4, 2) and rpp[1, 1] == 0
+    # gae with gamma = lam = 1 is reward-to-go minus value: reward 1 on the last token, values 0.25
+    token_rewards = torch.tensor([[0.0, 1.0]])
+    values = torch.full((1, 2), 0.25)
+    one_row = dict(
+        response_mask=torch.ones(1, 2), token_rewards=token_rewards, values=values, gamma=1.0, lam=1.0
+    )
+    gae, returns = ADV_ESTIMATORS["gae"].compute(inputs(**one_row))
+    torch.testing.assert_close(gae, torch.tensor([[0.75, 0.75]]))
+    torch.testing.assert_close(returns, torch.tensor([[1.0, 1.0]]))

@@ -110,6 +110,10 @@ def test_typo_in_key_is_rejected_by_hydra():
         ("algorithm.loss_scale_factor=0", "algorithm.loss_scale_factor"),
         ("algorithm.kl_kind=k4", "algorithm.kl_kind"),
         ("algorithm.dual_clip=0.5", "algorithm.dual_clip"),
+        ("algorithm.policy_loss=ppo", "algorithm.policy_loss"),
+        ("algorithm.adv_estimator=gae", "algorithm.adv_estimator"),
+        ("algorithm.scale_rewards=std", "algorithm.scale_rewards"),
+        ("algorithm.loss_agg=token_sum", "algorithm.loss_agg"),
         ("algorithm.name=reinforce", "algorithm"),
         ("dynamic_sampling.mode=sometimes", "dynamic_sampling.mode"),
     ],
@@ -157,6 +161,19 @@ def test_bad_settings_fail_naming_the_key(override, key):
         (("algorithm=dapo", "algorithm.overlong_factor=-1"), "algorithm.overlong_factor: must be >= 0"),
         (("algorithm=ppo", "algorithm.entropy_coef=-0.1"), "algorithm.entropy_coef: must be >= 0"),
         (
+            ("algorithm=ppo", "algorithm.adv_estimator=rloo"),
+            "algorithm.adv_estimator: not one of the options: gae",
+        ),
+        (
+            ("algorithm.policy_loss=gspo", "algorithm.dual_clip=3"),
+            "algorithm.dual_clip: bounds the vanilla surrogate only; set it to null for policy_loss=gspo",
+        ),
+        (
+            ("algorithm.adv_estimator=reinforce_plus_plus", "dynamic_sampling=filter"),
+            "dynamic_sampling: filter drops or grows groups of responses and needs a group algorithm, "
+            "not grpo with adv_estimator=reinforce_plus_plus",
+        ),
+        (
             ("algorithm=ppo", "critic.head_init=xavier"),
             "critic.head_init: not one of the options: normal, zeros (got 'xavier')",
         ),
@@ -177,7 +194,15 @@ def test_non_finite_out_of_range_and_ignored_values_fail_naming_the_key(override
     [
         (("optim.lr=abc",), "optim.lr: must be a number (got abc)"),
         (("model.lora.r=2.5",), "model.lora.r: must be an integer (got 2.5)"),
-        (("algorithm.scale_by_std=maybe",), "algorithm.scale_by_std: must be true or false (got maybe)"),
+        (
+            ("algorithm.overlong_filter=maybe", "algorithm=dapo"),
+            "algorithm.overlong_filter: must be true or false (got maybe)",
+        ),
+        (
+            ("algorithm.scale_by_std=false",),
+            "algorithm.scale_by_std: renamed to algorithm.scale_rewards (true = group, false = none) "
+            "(got false)",
+        ),
         (("task=countdown", "task.num_train=x"), "task.num_train: must be an integer (got x)"),
         (
             ("model.lora.target_modules=q_proj",),
@@ -270,9 +295,10 @@ def test_comparison_presets_are_found():
 
 @pytest.mark.parametrize("preset", ["compare", "compare_tiny", "compare_tokens", "dapo_ablation"])
 def test_every_arm_and_algorithm_of_a_comparison_makes_the_same_policy_updates(preset):
-    # every algorithm, and every arm of the preset's sweep (which select algorithms and variants)
+    # every algorithm, and every arm (which select algorithms and variants), in the preset's sweep or not
     arms = str(compose_train(f"experiment={preset}", hydra=True).hydra.sweeper.params.arm).split(",")
-    variants = [f"algorithm={a}" for a in ("ppo", "grpo", "dapo")] + [f"arm={arm}" for arm in arms]
+    assert set(arms) <= set(options("arm"))
+    variants = [f"algorithm={a}" for a in ("ppo", "grpo", "dapo")] + [f"arm={arm}" for arm in options("arm")]
     budgets = {}
     for variant in variants:
         cfg = compose_train(variant, f"experiment={preset}")
@@ -300,13 +326,41 @@ def test_the_update_budget_counts_the_critic_warm_up():
 def test_arms_set_their_name_and_what_makes_them():
     cfg = compose_train("arm=drgrpo")
     a = cfg.algorithm
-    assert (cfg.arm, a.name, a.scale_by_std, a.loss_agg) == (
+    assert (cfg.arm, a.name, a.scale_rewards, a.loss_agg) == (
         "drgrpo",
         "grpo",
-        False,
+        "none",
         "seq-mean-token-sum-norm",
     )
     assert compose_train().arm == "grpo" and compose_train("algorithm=ppo").arm == "ppo"
+
+
+@pytest.mark.parametrize(
+    "arm, settings",
+    [
+        # GSPO's clip range (arXiv:2507.18071, Sec. 5.1) and its sequence-level aggregation
+        (
+            "gspo",
+            {"policy_loss": "gspo", "clip_low": 3e-4, "clip_high": 4e-4, "loss_agg": "seq-mean-token-mean"},
+        ),
+        # CISPO: no lower bound (the paper), the cap 1.2 of verl's example, token-mean (Eq. 4)
+        ("cispo", {"policy_loss": "cispo", "clip_low": 1.0, "clip_high": 0.2, "loss_agg": "token-mean"}),
+        ("rloo", {"adv_estimator": "rloo", "policy_loss": "vanilla", "scale_rewards": "group"}),
+        ("reinforce_pp", {"adv_estimator": "reinforce_plus_plus", "policy_loss": "vanilla"}),
+        ("grpo_batch_std", {"adv_estimator": "grpo", "scale_rewards": "batch", "policy_loss": "vanilla"}),
+    ],
+)
+def test_new_arms_are_grpo_with_their_settings(arm, settings):
+    cfg = compose_train(f"arm={arm}")
+    validate(cfg)
+    algo = build_algorithm(cfg.algorithm)
+    assert cfg.arm == arm and algo.name == "grpo"
+    assert {key: getattr(algo, key) for key in settings} == settings
+    # everything else is the GRPO preset's
+    grpo = build_algorithm(compose_train().algorithm)
+    assert {k: v for k, v in vars(algo).items() if k not in settings} == {
+        k: v for k, v in vars(grpo).items() if k not in settings
+    }
 
 
 def test_dapo_ladder_adds_one_technique_per_rung():
@@ -329,7 +383,7 @@ def test_dapo_ladder_adds_one_technique_per_rung():
             "loss_agg": a.loss_agg,
             "dynamic_sampling": cfg.dynamic_sampling.mode,
             "kl_coef": a.kl_coef,
-            "scale_by_std": a.scale_by_std,
+            "scale_rewards": a.scale_rewards,
         }
 
     ladder = [switches(rung) for rung in rungs]
@@ -340,7 +394,7 @@ def test_dapo_ladder_adds_one_technique_per_rung():
         "loss_agg": "seq-mean-token-mean",
         "dynamic_sampling": "disabled",
         "kl_coef": 0.0,
-        "scale_by_std": True,
+        "scale_rewards": "group",
     }
     added = ["overlong_filter", "clip_high", "overlong_shaping", "loss_agg", "dynamic_sampling"]
     for i, key in enumerate(added, start=1):
@@ -350,7 +404,7 @@ def test_dapo_ladder_adds_one_technique_per_rung():
     dapo = switches("dapo")
     assert ladder[-1] == {**dapo, "overlong_filter": True}
     drgrpo = switches("dapo0_drgrpo")
-    assert drgrpo == {**ladder[0], "scale_by_std": False, "loss_agg": "seq-mean-token-sum-norm"}
+    assert drgrpo == {**ladder[0], "scale_rewards": "none", "loss_agg": "seq-mean-token-sum-norm"}
 
 
 def test_overlong_penalty_has_the_papers_weight_relative_to_the_reward():

@@ -5,10 +5,16 @@ import torch
 
 from common.losses import (
     AGG_MODES,
+    POLICY_LOSSES,
     aggregate_loss,
     aggregation_denominator,
+    batch_policy_loss,
+    cispo_policy_loss,
     entropy_from_logits,
+    get_policy_loss_fn,
+    gspo_policy_loss,
     policy_loss,
+    register_policy_loss,
     value_loss,
 )
 
@@ -24,6 +30,7 @@ X = 99.0  # junk under mask 0
         ("seq-mean-token-mean", 1.5),  # (2/2 + 2/1) / 2 rows
         ("seq-mean-token-sum", 2.0),  # (2 + 2) / 2 rows
         ("seq-mean-token-sum-norm", 0.5),  # (2 + 2) / (2 rows * C), C = 4
+        ("token-sum", 4.0),  # 1 + 1 + 2, no normaliser (verl's token-sum)
     ],
 )
 def test_aggregate_loss_hand_values(mode, expected):
@@ -41,6 +48,7 @@ def test_aggregate_loss_hand_values(mode, expected):
         ("seq-mean-token-mean", 1.0),  # (2/2) / 1 row: the empty row is left out, as in verl's agg_loss
         ("seq-mean-token-sum", 2.0),  # 2 / 1 row
         ("seq-mean-token-sum-norm", 1.0),  # 2 / (1 row * C), C = 2 (the mask's width when not given)
+        ("token-sum", 2.0),  # 1 + 1
     ],
 )
 def test_aggregate_loss_fully_masked_row(mode, expected):
@@ -124,6 +132,8 @@ def full_batch_denominator(mask, mode):
     # by hand: tokens, or rows holding a token (times C = T for the -norm mode, its fallback)
     if mode == "token-mean":
         return float(mask.sum())
+    if mode == "token-sum":
+        return 1.0
     rows = float(mask.any(dim=1).sum())
     return rows * mask.shape[1] if mode == "seq-mean-token-sum-norm" else rows
 
@@ -139,9 +149,9 @@ def test_aggregate_loss_micro_batches_sum_to_full_batch(mode):
         aggregate_loss(lm, m, mode, denom) for lm, m in zip(loss_mat.chunk(4), mask.chunk(4), strict=True)
     )
     torch.testing.assert_close(micro, full)
-    # without the shared denominator the micro-batch means do not add up to the full loss
+    # without the shared denominator the micro-batch means do not add up to the full loss (sums do)
     naive = sum(aggregate_loss(lm, m, mode) for lm, m in zip(loss_mat.chunk(4), mask.chunk(4), strict=True))
-    assert not torch.allclose(naive, full)
+    assert torch.allclose(naive, full) == (mode == "token-sum")
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -335,9 +345,153 @@ def test_aggregation_denominator_counts_tokens_or_rows():
     assert aggregation_denominator(mask, "seq-mean-token-mean") == 2.0
     assert aggregation_denominator(mask, "seq-mean-token-sum") == 2.0
     assert aggregation_denominator(mask, "seq-mean-token-sum-norm", loss_scale_factor=48) == 96.0
+    # a sum has no normaliser: 0, which callers read as 1 (also once summed over ranks)
+    assert aggregation_denominator(mask, "token-sum") == 0.0
     # an all-masked batch counts 0 (the trainer clamps the sum over ranks); aggregate_loss gives 0
     assert aggregation_denominator(torch.zeros(2, 3), "token-mean") == 0.0
     with pytest.raises(ValueError, match="loss_scale_factor"):
         aggregation_denominator(mask, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="token-mean"):
         aggregation_denominator(mask, "mean")
+
+
+# ---------------------------------------------------------------- registry, GSPO, CISPO
+
+
+def test_policy_losses_are_registered_by_name():
+    assert list(POLICY_LOSSES) == ["vanilla", "gspo", "cispo"]
+    assert get_policy_loss_fn("gspo") is gspo_policy_loss and get_policy_loss_fn("vanilla") is policy_loss
+    with pytest.raises(ValueError, match="unknown policy loss 'ppo'; expected one of vanilla, gspo, cispo"):
+        get_policy_loss_fn("ppo")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_policy_loss("cispo")(cispo_policy_loss)
+
+
+def gspo_batch():
+    """3 responses, old log-probs -1; log-ratios per row (x = masked junk):
+    row 0  A = 2   [0.1, -0.1, x]     s = exp(0)   = 1          inside the clip range
+    row 1  A = -1  [0.3, 0.3, 0.3]    s = exp(0.3) = 1.349859   above it, but A < 0: not clipped
+    row 2  A = 1   [0.3, 0.3, x]      s = exp(0.3) = 1.349859   above it with A > 0: clipped
+    """
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    log_ratio = torch.tensor([[0.1, -0.1, X], [0.3, 0.3, 0.3], [0.3, 0.3, X]])
+    old_logprob = torch.full((3, 3), -1.0)
+    return (old_logprob + log_ratio).requires_grad_(True), old_logprob, torch.tensor([2.0, -1.0, 1.0]), mask
+
+
+def test_gspo_hand_values_and_gradient():
+    logprob, old_logprob, advantages, mask = gspo_batch()
+    loss, stats = gspo_policy_loss(logprob, old_logprob, advantages, mask, clip_low=0.2, clip_high=0.2)
+    # row losses: -A s = -2; max(1.349859, 1.2) = 1.349859; max(-1.349859, -1.2) = -1.2
+    # seq-mean-token-mean: (-2 + 1.349859 - 1.2) / 3 = -0.616714
+    torch.testing.assert_close(loss, torch.tensor((-2 + math.exp(0.3) - 1.2) / 3))
+    loss.backward()
+    # d loss / d logprob_t = -A * s_i / |y_i| / 3 rows when unclipped, 0 when clipped:
+    # row 0: -2 * 1 / 2 / 3 = -1/3; row 1: 1.349859 / 3 / 3 = 0.149984; row 2: 0
+    expected = torch.tensor([[-1 / 3, -1 / 3, 0.0], [math.exp(0.3) / 9] * 3, [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(logprob.grad, expected)
+    # row 2's 2 tokens of 7 are clipped (high); approx_kl = -(0 + 0.9 + 0.6) / 7
+    assert stats["clipfrac"] == pytest.approx(2 / 7) and stats["clipfrac_high"] == pytest.approx(2 / 7)
+    assert stats["clipfrac_low"] == 0.0
+    assert stats["approx_kl"] == pytest.approx(-1.5 / 7)
+    assert stats["ratio_max"] == pytest.approx(math.exp(0.3))
+
+
+def test_gspo_token_form_is_the_sequence_objective():
+    # GSPO's objective on s_i(theta) = exp(mean_t (logprob - old)), differentiated by autograd, has the
+    # same value and gradient as the token form with one advantage per response (the paper's GSPO-token)
+    logprob, old_logprob, advantages, mask = ragged_batch(3)
+    leaf = logprob.clone().requires_grad_(True)
+    loss, _ = gspo_policy_loss(leaf, old_logprob, advantages, mask, clip_low=0.1, clip_high=0.15)
+    loss.backward()
+    seq = leaf.detach().clone().requires_grad_(True)
+    lengths = mask.sum(1)
+    rows = lengths > 0
+    s = torch.exp(torch.where(mask, seq - old_logprob, 0.0).sum(1)[rows] / lengths[rows])
+    A = advantages[rows]
+    expected = torch.maximum(-A * s, -A * s.clamp(0.9, 1.15)).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(leaf.grad, seq.grad)
+    assert leaf.grad.abs().sum() > 0
+
+
+def cispo_token():
+    # one response of 3 tokens, A = 2: logprob - old = (0.5, -1, 0) -> r = (1.648721, 0.367879, 1)
+    logprob = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    return logprob, torch.tensor([[-1.5, -1.0, -0.5]]), torch.tensor([2.0]), torch.ones(1, 3)
+
+
+def test_cispo_hand_values_and_gradient_also_where_clipped():
+    logprob, old_logprob, advantages, mask = cispo_token()
+    loss, stats = cispo_policy_loss(logprob, old_logprob, advantages, mask, clip_low=0.2, clip_high=0.2)
+    # weights clip(r, 0.8, 1.2) = (1.2, 0.8, 1); L = -w * A * logprob = (2.4, 3.2, 1.0); token-mean 6.6 / 3
+    torch.testing.assert_close(loss, torch.tensor(2.2))
+    loss.backward()
+    # d L / d logprob = -w * A / 3 tokens: nonzero on the two clipped tokens too (PPO's would be 0 there)
+    torch.testing.assert_close(logprob.grad, torch.tensor([[-0.8, -1.6 / 3, -2 / 3]]))
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    assert stats["clipfrac_low"] == pytest.approx(1 / 3) and stats["clipfrac_high"] == pytest.approx(1 / 3)
+
+
+def test_cispo_with_clip_low_one_bounds_only_the_top_as_the_paper():
+    logprob, old_logprob, advantages, mask = cispo_token()
+    loss, stats = cispo_policy_loss(logprob, old_logprob, advantages, mask, clip_low=1.0, clip_high=0.2)
+    loss.backward()
+    # weights (1.2, 0.367879, 1): the low ratio is kept as it is; gradient -w * 2 / 3
+    torch.testing.assert_close(logprob.grad, torch.tensor([[-0.8, -2 * math.exp(-1.0) / 3, -2 / 3]]))
+    assert stats["clipfrac_low"] == 0.0 and stats["clipfrac"] == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("name", ["gspo", "cispo"])
+def test_new_losses_ignore_junk_under_mask_and_take_token_weights(name):
+    logprob, old_logprob, advantages, mask = ragged_batch(4)
+    fn = get_policy_loss_fn(name)
+    leaf = logprob.clone().requires_grad_(True)
+    loss, stats = fn(leaf, old_logprob, advantages, mask, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+    junk = torch.where(mask, logprob, float("inf")).requires_grad_(True)
+    loss_junk, stats_junk = fn(
+        junk, torch.where(mask, old_logprob, -float("inf")), advantages, mask, 0.2, 0.28
+    )
+    loss_junk.backward()
+    torch.testing.assert_close(loss_junk, loss)
+    torch.testing.assert_close(junk.grad, leaf.grad)
+    assert stats_junk == stats
+    # constant weights 2 on every token double the loss
+    doubled, _ = fn(
+        logprob, old_logprob, advantages, mask, 0.2, 0.28, token_weights=torch.full(mask.shape, 2.0)
+    )
+    torch.testing.assert_close(doubled, 2 * loss.detach())
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("name", ["gspo", "cispo"])
+def test_new_losses_micro_batches_match_full_batch(name, mode):
+    logprob, old_logprob, advantages, mask = ragged_batch(5)
+    fn = get_policy_loss_fn(name)
+    leaf = logprob.clone().requires_grad_(True)
+    full, _ = fn(leaf, old_logprob, advantages, mask, clip_low=0.2, clip_high=0.28, agg=mode)
+    full.backward()
+    full_grad, leaf.grad = leaf.grad.clone(), None
+    denom = full_batch_denominator(mask, mode)
+    total = torch.tensor(0.0)
+    for idx in torch.arange(mask.shape[0]).chunk(4):
+        loss, _ = fn(
+            leaf[idx], old_logprob[idx], advantages[idx], mask[idx], 0.2, 0.28, mode, denominator=denom
+        )
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, full.detach())
+    torch.testing.assert_close(leaf.grad, full_grad)
+
+
+def test_batch_policy_loss_picks_the_loss_by_name():
+    logprob, old_logprob, advantages, mask = cispo_token()
+    batch = {"advantages": advantages, "loss_mask": mask, "old_logprob": old_logprob}
+    common = dict(clip_low=0.2, clip_high=0.2, agg="token-mean", dual_clip=None, denominator=None)
+    loss, _ = batch_policy_loss(batch, logprob, policy_loss="cispo", **common)
+    torch.testing.assert_close(loss, torch.tensor(2.2))
+    vanilla, _ = batch_policy_loss(batch, logprob, policy_loss="vanilla", **common)
+    # -min(r A, clip(r) A) per token: (-2.4, -0.735759, -2); token-mean -1.711920
+    torch.testing.assert_close(vanilla, torch.tensor((-2.4 - 2 * math.exp(-1.0) - 2) / 3))
