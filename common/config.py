@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 # the one-line error and its helpers, defined with the whole-config checks and imported from here
 from common.config_checks import ConfigError, as_config_error, require, require_option  # noqa: F401
 from common.distributed import launched_world_size
-from common.rollout.base import ROLLOUT_DTYPES
+from common.precision import ROLLOUT_DTYPE_SETTINGS
 from common.rollout.engine import ENGINES
 from common.rollout.prepack import PREPACK_MODES
 
@@ -132,7 +132,7 @@ class TrainerConfig:
     portable_numerics: bool
     ddp_backend: str
     zero_stage: int
-    bf16: bool
+    bf16: Any  # true / false / auto (common.precision: measured once per run); checked below
     packed_forward: bool
     chunked_logprobs: bool
     log_rollout_mismatch: bool
@@ -177,6 +177,18 @@ class TrainerConfig:
             "SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
         )
         require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
+        require(  # not `in (True, False, "auto")`, which would take 1 and 0 for true and false
+            isinstance(self.bf16, bool) or self.bf16 == "auto",
+            "trainer.bf16",
+            "not one of the options: true, false, auto",
+            self.bf16,
+        )
+        require(
+            self.zero_stage < 2 or self.bf16 != "auto",
+            "trainer.bf16",
+            "auto is not measured on FSDP-sharded weights (trainer.zero_stage 2 or 3): use true or false",
+            self.bf16,
+        )
         require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
         for key in (
             "eval_every",
@@ -242,7 +254,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         require(self.group_size >= 1, "rollout.group_size", "must be >= 1", self.group_size)
         require_option("rollout.prepack_linears", self.prepack_linears, PREPACK_MODES)
-        require_option("rollout.dtype", self.dtype, ROLLOUT_DTYPES)
+        require_option("rollout.dtype", self.dtype, ROLLOUT_DTYPE_SETTINGS)
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1", self.max_new_tokens)
         require(
             0 <= self.min_new_tokens <= self.max_new_tokens,
@@ -463,8 +475,8 @@ class TrainConfig:
             ("rollout.dtype", self.rollout.dtype, "float32"),
             ("rollout.prepack_linears", self.rollout.prepack_linears, "auto"),
         ):
-            require(
-                not t.portable_numerics or value in (fp32, "never"),
+            require(  # auto: float32 under portable numerics (common.precision)
+                not t.portable_numerics or value in (fp32, "never", "auto"),
                 key,
                 "trainer.portable_numerics=true pins float32 MKL kernels; bf16 and prepacked linears "
                 "run oneDNN's",

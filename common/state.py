@@ -123,6 +123,7 @@ class Resumable:
     critic: Critic | None
     generator: torch.Generator
     dist: DistContext = SINGLE
+    precision: dict[str, Any] | None = None  # trainer.bf16 / rollout.dtype as resolved (common.precision)
 
     def _rng_state(self) -> dict[str, Any]:
         return {
@@ -164,6 +165,7 @@ class Resumable:
             "data": now["data"],
             "algorithm": now["algorithm"],
             "wandb_run_id": run_id,
+            "precision": self.precision,
         }
         if self.critic is not None:
             state["critic"] = model_state_dict(self.critic.model, self.dist)

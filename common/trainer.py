@@ -100,6 +100,7 @@ class RunContext:
     flat_groups: FlatGroups | None = None
     critic: Critic | None = None
     dist: DistContext = SINGLE
+    precision: dict[str, Any] | None = None  # common.precision's choice, carried in every checkpoint
 
 
 def rollout_metrics(samples: Samples, group_size_hint: int) -> dict[str, float]:
@@ -416,7 +417,7 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     eval_examples = ctx.task.test[: settings.trainer.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
     resumable = Resumable(
-        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist
+        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist, ctx.precision
     )
     loop = LoopState() if resume_state is None else resumable.load_state_dict(resume_state)
     if resume_state is not None:

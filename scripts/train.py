@@ -56,6 +56,7 @@ from common.distributed import (
 from common.logging import LogWriteError, RunLogger, WandbInit
 from common.models import ModelLoadError, make_reference
 from common.numerics import pin_portable_numerics
+from common.precision import PrecisionChoice, Workload, record_precision, resolve_precision
 from common.provenance import record_start
 from common.rollout.base import PromptTooLongError
 from common.rollout.engine import RolloutEngine
@@ -220,16 +221,18 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     resumed run continues from (None for a fresh run)."""
     device = resolve_device(cfg.trainer.device, dist)
     algo = build_algorithm(cfg.algorithm)
-    settings = build_settings(cfg)
     task = build_task_from(cfg)
     log.info("task %s: %d train / %d held-out prompts", cfg.task.name, len(task.train), len(task.test))
     model, tokenizer, reference = build_models(cfg, algo, device)
+    # the critic copies the initial policy's body before a resumed run loads the checkpoint's
+    # weights (they replace its own), as the reference keeps the initial policy as the KL anchor;
+    # bf16 matters only to FSDP (zero_stage 2-3), where trainer.bf16=auto is refused
+    critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, cfg.trainer.bf16 is True))
+    resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
+    precision = choose_precision(cfg, model, run_dir, resume_state, dist)
+    settings = build_settings(cfg)
     engine = build_rollout(cfg, model, tokenizer)
     check_prompt_lengths(engine, task, cfg.task.name)
-    # the critic copies the initial policy's body before a resumed run loads the checkpoint's
-    # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
-    critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.trainer.bf16))
-    resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
     policy = wrap_model(model, dist, settings.trainer.bf16)  # FSDP: the same module, its weights sharded
@@ -264,8 +267,31 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
         flat_groups=build_flat_groups(cfg),
         critic=critic,
         dist=dist,
+        precision=precision.to_state(),
     )
     return ctx, resume_state
+
+
+def choose_precision(
+    cfg: DictConfig, model: torch.nn.Module, run_dir: Path, resume_state: dict | None, dist: DistContext
+) -> PrecisionChoice:
+    """trainer.bf16 and rollout.dtype with auto resolved (common.precision), written into cfg for
+    everything built after: the checkpoint's recorded choice on a resume, else rank 0's measurement
+    on a small micro-batch (at most 4 rows x 32 tokens) and one decode step's rows (batch_size x
+    group_size), shared with every rank."""
+    t, r = cfg.trainer, cfg.rollout
+    recorded = (resume_state or {}).get("precision")
+    choice = None
+    if dist.is_main:
+        workload = Workload(
+            min(t.micro_batch_size, 4), min(r.max_new_tokens, 32), t.batch_size * r.group_size
+        )
+        choice = resolve_precision(t.bf16, r.dtype, model, workload, t.portable_numerics, recorded)
+        record_precision(choice, run_dir, resumed=recorded is not None)
+    choice = dist.broadcast_object(choice)
+    OmegaConf.update(cfg, "trainer.bf16", choice.bf16)
+    OmegaConf.update(cfg, "rollout.dtype", choice.rollout_dtype)
+    return choice
 
 
 def make_logger(cfg: DictConfig, run_dir: Path, resume_state: dict | None) -> RunLogger:
