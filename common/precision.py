@@ -211,4 +211,5 @@ def record_precision(choice: PrecisionChoice, run_dir: Path, resumed: bool) -> N
     log.info("precision%s: %s", " (recorded, not measured again)" if resumed else "", choice.summary())
     path = run_dir / PRECISION_FILE
     if not (resumed and path.exists()):
+        run_dir.mkdir(parents=True, exist_ok=True)  # Hydra makes it first; a run built by hand may not
         path.write_text(json.dumps(choice.to_state(), indent=2) + "\n")
