@@ -173,7 +173,11 @@ class Resumable:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> LoopState:
-        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint)."""
+        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint), except
+        the learning rates: the optimizers' groups keep the ones this run was configured with
+        (optim.lr, critic.lr; `follow_learning_rates`), a resume's change of them applied."""
+        policy_lrs = configured_lrs(self.optimizer)
+        critic_lrs = configured_lrs(self.critic.optimizer) if self.critic is not None else []
         try:
             load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             if self.critic is not None:
@@ -182,6 +186,9 @@ class Resumable:
         except DistributedError as err:
             raise CheckpointError(f"resume: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
+        follow_learning_rates(self.optimizer, policy_lrs, self.scheduler)
+        if self.critic is not None:
+            follow_learning_rates(self.critic.optimizer, critic_lrs)
         self.stream.load_state_dict(state["data"])
         self.algo.load_state_dict(state["algorithm"])
         rng = state["rng"]
@@ -204,3 +211,27 @@ class Resumable:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["update"])
         return LoopState(**state["loop"])
+
+
+def configured_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each param group's base learning rate as built from the config (a scheduler keeps it in
+    "initial_lr" and scales "lr" from it)."""
+    return [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+
+
+def follow_learning_rates(
+    optimizer: torch.optim.Optimizer, lrs: list[float], scheduler: Any | None = None
+) -> None:
+    """Give `optimizer`'s groups the base learning rates `lrs` after a checkpoint's optimizer and
+    scheduler states replaced them, at the scheduler's current step: lr = base x lambda(step) for a
+    LambdaLR (the warm-up from the config), else the base itself.
+
+    Example: base 1e-4, warm-up over 2 steps, scheduler at step 1: lr = 1e-4 x min(1, 2/2) = 1e-4.
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lambdas[i](scheduler.last_epoch) if lambdas else lr
+    if scheduler is not None:
+        scheduler.base_lrs = list(lrs)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr reads

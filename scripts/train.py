@@ -12,6 +12,7 @@ common.trainer.RunContext and calls common.trainer.train with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ from common.models import ModelLoadError, make_reference
 from common.provenance import record_start
 from common.rollout.base import PromptTooLongError
 from common.rollout.engine import RolloutEngine
+from common.run_folder import check_identity, run_folder_lock, run_identity
 from common.sampling import DynamicSamplingError
 from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import Task, TaskError
@@ -161,18 +163,36 @@ def sweep_num_threads(hydra_cfg: DictConfig, cores: int) -> int | None:
     return max(1, cores // jobs)
 
 
+def claim_run_folder(cfg: DictConfig, run_dir: Path, dist: DistContext) -> contextlib.ExitStack:
+    """Rank 0 locks the run folder for the run and checks the run's identity against the one it
+    recorded (common.run_folder); its one-line ConfigError is raised on every rank. Returns the lock,
+    to hold with `with`."""
+    lock, error = contextlib.ExitStack(), None
+    if dist.is_main:
+        try:
+            lock.enter_context(run_folder_lock(run_dir))
+            check_identity(cfg.resume, run_dir, run_identity(OmegaConf.to_container(cfg, resolve=True)))
+        except ConfigError as err:
+            lock.close()
+            error = str(err)
+    if (error := dist.broadcast_object(error)) is not None:
+        raise ConfigError(error)
+    return lock
+
+
 def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    ctx, resume_state = build_context(cfg, run_dir, dist)
-    exit_code = 1
-    try:
-        metrics = train(ctx, resume_state)
-        exit_code = 0
-    finally:
-        if ctx.logger is not None:
-            ctx.logger.finish(exit_code)
+    with claim_run_folder(cfg, run_dir, dist):
+        ctx, resume_state = build_context(cfg, run_dir, dist)
+        exit_code = 1
+        try:
+            metrics = train(ctx, resume_state)
+            exit_code = 0
+        finally:
+            if ctx.logger is not None:
+                ctx.logger.finish(exit_code)
     return metrics
 
 
