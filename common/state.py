@@ -1,6 +1,7 @@
 """What lets a run stop between two steps and resume exactly: the state a checkpoint carries
 besides the policy weights (`Resumable`: optimizers, scheduler, RNG streams, data position,
-algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl-C / SIGTERM.
+algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl-C and the
+checkpoint signals (trainer.checkpoint_signals).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import copy
 import logging
 import random
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,12 @@ log = logging.getLogger("rl_lab")
 
 
 class RunInterruptedError(Exception):
-    """Ctrl-C or SIGTERM: the current step was finished and checkpointed at `path`."""
+    """Ctrl-C or a checkpoint signal (`StopRequest`): the current step was finished and checkpointed
+    at `path`; `signum` is the signal that asked for it."""
 
-    def __init__(self, step: int, path: Path) -> None:
+    def __init__(self, step: int, path: Path, signum: int | None = None) -> None:
         super().__init__(f"interrupted after step {step}; checkpoint saved to {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, signum
 
 
 class RunAbortedError(RuntimeError):
@@ -72,24 +75,42 @@ class CheckpointWriteError(RunAbortedError):
 
 
 class StopRequest:
-    """First Ctrl-C / SIGTERM: finish the current step, checkpoint, stop. A second one stops at once.
+    """First Ctrl-C or checkpoint signal (trainer.checkpoint_signals: SIGTERM, SIGUSR1, ...): finish the
+    current step, checkpoint, stop. A second one stops at once, except while a checkpoint is written
+    (`writing`): the write finishes first, so a signal never leaves a run without its checkpoint.
 
     A step is never cut in half, so the checkpoint is exactly the state after a completed step and
     a resumed run continues as if nothing had happened.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: Sequence[str] = ("SIGTERM",)) -> None:
+        self.signals = dict.fromkeys((signal.SIGINT, *(signal.Signals[name] for name in signals)))
         self.requested = False
+        self.signum: int | None = None  # the first signal received
+        self._writing = False
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        name = signal.Signals(signum).name
+        if self.requested and self._writing:
+            log.warning("%s received: the checkpoint being written is finished first", name)
+        elif self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s received: stopping after this step (again to stop now)", signal.Signals(signum).name)
+        else:
+            self.requested, self.signum = True, signum
+            log.warning("%s received: stopping after this step (again to stop now)", name)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A checkpoint write: no signal cuts it short."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.signals:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self

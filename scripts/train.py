@@ -17,7 +17,9 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from common.checkpoint import (
     load_checkpoint,
     load_newest,
     resume_candidates,
+    set_aside_newer,
 )
 from common.config import as_config_error
 from common.distributed import (
@@ -105,12 +108,15 @@ def load_resume_state(
     else:
         path = Path(resume)
         state = load_checkpoint(path, model)
+        if dist.is_main:  # the run goes on from this step: what came after it is out of resume=auto's way
+            set_aside_newer(run_dir, path, state["step"])
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command line that continues this run."""
+    """The command line that continues this run, each word quoted for a POSIX shell where it needs it
+    (a folder with a space: `'hydra.run.dir=/runs/my run'`)."""
     overrides = [
         o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "resume="))
     ]
@@ -118,7 +124,17 @@ def resume_command(run_dir: Path) -> str:
     launcher = (
         f"torchrun --nproc_per_node {world} -m scripts.train" if world > 1 else "python -m scripts.train"
     )
-    return " ".join([launcher, *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
+    words = [*overrides, f"hydra.run.dir={run_dir}", "resume=auto"]
+    return " ".join([launcher, *(shlex.quote(w) for w in words)])
+
+
+def hand_on_signal(signum: int | None) -> None:
+    """After the checkpoint a signal asked for: call the handler that held the signal before the run
+    (under hydra/launcher=slurm, submitit's own: on its USR2 warning it requeues the job, which then
+    resumes with resume=auto: hydra_plugins/rl_lab_launchers); nothing for Ctrl-C or a default handler."""
+    handler = signal.getsignal(signum) if signum is not None else None
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 def shared_run_dir(run_dir: Path, dist: DistContext) -> Path:
@@ -244,6 +260,8 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     # weights (they replace its own), as the reference keeps the initial policy as the KL anchor
     critic = build_critic_for(algo, model, cfg, wrap=lambda m: wrap_model(m, dist, settings.trainer.bf16))
     resume_state = load_resume_state(cfg.resume, run_dir, model, dist)
+    if resume_state is not None and engine.syncs_weights:  # vLLM copied the start weights when built
+        engine.sync_weights(model)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
     policy = wrap_model(model, dist, settings.trainer.bf16)  # FSDP: the same module, its weights sharded
@@ -372,6 +390,7 @@ def main(cfg: DictConfig) -> float:
     except RunInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun
             print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
+        hand_on_signal(err.signum)
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"stopped; the last checkpoint, if any, is in {run_dir / 'checkpoints'}", file=sys.stderr)

@@ -106,3 +106,45 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache
     straight = tmp_path / "straight"
     run(compose_train(*common, f"trainer.max_steps={done + 2}"), straight)
     assert_same_run(straight, run_dir, list(range(1, done + 3)))
+
+
+class SyncRecorder:
+    """A rollout engine that keeps its own copy of the weights, as vLLM does: records each weight sync
+    (the first weight's name and sum) and each sampling call; the rest is the real engine's."""
+
+    syncs_weights = True
+
+    def __init__(self, engine, events: list) -> None:
+        self._engine, self._events = engine, events
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        name, weight = next(iter(model.named_parameters()))
+        self._events.append(("sync", name, weight.detach().sum().item()))
+
+    def sample(self, *args, **kwargs):
+        self._events.append(("sample",))
+        return self._engine.sample(*args, **kwargs)
+
+
+def test_an_engine_with_its_own_weights_gets_the_checkpoints_before_it_samples(
+    tmp_path, cache_dir, monkeypatch
+):
+    """rollout.engine=vllm builds its copy of the weights from the start weights: on resume the
+    checkpoint's weights must reach it before the first rollout (vLLM is not installed here: a fake
+    engine records the order of calls)."""
+    import scripts.train as train_module
+
+    events: list = []
+    build = train_module.build_rollout
+    monkeypatch.setattr(train_module, "build_rollout", lambda *a, **k: SyncRecorder(build(*a, **k), events))
+    common = (*TINY, "trainer.save_every=1", f"paths.cache_dir={cache_dir}")
+    run(compose_train(*common, "trainer.max_steps=1"), tmp_path)
+    saved = load_file(tmp_path / "checkpoints" / "final" / "model.safetensors")
+    events.clear()
+    run(compose_train(*common, "trainer.max_steps=2", "resume=auto"), tmp_path)
+    kind, name, total = events[0]
+    assert kind == "sync" and total == pytest.approx(saved[name].sum().item()), events[:3]
+    assert events[1] == ("sample",)
