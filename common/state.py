@@ -30,6 +30,7 @@ from common.distributed import (
     model_state_dict,
     optimizer_state_dict,
 )
+from common.rollout.prepack import PrepackPolicy
 from common.sampling import PromptStream
 from common.update import Critic
 
@@ -144,6 +145,7 @@ class Resumable:
     critic: Critic | None
     generator: torch.Generator
     dist: DistContext = SINGLE
+    prepack: PrepackPolicy | None = None  # the decode engine's kernel choice, kept for the whole run
 
     def _rng_state(self) -> dict[str, Any]:
         return {
@@ -186,6 +188,8 @@ class Resumable:
             "algorithm": now["algorithm"],
             "wandb_run_id": run_id,
         }
+        if self.prepack is not None:
+            state["rollout"] = self.prepack.state_dict()
         if self.critic is not None:
             state["critic"] = model_state_dict(self.critic.model, self.dist)
             state["critic_optimizer"] = optimizer_state_dict(
@@ -212,6 +216,8 @@ class Resumable:
             follow_learning_rates(self.critic.optimizer, critic_lrs)
         self.stream.load_state_dict(state["data"])
         self.algo.load_state_dict(state["algorithm"])
+        if self.prepack is not None:
+            self.prepack.load_state_dict(state.get("rollout", {}))
         rng = state["rng"]
         rank_rng = state.get("rank_rng") or [rng]
         if len(rank_rng) == self.dist.world_size:

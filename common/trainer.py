@@ -387,8 +387,9 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     stream = PromptStream(ctx.task.train, settings.seed)
     eval_examples = ctx.task.test[: settings.trainer.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
+    prepack = getattr(ctx.engine, "prepack", None)  # the decode engine's kernel choice
     resumable = Resumable(
-        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist
+        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist, prepack
     )
     loop = LoopState() if resume_state is None else resumable.load_state_dict(resume_state)
     if resume_state is not None:
