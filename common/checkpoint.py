@@ -255,8 +255,9 @@ def load_newest(candidates: list[Path], model: torch.nn.Module) -> tuple[Path, d
         except UnreadableCheckpointError as err:
             log.warning("%s; trying the next newest checkpoint", err)
     raise CheckpointError(
-        f"resume=auto: none of the {len(candidates)} checkpoints in {candidates[0].parent} can be read; "
-        "remove them to start afresh, or choose one with resume=PATH"
+        f"resume=auto: none of the {len(candidates)} checkpoints in {candidates[0].parent} can be read "
+        "into this model (the warnings above say why); resume with the run's model settings, choose a "
+        "checkpoint with resume=PATH, or start a new run in another folder (another hydra.run.dir)"
     )
 
 

@@ -135,6 +135,25 @@ def holds_run(run_dir: Path) -> bool:
     )
 
 
+def identity_error(resume: str | None, run_dir: Path, identity: dict[str, Any]) -> str | None:
+    """Why a start would mix two runs in `run_dir`, or None (reads only; see `check_identity`)."""
+    run_dir = Path(run_dir)
+    if not resume and holds_run(run_dir):
+        return (
+            f"hydra.run.dir: {shlex.quote(str(run_dir))} holds a run already; continue it with resume=auto, "
+            "or start the new run in another folder (another hydra.run.dir)"
+        )
+    source = run_dir if resume in (None, "auto") else Path(resume).resolve().parent.parent
+    recorded = read_identity(source) if resume else None
+    if recorded is not None and (changes := identity_changes(recorded, identity)):
+        return (
+            f"resume={resume}: the run in {shlex.quote(str(source))} was started with other settings: "
+            f"{'; '.join(changes)}; resume with the run's values, or start a new run in another folder "
+            "(another hydra.run.dir, without resume=)"
+        )
+    return None
+
+
 def check_identity(resume: str | None, run_dir: Path, identity: dict[str, Any]) -> None:
     """Refuse a start that would mix two runs, and record the identity of a new one.
 
@@ -142,20 +161,8 @@ def check_identity(resume: str | None, run_dir: Path, identity: dict[str, Any]) 
     equal `identity` on its keys. resume=PATH: that of the checkpoint's run folder (PATH/../..),
     when it has one. Raises ConfigError in one line: each changed key (old -> new) and how to start a
     new run instead."""
-    run_dir = Path(run_dir)
-    if not resume and holds_run(run_dir):
-        raise ConfigError(
-            f"hydra.run.dir: {shlex.quote(str(run_dir))} holds a run already; continue it with resume=auto, "
-            "or start the new run in another folder (another hydra.run.dir)"
-        )
-    source = run_dir if resume in (None, "auto") else Path(resume).resolve().parent.parent
-    recorded = read_identity(source) if resume else None
-    if recorded is not None and (changes := identity_changes(recorded, identity)):
-        raise ConfigError(
-            f"resume={resume}: the run in {shlex.quote(str(source))} was started with other settings: "
-            f"{'; '.join(changes)}; resume with the run's values, or start a new run in another folder "
-            "(another hydra.run.dir, without resume=)"
-        )
+    if (error := identity_error(resume, run_dir, identity)) is not None:
+        raise ConfigError(error)
     if read_identity(run_dir) is None:
         record_identity(run_dir, identity)
 

@@ -25,6 +25,7 @@ from common.run_folder import (
 from common.state import RunAbortedError
 from scripts.train import run
 from tests.conftest import ROOT, TINY_RUN, compose_train
+from tests.test_cli import train_cli
 
 TINY = (*TINY_RUN, "trainer.max_steps=1")
 
@@ -165,3 +166,18 @@ def test_lock_of_a_killed_run_is_not_stale(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text().strip() == str(holder.pid)  # the dead pid is still written
     with run_folder_lock(tmp_path):  # ... but the kernel dropped the lock with the process
         assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+def test_cli_refuses_before_hydra_rewrites_the_runs_config(tmp_path, cache_dir):
+    """From the command line the refusal comes before Hydra writes .hydra/ (the callback
+    scripts.build.RunFolderCheck): the run's recorded config stays the run's (scripts.compare reads it)."""
+    common = (*TINY, f"hydra.run.dir={tmp_path}")
+    done = train_cli(*common, cache_dir=cache_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = (tmp_path / ".hydra" / "config.yaml").read_text()
+    for extra in (("resume=auto", "algorithm=dapo"), ()):
+        refused = train_cli(*common, *extra, cache_dir=cache_dir)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in refused.stderr
+        assert (tmp_path / ".hydra" / "config.yaml").read_text() == config

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+try:
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+except ImportError:  # not installed: nothing to extend (Hydra imports every plugin at each start)
+    LocalLauncher = SlurmLauncher = object
 
 
 def resumed_overrides(overrides: list[str]) -> list[str]:
