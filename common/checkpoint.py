@@ -16,9 +16,11 @@ folder is then renamed into place; a folder is deleted by renaming it to `.<name
 So a kill at any moment leaves every visible folder with a marker whole, and `resume=auto`
 (`resume_candidates`, `load_newest`) reads only those: it clears the hidden folders a killed save
 or deletion left (finishing a replacement cut between its two renames), and when the newest
-checkpoint cannot be read it says so in one line and loads the newest one that can. The files are
-not fsynced: a kill leaves the page cache to the kernel, and after a power cut a checkpoint whose
-files never reached the disk fails to load, so the previous one is taken.
+checkpoint cannot be read it says so in one line and loads the newest one that can. Every file and
+the folder are fsynced before the marker is written, the marker before the rename, and the parent
+folder after it: only then are older checkpoints pruned, so after a power cut one is always whole.
+Pruning (`prune_checkpoints`) deletes only complete checkpoints of steps before the one just
+written; a resume from an older step (`set_aside_newer`) moves the newer ones out of the way.
 """
 
 from __future__ import annotations
@@ -94,10 +96,31 @@ def save_checkpoint(
             model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
         torch.save(state, folder / STATE_FILE)
+        fsync_tree(folder)  # the files on disk before the marker says they are complete
         (folder / COMPLETE_FILE).write_text(json.dumps({"step": int(state["step"])}))  # last
+        fsync_tree(folder, [folder / COMPLETE_FILE])
 
     write_atomically(Path(path), write)
+    fsync_tree(Path(path).parent, [])  # the rename on disk before any older checkpoint goes
     return Path(path)
+
+
+def fsync_tree(folder: Path, files: list[Path] | None = None) -> None:
+    """fsync `files` (default: every file under `folder`), then `folder` and its subfolders: what was
+    written there survives a power cut once this returns."""
+    folders = [Path(root) for root, _, _ in os.walk(folder)]
+    for path in files if files is not None else [f for d in folders for f in d.iterdir() if f.is_file()]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for path in folders if files is None else [folder]:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
@@ -232,8 +255,9 @@ def load_newest(candidates: list[Path], model: torch.nn.Module) -> tuple[Path, d
         except UnreadableCheckpointError as err:
             log.warning("%s; trying the next newest checkpoint", err)
     raise CheckpointError(
-        f"resume=auto: none of the {len(candidates)} checkpoints in {candidates[0].parent} can be read; "
-        "remove them to start afresh, or choose one with resume=PATH"
+        f"resume=auto: none of the {len(candidates)} checkpoints in {candidates[0].parent} can be read "
+        "into this model (the warnings above say why); resume with the run's model settings, choose a "
+        "checkpoint with resume=PATH, or start a new run in another folder (another hydra.run.dir)"
     )
 
 
@@ -256,12 +280,40 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step_<n> folders (final is never deleted); 0 keeps all."""
-    if keep_last <= 0:
+def prune_checkpoints(run_dir: Path, written: Path, keep_last: int) -> None:
+    """After checkpoint `written` (complete, on disk): keep it and the newest `keep_last` - 1 complete
+    step_<n> folders of earlier steps, delete the other complete ones of earlier steps; 0 keeps all.
+    A folder of a later step (an abandoned or unreadable one) or without its marker is never
+    deleted here, nor is final, nor `written` itself."""
+    if keep_last <= 0 or not re.fullmatch(r"step_\d+", Path(written).name):
         return
-    for _, old in step_checkpoints(run_dir)[:-keep_last]:
+    step = checkpoint_step(written)
+    older = [(n, p) for n, p in step_checkpoints(run_dir) if n < step and is_complete(p)]
+    for _, old in older[: max(0, len(older) - (keep_last - 1))]:
         remove_checkpoint(old)
+
+
+def set_aside_newer(run_dir: Path, loaded: Path, step: int) -> list[Path]:
+    """Move the complete checkpoints of `run_dir` written after `step` (and a final), but `loaded`, into
+    `run_dir`/checkpoints_set_aside/<time>/, out of resume=auto's way: a run resumed from an older
+    step (resume=PATH) replaces what came after it. Returns their new paths."""
+    newer = [
+        p
+        for p in complete_checkpoints(run_dir)
+        if p.resolve() != Path(loaded).resolve() and (checkpoint_step(p) > step or p.name == "final")
+    ]
+    if not newer:
+        return []
+    target = Path(run_dir) / "checkpoints_set_aside" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    target.mkdir(parents=True, exist_ok=True)
+    moved = [folder.rename(target / folder.name) for folder in newer]
+    log.warning(
+        "resumed from step %d: the later checkpoints %s moved to %s",
+        step,
+        ", ".join(p.name for p in newer),
+        target,
+    )
+    return moved
 
 
 def remove_step_checkpoints(run_dir: Path, up_to: int) -> None:

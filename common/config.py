@@ -36,6 +36,8 @@ from common.rollout.engine import ENGINES
 from common.rollout.prepack import PREPACK_MODES
 
 DDP_BACKENDS = ("auto", "gloo", "nccl")
+# trainer.checkpoint_signals: the signals a cluster sends before it stops a job (Ctrl-C's SIGINT always)
+CHECKPOINT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP")
 ZERO_STAGES = (0, 1, 2, 3)
 DYNAMIC_SAMPLING_MODES = ("disabled", "filter", "resample")
 # dynamic_sampling=filter after max_num_gen_batches rounds: train on the kept groups, skip the update, stop
@@ -123,6 +125,7 @@ class TrainerConfig:
     log_samples_every: int
     num_samples_logged: int
     save_every: int
+    checkpoint_signals: list[str]
     keep_last_checkpoints: int
     keep_step_checkpoints: bool
     save_only_model: bool
@@ -189,6 +192,8 @@ class TrainerConfig:
             "auto is not measured on FSDP-sharded weights (trainer.zero_stage 2 or 3): use true or false",
             self.bf16,
         )
+        for name in self.checkpoint_signals:
+            require_option("trainer.checkpoint_signals", name, CHECKPOINT_SIGNALS)
         require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
         for key in (
             "eval_every",

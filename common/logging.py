@@ -86,7 +86,8 @@ def drop_rows_after(path: Path, step: int) -> None:
     """Keep the rows of a JSONL log up to `step`: a resumed run rewrites the steps after its checkpoint.
 
     A line that does not read as a row (what a kill in the middle of a write leaves at the end of
-    the file) is dropped with a warning naming it, as scripts/compare.py skips it.
+    the file) is dropped with a warning naming it, as scripts/compare.py skips it. The kept rows go
+    to a new file that is then renamed over the log, so a kill leaves the old file or the new one.
     """
     if not path.is_file():
         return
@@ -109,7 +110,14 @@ def drop_rows_after(path: Path, step: int) -> None:
             len(unreadable),
             ", ".join(map(str, unreadable)),
         )
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write("".join(line + "\n" for line in kept))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
 
 
 class LogWriteError(RuntimeError):

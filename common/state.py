@@ -1,6 +1,7 @@
 """What lets a run stop between two steps and resume exactly: the state a checkpoint carries
 besides the policy weights (`Resumable`: optimizers, scheduler, RNG streams, data position,
-algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl-C / SIGTERM.
+algorithm state; `LoopState`: the loop's counters), and the stop request of Ctrl-C and the
+checkpoint signals (trainer.checkpoint_signals).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import copy
 import logging
 import random
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from common.distributed import (
     model_state_dict,
     optimizer_state_dict,
 )
+from common.rollout.prepack import PrepackPolicy
 from common.sampling import PromptStream
 from common.update import Critic
 
@@ -35,11 +38,12 @@ log = logging.getLogger("rl_lab")
 
 
 class RunInterruptedError(Exception):
-    """Ctrl-C or SIGTERM: the current step was finished and checkpointed at `path`."""
+    """Ctrl-C or a checkpoint signal (`StopRequest`): the current step was finished and checkpointed
+    at `path`; `signum` is the signal that asked for it."""
 
-    def __init__(self, step: int, path: Path) -> None:
+    def __init__(self, step: int, path: Path, signum: int | None = None) -> None:
         super().__init__(f"interrupted after step {step}; checkpoint saved to {path}")
-        self.step, self.path = step, path
+        self.step, self.path, self.signum = step, path, signum
 
 
 class RunAbortedError(RuntimeError):
@@ -72,24 +76,42 @@ class CheckpointWriteError(RunAbortedError):
 
 
 class StopRequest:
-    """First Ctrl-C / SIGTERM: finish the current step, checkpoint, stop. A second one stops at once.
+    """First Ctrl-C or checkpoint signal (trainer.checkpoint_signals: SIGTERM, SIGUSR1, ...): finish the
+    current step, checkpoint, stop. A second one stops at once, except while a checkpoint is written
+    (`writing`): the write finishes first, so a signal never leaves a run without its checkpoint.
 
     A step is never cut in half, so the checkpoint is exactly the state after a completed step and
     a resumed run continues as if nothing had happened.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, signals: Sequence[str] = ("SIGTERM",)) -> None:
+        self.signals = dict.fromkeys((signal.SIGINT, *(signal.Signals[name] for name in signals)))
         self.requested = False
+        self.signum: int | None = None  # the first signal received
+        self._writing = False
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        name = signal.Signals(signum).name
+        if self.requested and self._writing:
+            log.warning("%s received: the checkpoint being written is finished first", name)
+        elif self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("%s received: stopping after this step (again to stop now)", signal.Signals(signum).name)
+        else:
+            self.requested, self.signum = True, signum
+            log.warning("%s received: stopping after this step (again to stop now)", name)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A checkpoint write: no signal cuts it short."""
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.signals:
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
@@ -124,6 +146,7 @@ class Resumable:
     generator: torch.Generator
     dist: DistContext = SINGLE
     precision: dict[str, Any] | None = None  # trainer.bf16 / rollout.dtype as resolved (common.precision)
+    prepack: PrepackPolicy | None = None  # the decode engine's kernel choice, kept for the whole run
 
     def _rng_state(self) -> dict[str, Any]:
         return {
@@ -167,6 +190,8 @@ class Resumable:
             "wandb_run_id": run_id,
             "precision": self.precision,
         }
+        if self.prepack is not None:
+            state["rollout"] = self.prepack.state_dict()
         if self.critic is not None:
             state["critic"] = model_state_dict(self.critic.model, self.dist)
             state["critic_optimizer"] = optimizer_state_dict(
@@ -175,7 +200,11 @@ class Resumable:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> LoopState:
-        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint)."""
+        """The inverse of `state_dict` (the policy weights are loaded by common.checkpoint), except
+        the learning rates: the optimizers' groups keep the ones this run was configured with
+        (optim.lr, critic.lr; `follow_learning_rates`), a resume's change of them applied."""
+        policy_lrs = configured_lrs(self.optimizer)
+        critic_lrs = configured_lrs(self.critic.optimizer) if self.critic is not None else []
         try:
             load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             if self.critic is not None:
@@ -184,8 +213,13 @@ class Resumable:
         except DistributedError as err:
             raise CheckpointError(f"resume: {err}") from err
         self.scheduler.load_state_dict(state["scheduler"])
+        follow_learning_rates(self.optimizer, policy_lrs, self.scheduler)
+        if self.critic is not None:
+            follow_learning_rates(self.critic.optimizer, critic_lrs)
         self.stream.load_state_dict(state["data"])
         self.algo.load_state_dict(state["algorithm"])
+        if self.prepack is not None:
+            self.prepack.load_state_dict(state.get("rollout", {}))
         rng = state["rng"]
         rank_rng = state.get("rank_rng") or [rng]
         if len(rank_rng) == self.dist.world_size:
@@ -206,3 +240,27 @@ class Resumable:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["update"])
         return LoopState(**state["loop"])
+
+
+def configured_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each param group's base learning rate as built from the config (a scheduler keeps it in
+    "initial_lr" and scales "lr" from it)."""
+    return [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+
+
+def follow_learning_rates(
+    optimizer: torch.optim.Optimizer, lrs: list[float], scheduler: Any | None = None
+) -> None:
+    """Give `optimizer`'s groups the base learning rates `lrs` after a checkpoint's optimizer and
+    scheduler states replaced them, at the scheduler's current step: lr = base x lambda(step) for a
+    LambdaLR (the warm-up from the config), else the base itself.
+
+    Example: base 1e-4, warm-up over 2 steps, scheduler at step 1: lr = 1e-4 x min(1, 2/2) = 1e-4.
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lambdas[i](scheduler.last_epoch) if lambdas else lr
+    if scheduler is not None:
+        scheduler.base_lrs = list(lrs)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr reads

@@ -26,6 +26,7 @@ Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -338,6 +339,7 @@ class Checkpointer:
     resumable: Resumable
     loop: LoopState
     t_start: float
+    stop: StopRequest | None = None  # a signal during a write lets it finish
 
     def save(self, name: str, model_only: bool = False, snapshot: dict[str, Any] | None = None) -> Path:
         """Checkpoint `name` of the state after loop.step (model_only: the policy alone, what
@@ -354,10 +356,12 @@ class Checkpointer:
         path, error = ctx.run_dir / "checkpoints" / name, None
         if ctx.dist.is_main:
             try:
-                save_checkpoint(
-                    path, model=unwrap(ctx.model), tokenizer=ctx.tokenizer, state=state, weights=weights
-                )
-                prune_checkpoints(ctx.run_dir, ctx.settings.trainer.keep_last_checkpoints)
+                writing = self.stop.writing() if self.stop is not None else contextlib.nullcontext()
+                with writing:
+                    save_checkpoint(
+                        path, model=unwrap(ctx.model), tokenizer=ctx.tokenizer, state=state, weights=weights
+                    )
+                    prune_checkpoints(ctx.run_dir, path, ctx.settings.trainer.keep_last_checkpoints)
             except Exception as err:  # whatever the failure, the previous checkpoint is intact
                 error = err
         if ctx.dist.any(error is not None):
@@ -400,8 +404,9 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
 
     `resume_state` is a checkpoint's trainer state (its weights already loaded into `ctx.model`):
     the run continues after the checkpoint's step with the same RNG streams, data order and
-    optimizer. Raises RunInterruptedError after a Ctrl-C / SIGTERM (the step in flight finishes and
-    is checkpointed); RunAbortedError after trainer.max_bad_steps steps in a row without a finite
+    optimizer. Raises RunInterruptedError after Ctrl-C or a signal of trainer.checkpoint_signals (the
+    step in flight finishes and is checkpointed; one during a checkpoint write lets it finish);
+    RunAbortedError after trainer.max_bad_steps steps in a row without a finite
     update (`check_bad_steps`) or, with trainer.fail_on_reward_error, a reward function that raised
     (the state after the previous step is checkpointed); CheckpointWriteError when a checkpoint
     cannot be written (`Checkpointer`). At the end the final checkpoint is written (the policy
@@ -416,15 +421,25 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
     stream = PromptStream(ctx.task.train, settings.seed)
     eval_examples = ctx.task.test[: settings.trainer.eval_num_prompts]
     generator = torch.Generator().manual_seed(settings.seed)
+    prepack = getattr(ctx.engine, "prepack", None)  # the decode engine's kernel choice
     resumable = Resumable(
-        ctx.model, ctx.optimizer, ctx.scheduler, stream, ctx.algo, ctx.critic, generator, dist, ctx.precision
+        ctx.model,
+        ctx.optimizer,
+        ctx.scheduler,
+        stream,
+        ctx.algo,
+        ctx.critic,
+        generator,
+        dist,
+        precision=ctx.precision,
+        prepack=prepack,
     )
     loop = LoopState() if resume_state is None else resumable.load_state_dict(resume_state)
     if resume_state is not None:
         log.info("resumed after step %d", loop.step)
-    saver = Checkpointer(ctx, resumable, loop, time.perf_counter() - loop.wall_s)
     last_metrics: dict[str, float] = {}
-    with StopRequest() as stop, progress_bar(ctx, loop.step) as progress:
+    with StopRequest(settings.trainer.checkpoint_signals) as stop, progress_bar(ctx, loop.step) as progress:
+        saver = Checkpointer(ctx, resumable, loop, time.perf_counter() - loop.wall_s, stop)
         # a resumed run logged its step 0 already (a checkpoint at step 0 is a failed first step's)
         initial = evaluate_if_due(ctx, eval_examples, loop) if resume_state is None else {}
         if initial and logger:
@@ -456,17 +471,18 @@ def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[s
             loop.bad_steps = loop.bad_steps + 1 if failed_update(samples, metrics) else 0
             check_bad_steps(saver, step)
             if dist.any(stop.requested) and not last:
-                raise RunInterruptedError(step, saver.save(f"step_{step}"))
+                raise RunInterruptedError(step, saver.save(f"step_{step}"), stop.signum)
             if settings.trainer.save_every > 0 and step % settings.trainer.save_every == 0 and not last:
                 saver.save(f"step_{step}")
-    if loop.step < settings.trainer.max_steps:
-        log.info(
-            "token budget reached: %d generated tokens after step %d (trainer.max_generated_tokens=%d)",
-            loop.tokens_total,
-            loop.step,
-            settings.trainer.max_generated_tokens,
-        )
-    save_final(ctx, saver.save("final", model_only=settings.trainer.save_only_model), loop.step)
+        if loop.step < settings.trainer.max_steps:
+            log.info(
+                "token budget reached: %d generated tokens after step %d (trainer.max_generated_tokens=%d)",
+                loop.tokens_total,
+                loop.step,
+                settings.trainer.max_generated_tokens,
+            )
+        # inside the signal handlers: a signal now lets the final checkpoint finish
+        save_final(ctx, saver.save("final", model_only=settings.trainer.save_only_model), loop.step)
     return last_metrics
 
 

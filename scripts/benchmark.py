@@ -388,11 +388,17 @@ def rollout_bounds(
 def prepack_decisions(engine: RolloutEngine) -> list[dict[str, Any]]:
     """What rollout.prepack_linears=auto measured and chose (the decode engine's PrepackPolicy)."""
     policy = getattr(engine, "prepack", None)
-    if policy is None:
+    if policy is None or policy.times is None:
         return []
+    threads = torch.get_num_threads()
     return [
-        {"rows": rows, "steps": steps, "threads": threads, **asdict(times), "prepacked": chosen}
-        for (_, rows, steps, threads), (times, chosen) in policy.decisions.items()
+        {
+            "rows": policy.rows,
+            "steps": policy.steps,
+            "threads": threads,
+            **asdict(policy.times),
+            "prepacked": policy.decision,
+        }
     ]
 
 

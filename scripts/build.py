@@ -41,6 +41,7 @@ from common.distributed import DistContext, launched_world_size
 from common.models import apply_lora, disable_dropout, load_policy, save_hf
 from common.rollout.decode import DecodeTricks
 from common.rollout.engine import RolloutEngine, make_engine
+from common.run_folder import identity_error, run_identity
 from common.sampling import FlatGroups, GroupFilter
 from common.tasks import TASKS, Task, build_task, task_schema
 from common.update import Critic
@@ -222,6 +223,25 @@ class OutputFolderCheck(Callback):
                 f"error: {key}: cannot create or write the run folder ({reason}) (got {folder})",
                 file=sys.stderr,
             )
+            sys.exit(2)
+
+
+class RunFolderCheck(Callback):
+    """Hydra callback (configs/train.yaml, hydra.callbacks): a single run that common.run_folder would
+    refuse (a resume under other defining settings, a fresh start into a folder that holds a run)
+    stops in one line before Hydra writes the run's .hydra/ files over those of the run it would
+    have mixed with. scripts/train.py checks again, and records and locks, inside the job."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            task = OmegaConf.to_container(task, resolve=True)
+            folder = Path(OmegaConf.select(config, "hydra.run.dir"))
+            error = identity_error(task.get("resume"), folder, run_identity(task))
+        except (OmegaConfBaseException, ConfigError, OSError):  # left to the check inside the job
+            return
+        if error is not None:
+            print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 
 

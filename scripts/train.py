@@ -13,11 +13,14 @@ common.trainer.RunContext and calls common.trainer.train with it.
 # ruff: noqa: E402 (the repository root goes on sys.path before the imports of its packages)
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from common.checkpoint import (
     load_checkpoint,
     load_newest,
     resume_candidates,
+    set_aside_newer,
 )
 from common.config import as_config_error
 from common.distributed import (
@@ -60,6 +64,7 @@ from common.precision import PrecisionChoice, Workload, record_precision, resolv
 from common.provenance import record_start
 from common.rollout.base import PromptTooLongError
 from common.rollout.engine import RolloutEngine
+from common.run_folder import check_identity, run_folder_lock, run_identity
 from common.sampling import DynamicSamplingError
 from common.state import RunAbortedError, RunInterruptedError
 from common.tasks import Task, TaskError
@@ -110,12 +115,15 @@ def load_resume_state(
     else:
         path = Path(resume)
         state = load_checkpoint(path, model)
+        if dist.is_main:  # the run goes on from this step: what came after it is out of resume=auto's way
+            set_aside_newer(run_dir, path, state["step"])
     log.info("resuming from %s (step %d)", path, state["step"])
     return state
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command line that continues this run."""
+    """The command line that continues this run, each word quoted for a POSIX shell where it needs it
+    (a folder with a space: `'hydra.run.dir=/runs/my run'`)."""
     overrides = [
         o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "resume="))
     ]
@@ -123,7 +131,17 @@ def resume_command(run_dir: Path) -> str:
     launcher = (
         f"torchrun --nproc_per_node {world} -m scripts.train" if world > 1 else "python -m scripts.train"
     )
-    return " ".join([launcher, *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
+    words = [*overrides, f"hydra.run.dir={run_dir}", "resume=auto"]
+    return " ".join([launcher, *(shlex.quote(w) for w in words)])
+
+
+def hand_on_signal(signum: int | None) -> None:
+    """After the checkpoint a signal asked for: call the handler that held the signal before the run
+    (under hydra/launcher=slurm, submitit's own: on its USR2 warning it requeues the job, which then
+    resumes with resume=auto: hydra_plugins/rl_lab_launchers); nothing for Ctrl-C or a default handler."""
+    handler = signal.getsignal(signum) if signum is not None else None
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 def shared_run_dir(run_dir: Path, dist: DistContext) -> Path:
@@ -168,18 +186,36 @@ def sweep_num_threads(hydra_cfg: DictConfig, cores: int) -> int | None:
     return max(1, cores // jobs)
 
 
+def claim_run_folder(cfg: DictConfig, run_dir: Path, dist: DistContext) -> contextlib.ExitStack:
+    """Rank 0 locks the run folder for the run and checks the run's identity against the one it
+    recorded (common.run_folder); its one-line ConfigError is raised on every rank. Returns the lock,
+    to hold with `with`."""
+    lock, error = contextlib.ExitStack(), None
+    if dist.is_main:
+        try:
+            lock.enter_context(run_folder_lock(run_dir))
+            check_identity(cfg.resume, run_dir, run_identity(OmegaConf.to_container(cfg, resolve=True)))
+        except ConfigError as err:
+            lock.close()
+            error = str(err)
+    if (error := dist.broadcast_object(error)) is not None:
+        raise ConfigError(error)
+    return lock
+
+
 def _run(cfg: DictConfig, run_dir: Path, dist: DistContext) -> dict[str, float]:
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed)
-    ctx, resume_state = build_context(cfg, run_dir, dist)
-    exit_code = 1
-    try:
-        metrics = train(ctx, resume_state)
-        exit_code = 0
-    finally:
-        if ctx.logger is not None:
-            ctx.logger.finish(exit_code)
+    with claim_run_folder(cfg, run_dir, dist):
+        ctx, resume_state = build_context(cfg, run_dir, dist)
+        exit_code = 1
+        try:
+            metrics = train(ctx, resume_state)
+            exit_code = 0
+        finally:
+            if ctx.logger is not None:
+                ctx.logger.finish(exit_code)
     return metrics
 
 
@@ -233,6 +269,8 @@ def build_context(cfg: DictConfig, run_dir: Path, dist: DistContext) -> tuple[Ru
     settings = build_settings(cfg)
     engine = build_rollout(cfg, model, tokenizer)
     check_prompt_lengths(engine, task, cfg.task.name)
+    if resume_state is not None and engine.syncs_weights:  # vLLM copies the weights it is built with
+        engine.sync_weights(model)
     if dist.rank > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # this rank's own sampling stream
     policy = wrap_model(model, dist, settings.trainer.bf16)  # FSDP: the same module, its weights sharded
@@ -387,6 +425,7 @@ def main(cfg: DictConfig) -> float:
     except RunInterruptedError as err:
         if os.environ.get("RANK", "0") == "0":  # one line for the whole job under torchrun
             print(f"{err}\nresume with: {resume_command(run_dir)}", file=sys.stderr)
+        hand_on_signal(err.signum)
         sys.exit(130)
     except KeyboardInterrupt:
         print(f"stopped; the last checkpoint, if any, is in {run_dir / 'checkpoints'}", file=sys.stderr)

@@ -15,13 +15,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import common.checkpoint as checkpoint_module
+import common.logging as logging_module
 import common.trainer as trainer_module
 from common.checkpoint import (
     COMPLETE_FILE,
     MODEL_ONLY,
     STATE_FILE,
+    fsync_tree,
+    prune_checkpoints,
     remove_stale_folders,
     remove_step_checkpoints,
+    save_checkpoint,
 )
 from common.logging import drop_rows_after
 from common.state import RunInterruptedError
@@ -118,8 +123,8 @@ def test_pruning_keeps_the_newest_step_checkpoints(tmp_path, cache_dir, monkeypa
     seen = []
     original = trainer_module.prune_checkpoints
 
-    def recording(run_dir, keep_last):
-        original(run_dir, keep_last)
+    def recording(run_dir, written, keep_last):
+        original(run_dir, written, keep_last)
         seen.append(checkpoint_names(run_dir))
 
     monkeypatch.setattr(trainer_module, "prune_checkpoints", recording)
@@ -204,3 +209,89 @@ def test_resume_auto_goes_on_from_the_newest_checkpoint_that_reads(tmp_path, cac
     assert checkpoint_names(run_dir) == ["final", "step_9"]  # step_9 is no checkpoint of this run's: left
     assert sorted(read_metrics(run_dir)) == [1, 2, 3, 4]  # read_metrics: every step exactly once
     assert_same_run(straight, run_dir, [1, 2, 3, 4])
+
+
+def fake_checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    """A checkpoint folder as far as pruning sees it: a state file and, when complete, the marker."""
+    folder.mkdir(parents=True)
+    torch.save({"step": step}, folder / STATE_FILE)
+    if complete:
+        (folder / COMPLETE_FILE).write_text(json.dumps({"step": step}))
+    return folder
+
+
+def test_pruning_deletes_only_complete_checkpoints_older_than_the_one_written(tmp_path):
+    """step_20 good, step_30 corrupt (a later run's, abandoned), step_10 without its marker: saving
+    step_25 with keep_last_checkpoints=1 deletes step_20 only; =2 would keep it."""
+    folder = tmp_path / "checkpoints"
+    fake_checkpoint(folder / "step_20", 20)
+    fake_checkpoint(folder / "step_30", 30).joinpath(STATE_FILE).write_bytes(b"corrupt")
+    fake_checkpoint(folder / "step_10", 10, complete=False)
+    written = fake_checkpoint(folder / "step_25", 25)
+    prune_checkpoints(tmp_path, written, keep_last=2)
+    assert checkpoint_names(tmp_path) == ["step_10", "step_20", "step_25", "step_30"]
+    prune_checkpoints(tmp_path, written, keep_last=1)
+    assert checkpoint_names(tmp_path) == ["step_10", "step_25", "step_30"]
+    prune_checkpoints(tmp_path, fake_checkpoint(folder / "final", 26), keep_last=1)  # final: nothing
+    assert checkpoint_names(tmp_path) == ["final", "step_10", "step_25", "step_30"]
+
+
+def test_save_fsyncs_files_before_the_marker_and_the_folder_after_the_rename(tmp_path, monkeypatch):
+    calls = []
+
+    def recording(folder, files=None):
+        calls.append((folder, files, (folder / COMPLETE_FILE).exists()))
+
+    monkeypatch.setattr(checkpoint_module, "fsync_tree", recording)
+    model = torch.nn.Linear(2, 2)
+    model.save_pretrained = lambda folder, state_dict=None: torch.save(model.state_dict(), folder / "w.pt")
+    tokenizer = type("Tokenizer", (), {"save_pretrained": lambda self, folder: None})()
+    path = save_checkpoint(
+        tmp_path / "checkpoints" / "step_1", model=model, tokenizer=tokenizer, state={"step": 1}
+    )
+    (tmp, all_files, marker_then), (tmp2, marker_only, _), (parent, none, _) = calls
+    assert all_files is None and not marker_then  # every file, before the marker exists
+    assert tmp2 == tmp and marker_only == [tmp / COMPLETE_FILE]
+    assert parent == path.parent and none == []  # the folder holding the renamed checkpoint
+    fsync_tree(path)  # the real one runs on a real folder
+
+
+def test_resume_from_an_older_step_sets_the_newer_checkpoints_aside(tmp_path, cache_dir, caplog):
+    common = (
+        *TINY_RUN,
+        "trainer.save_every=1",
+        "trainer.keep_last_checkpoints=0",
+        f"paths.cache_dir={cache_dir}",
+    )
+    run(compose_train(*common, "trainer.max_steps=3", "trainer.keep_step_checkpoints=true"), tmp_path)
+    step_1 = tmp_path / "checkpoints" / "step_1"
+    with caplog.at_level(logging.INFO, logger="rl_lab"):
+        run(compose_train(*common, "trainer.max_steps=2", f"resume={step_1}"), tmp_path)
+    assert "resumed from step 1: the later checkpoints final, step_2 moved to" in caplog.text
+    (aside,) = (tmp_path / "checkpoints_set_aside").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "step_2"]
+    assert read_state(tmp_path / "checkpoints" / "final")["step"] == 2  # this run's, not the old step 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rl_lab"):  # resume=auto goes on from this run's end
+        run(compose_train(*common, "trainer.max_steps=3", "resume=auto"), tmp_path)
+    assert f"resuming from {tmp_path / 'checkpoints' / 'final'} (step 2)" in caplog.text
+    assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
+
+
+def test_trimming_a_log_replaces_it_whole(tmp_path, monkeypatch):
+    """The trimmed rows go to a new file renamed over the log: a kill before the rename (here, the
+    rename failing) leaves the old file, never an empty or half-written one."""
+    path = tmp_path / "samples.jsonl"
+    rows = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 5))
+    path.write_text(rows)
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(logging_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        drop_rows_after(path, 2)
+    assert path.read_text() == rows
+    monkeypatch.undo()
+    drop_rows_after(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -259,7 +259,7 @@ def test_unknown_algorithm_key_is_named():
 
 @pytest.mark.parametrize(
     "launcher, target",
-    [("slurm", "submitit_launcher.SlurmLauncher"), ("local", "joblib_launcher.JoblibLauncher")],
+    [("slurm", "rl_lab_launchers.ResumingSlurmLauncher"), ("local", "joblib_launcher.JoblibLauncher")],
 )
 def test_launcher_configs_compose(launcher, target):
     from hydra import compose, initialize_config_dir

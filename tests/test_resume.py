@@ -106,3 +106,79 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_matches(tmp_path, cache
     straight = tmp_path / "straight"
     run(compose_train(*common, f"trainer.max_steps={done + 2}"), straight)
     assert_same_run(straight, run_dir, list(range(1, done + 3)))
+
+
+class SyncRecorder:
+    """A rollout engine that keeps its own copy of the weights, as vLLM does: records each weight sync
+    (the first weight's name and sum) and each sampling call; the rest is the real engine's."""
+
+    syncs_weights = True
+
+    def __init__(self, engine, events: list) -> None:
+        self._engine, self._events = engine, events
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        name, weight = next(iter(model.named_parameters()))
+        self._events.append(("sync", name, weight.detach().sum().item()))
+
+    def sample(self, *args, **kwargs):
+        self._events.append(("sample",))
+        return self._engine.sample(*args, **kwargs)
+
+
+def test_an_engine_with_its_own_weights_gets_the_checkpoints_before_it_samples(
+    tmp_path, cache_dir, monkeypatch
+):
+    """rollout.engine=vllm builds its copy of the weights from the start weights: on resume the
+    checkpoint's weights must reach it before the first rollout (vLLM is not installed here: a fake
+    engine records the order of calls)."""
+    import scripts.train as train_module
+
+    events: list = []
+    build = train_module.build_rollout
+    monkeypatch.setattr(train_module, "build_rollout", lambda *a, **k: SyncRecorder(build(*a, **k), events))
+    common = (*TINY, "trainer.save_every=1", f"paths.cache_dir={cache_dir}")
+    run(compose_train(*common, "trainer.max_steps=1"), tmp_path)
+    saved = load_file(tmp_path / "checkpoints" / "final" / "model.safetensors")
+    events.clear()
+    run(compose_train(*common, "trainer.max_steps=2", "resume=auto"), tmp_path)
+    kind, name, total = events[0]
+    assert kind == "sync" and total == pytest.approx(saved[name].sum().item()), events[:3]
+    assert events[1] == ("sample",)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_prepacking_decides_once_and_a_resume_keeps_the_decision(tmp_path, cache_dir, monkeypatch, pays):
+    """rollout.prepack_linears=auto with a fake timer that forces the decision: two identical runs match
+    bit for bit, and a run resumed where the timer now says the opposite keeps the checkpoint's choice
+    (and matches too)."""
+    from common.rollout import prepack
+    from common.rollout.prepack import LinearTimes
+
+    if not prepack.PREPACKING.available():
+        pytest.skip("oneDNN prepacking is not usable in this torch build")
+    measured = []
+
+    def fake_timer(linears, rows):  # prepacked 10 ms faster per decode step, reorder 1 ms: pays, or not
+        measured.append(rows)
+        fast, slow = LinearTimes(0.020, 0.010, 0.001), LinearTimes(0.010, 0.020, 0.001)
+        return fast if pays == (len(measured) == 1) else slow
+
+    monkeypatch.setattr(prepack, "time_linears", fake_timer)
+    common = (*TINY, "rollout.prepack_linears=auto", f"paths.cache_dir={cache_dir}")
+    first, second, resumed = tmp_path / "first", tmp_path / "second", tmp_path / "resumed"
+    run(compose_train(*common, "trainer.max_steps=3"), first)
+    state = torch.load(first / "checkpoints" / "final" / "trainer_state.pt", weights_only=False)
+    assert state["rollout"] == {"prepack_linears": pays} and len(measured) == 1
+    measured.clear()
+    run(compose_train(*common, "trainer.max_steps=3"), second)  # the same first measurement
+    measured.clear()
+    run(compose_train(*common, "trainer.max_steps=1"), resumed)
+    run(compose_train(*common, "trainer.max_steps=3", "resume=auto"), resumed)  # would measure the opposite
+    assert len(measured) == 1  # the resume measured nothing: it took the checkpoint's decision
+    for other in (second, resumed):
+        ma, mb = read_metrics(first), read_metrics(other)
+        assert [comparable(ma[s]) for s in (1, 2, 3)] == [comparable(mb[s]) for s in (1, 2, 3)]  # bit for bit

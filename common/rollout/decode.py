@@ -39,7 +39,7 @@ TRAIN_YAML = Path(__file__).resolve().parents[2] / "configs" / "train.yaml"
 
 @dataclass(frozen=True)
 class DecodeTricks:
-    """The decode engine's speed tricks: rollout.prepack_linears (auto: measured once per shape set,
+    """The decode engine's speed tricks: rollout.prepack_linears (auto: measured once per run,
     always or never), rollout.preallocated_cache, rollout.inplace_row_removal, rollout.shared_prefix.
     Their defaults are configs/train.yaml's alone (`from_train_yaml`)."""
 
@@ -236,7 +236,7 @@ class DecodeRollout(BaseRollout):
     """The fast decode engine (rollout.engine=hf, or decode): G responses per prompt from a Hugging
     Face causal LM in one batched decode loop (`prefill` + `decode`: the sampling distribution of
     `generate`, without its padding work). Arguments: BaseRollout's, and the speed tricks'
-    switches (`tricks`); the prepacking decisions of rollout.prepack_linears=auto live in `prepack`.
+    switches (`tricks`); the prepacking decision of rollout.prepack_linears=auto lives in `prepack`.
     """
 
     def __init__(

@@ -6,8 +6,10 @@ _linear_pointwise): `PREPACKING` checks once per process that they exist and com
 not, plain linears run, with one warning. Whether prepacking pays depends on the CPU: it took the
 LM head on 4 rows from 26 to 9 ms on machine A, and bought nothing on an AVX-512 Xeon without AMX
 (146 vs 135 tokens/s) while costing a reorder per rollout. So rollout.prepack_linears=auto times
-both for the shapes at hand once per process (as inductor's autotuning picks a kernel), keeps the
-decision, and logs it; always / never force it.
+both for the shapes of the run's first rollout (as inductor's autotuning picks a kernel), logs the
+decision and keeps it for the whole run: a checkpoint carries it (`PrepackPolicy.state_dict`), so a
+resumed run takes the same kernels as the run it continues, and timings never make two rollouts of
+one run differ. always / never force it.
 """
 
 from __future__ import annotations
@@ -154,14 +156,17 @@ def time_linear(linear: torch.nn.Linear, rows: int, repeats: int) -> tuple[float
 
 class PrepackPolicy:
     """Whether a rollout runs prepacked linears (rollout.prepack_linears): never, always (where the
-    ops work), or auto: measured once per shape set, row count, step budget and thread count with
-    `measure` (time_linears), the decision kept in `decisions` and logged."""
+    ops work), or auto: measured once, at the run's first rollout, with `measure` (default
+    time_linears), then kept (`decision`, with its `times`) for every later rollout of the run and
+    in its checkpoints."""
 
-    def __init__(self, mode: str = "auto", measure: Callable[..., LinearTimes] = time_linears) -> None:
+    def __init__(self, mode: str = "auto", measure: Callable[..., LinearTimes] | None = None) -> None:
         if mode not in PREPACK_MODES:
             raise ValueError(f"prepack_linears must be one of {', '.join(PREPACK_MODES)} (got {mode!r})")
         self.mode, self.measure = mode, measure
-        self.decisions: dict[tuple, tuple[LinearTimes, bool]] = {}
+        self.decision: bool | None = None
+        self.times: LinearTimes | None = None
+        self.rows = self.steps = 0  # the rollout the decision was measured on
 
     def use(self, model: torch.nn.Module, rows: int, steps: int) -> bool:
         """Prepack the linears of `model` for a rollout of `rows` rows and up to `steps` decode steps?"""
@@ -172,19 +177,25 @@ class PrepackPolicy:
             return False
         if self.mode == "always":
             return True
-        shapes = tuple(sorted({(*m.weight.shape, m.bias is not None) for m in linears}))
-        key = (shapes, rows, steps, torch.get_num_threads())
-        if key not in self.decisions:
-            times = self.measure(linears, rows)
-            self.decisions[key] = (times, prepack_pays(times, steps))
+        if self.decision is None:
+            self.times = (self.measure or time_linears)(linears, rows)
+            self.decision, self.rows, self.steps = prepack_pays(self.times, steps), rows, steps
             log.info(
                 "rollout.prepack_linears=auto, %d rows, %d steps: linears %.2f ms plain, %.2f ms prepacked, "
-                "reorder %.1f ms -> %s",
+                "reorder %.1f ms -> %s for the whole run",
                 rows,
                 steps,
-                1e3 * times.plain_s,
-                1e3 * times.packed_s,
-                1e3 * times.reorder_s,
-                "prepacked" if self.decisions[key][1] else "plain",
+                1e3 * self.times.plain_s,
+                1e3 * self.times.packed_s,
+                1e3 * self.times.reorder_s,
+                "prepacked" if self.decision else "plain",
             )
-        return self.decisions[key][1]
+        return self.decision
+
+    def state_dict(self) -> dict[str, bool | None]:
+        """The run's decision (None: not measured yet, or not auto), for its checkpoints."""
+        return {"prepack_linears": self.decision}
+
+    def load_state_dict(self, state: dict[str, bool | None]) -> None:
+        """Take a checkpoint's decision: a resumed run runs the kernels the run it continues ran."""
+        self.decision = state.get("prepack_linears")
