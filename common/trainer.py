@@ -9,7 +9,8 @@ This module is the loop itself, to be read top to bottom; each concern it calls 
 named for it: common/sampling.py (prompt stream, scored rollouts, dynamic sampling),
 common/update.py (log-prob passes, micro-batches, gradient accumulation, optimizer steps),
 common/finite.py (non-finite steps undone), common/evaluation.py (held-out pass@1 and mean@k),
-common/state.py (what a checkpoint carries, Ctrl-C), common/checkpoint.py (writing and finding them).
+common/state.py (what a checkpoint carries, Ctrl-C), common/checkpoint.py (writing and finding them),
+common/run_checkpoints.py (the loop's checkpoint writes and the stops that save one).
 What is fixed for a run (models, optimizers, engine, task, settings, ...) travels as one frozen
 `RunContext`, built once in scripts/train.py.
 
@@ -26,7 +27,6 @@ Batch vocabulary (N = rows, T = response tokens; rows grouped as [q1]*G + [q2]*G
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -38,20 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 from common.algorithm import Algorithm
-from common.checkpoint import (
-    MODEL_ONLY,
-    disk_bytes,
-    find_latest,
-    prune_checkpoints,
-    remove_step_checkpoints,
-    save_checkpoint,
-)
 from common.config import RunSettings, TrainerConfig
 from common.distributed import (
     SINGLE,
     DistContext,
     gathered,
-    model_state_dict,
     reduce_metrics,
     train_state_bytes,
     unwrap,
@@ -61,9 +52,9 @@ from common.logging import RunLogger, peak_rss_mb
 from common.rewards import RewardError
 from common.rollout.engine import RolloutEngine
 from common.rollout.sampler import NonFiniteLogitsError
+from common.run_checkpoints import Checkpointer, check_bad_steps, check_eval_reward_errors, save_final
 from common.sampling import FlatGroups, GroupFilter, PromptStream, Samples, collect
 from common.state import (
-    CheckpointWriteError,
     LoopState,
     Resumable,
     RunAbortedError,
@@ -324,80 +315,6 @@ def failed_update(samples: Samples | None, metrics: dict[str, float]) -> bool:
     )
 
 
-@dataclass
-class Checkpointer:
-    """Writes the run's checkpoints: the state is gathered from every rank, rank 0 writes it
-    (common.checkpoint.save_checkpoint: atomic, finite only) and prunes the older step checkpoints.
-
-    A write that fails, whatever raised (a full disk; a folder gone read-only, where the tokenizer's
-    save raises a bare Exception; a NaN in the state), stops the run with a CheckpointWriteError
-    naming the folder and the last checkpoint, which the failed write left intact: a run that can no
-    longer save would otherwise train on with nothing to resume from.
-    """
-
-    ctx: RunContext
-    resumable: Resumable
-    loop: LoopState
-    t_start: float
-    stop: StopRequest | None = None  # a signal during a write lets it finish
-
-    def save(self, name: str, model_only: bool = False, snapshot: dict[str, Any] | None = None) -> Path:
-        """Checkpoint `name` of the state after loop.step (model_only: the policy alone, what
-        scripts/eval.py reads; a resume from it stops); `snapshot`: Resumable.snapshot's RNG, data
-        and algorithm state instead of the current ones. Data parallel: a collective."""
-        ctx, loop = self.ctx, self.loop
-        loop.wall_s = time.perf_counter() - self.t_start
-        state = (
-            {"step": loop.step, MODEL_ONLY: True}
-            if model_only
-            else self.resumable.state_dict(loop, ctx.logger.wandb_run_id if ctx.logger else None, snapshot)
-        )
-        weights = model_state_dict(ctx.model, ctx.dist) if ctx.dist.shards_params else None  # all ranks
-        path, error = ctx.run_dir / "checkpoints" / name, None
-        if ctx.dist.is_main:
-            try:
-                writing = self.stop.writing() if self.stop is not None else contextlib.nullcontext()
-                with writing:
-                    save_checkpoint(
-                        path, model=unwrap(ctx.model), tokenizer=ctx.tokenizer, state=state, weights=weights
-                    )
-                    prune_checkpoints(ctx.run_dir, path, ctx.settings.trainer.keep_last_checkpoints)
-            except Exception as err:  # whatever the failure, the previous checkpoint is intact
-                error = err
-        if ctx.dist.any(error is not None):
-            raise CheckpointWriteError(path, error, find_latest(ctx.run_dir)) from error
-        return path
-
-
-def check_bad_steps(saver: Checkpointer, step: int) -> None:
-    """Raise RunAbortedError once trainer.max_bad_steps steps in a row had no finite update. Their
-    updates were skipped or undone, so the state is the last good one: it is saved, or, should it
-    hold a non-finite value after all, the last checkpoint written is named instead."""
-    loop = saver.loop
-    if loop.bad_steps < saver.ctx.settings.trainer.max_bad_steps:
-        return
-    why = f"non-finite loss, gradient or update in {loop.bad_steps} steps in a row (trainer.max_bad_steps)"
-    try:
-        path = saver.save(f"step_{step}")
-    except CheckpointWriteError as err:
-        raise RunAbortedError(f"{why}; {err}", err.path) from err
-    raise RunAbortedError(f"{why}; the last good state is saved in {path}", path)
-
-
-def check_eval_reward_errors(saver: Checkpointer, step: int, metrics: dict[str, float]) -> None:
-    """trainer.fail_on_reward_error in held-out evaluation as in training: a reward error there
-    (eval/reward_errors > 0) saves the state after `step` and raises RunAbortedError."""
-    errors = metrics.get("eval/reward_errors", 0)
-    if not (errors and saver.ctx.settings.trainer.fail_on_reward_error):
-        return
-    path = saver.save(f"step_{step}")
-    raise RunAbortedError(
-        f"step {step}: held-out evaluation: the reward function failed on {errors} prompt(s) (the first in "
-        f"the warning above; trainer.fail_on_reward_error); the state after step {step} is saved in {path}",
-        path,
-    )
-
-
 def train(ctx: RunContext, resume_state: dict[str, Any] | None = None) -> dict[str, float]:
     """Run until the budget is spent (see `finished`: trainer.max_steps steps or
     trainer.max_generated_tokens tokens); returns the last step's metrics (with its evaluation).
@@ -512,18 +429,3 @@ def progress_bar(ctx: RunContext, initial: int) -> tqdm:
         dynamic_ncols=True,
         disable=not ctx.dist.is_main,
     )
-
-
-def save_final(ctx: RunContext, path: Path, step: int) -> None:
-    """After the final checkpoint (at `path`) is written: delete the step checkpoints it supersedes,
-    which exist to resume a run that did not finish (unless trainer.keep_step_checkpoints), and log
-    where the policy is and what the run folder takes on disk."""
-    if not ctx.dist.is_main:
-        return
-    settings, run_dir = ctx.settings, ctx.run_dir
-    if not settings.trainer.keep_step_checkpoints:
-        remove_step_checkpoints(run_dir, up_to=step)
-    log.info(
-        "final policy saved to %s%s", path, " (weights only)" if settings.trainer.save_only_model else ""
-    )
-    log.info("the run folder %s takes %.1f MB on disk", run_dir, disk_bytes(run_dir) / 1e6)
