@@ -322,24 +322,36 @@ def fill_with_filtered_groups(
         "sampling/kept_group_frac": n_kept / max(n_seen, 1),
     }
     stats.update(sampled_reward_metrics(sampled))  # every rank samples in the first round
+    counts = (n_kept, target, gen_batch)
+    return kept_batch(kept, counts, short=short, spent=spent, on_exhausted=ds.on_exhausted), stats
+
+
+def kept_batch(
+    kept: list[Samples], counts: tuple[int, int, int], *, short: bool, spent: bool, on_exhausted: str
+) -> Samples | None:
+    """What a step of dynamic sampling trains on once its rounds end (`fill_with_filtered_groups`):
+    every kept group when the batch is full or the token budget ended the rounds (`spent`); after
+    max_num_gen_batches rounds short of it (`short`, on any rank), dynamic_sampling.on_exhausted
+    decides. `counts`: this rank's (groups kept, groups wanted, rounds). None: skip the update."""
+    n_kept, target, gen_batch = counts
+    if short and spent:  # the token budget ended the step, not max_num_gen_batches
+        log.info("dynamic sampling: %d of %d groups kept when the token budget ran out", n_kept, target)
+        return Samples.concat(kept) if kept else None
     shortfall = (
         f"dynamic sampling: {n_kept} of {target} groups kept after {gen_batch} generation batches "
         "(dynamic_sampling.max_num_gen_batches)"
     )
-    if short and spent:  # the token budget ended the step, not max_num_gen_batches
-        log.info("dynamic sampling: %d of %d groups kept when the token budget ran out", n_kept, target)
-        return (Samples.concat(kept) if kept else None), stats
-    if short and ds.on_exhausted == "error":
+    if short and on_exhausted == "error":
         raise DynamicSamplingError(
             f"{shortfall}; the prompts are too easy or too hard for the policy: raise max_num_gen_batches "
             "or gen_batch_size_factor, or set dynamic_sampling.on_exhausted=partial or skip"
         )
-    if short and (ds.on_exhausted == "skip" or not kept):
+    if short and (on_exhausted == "skip" or not kept):
         log.warning("%s; skipping this update", shortfall)
-        return None, stats
+        return None
     if n_kept < target:
         log.warning("%s; training on the kept groups", shortfall)
-    return Samples.concat(kept), stats
+    return Samples.concat(kept)
 
 
 def resample_flat_groups(
