@@ -17,6 +17,7 @@ import torch
 
 import common.checkpoint as checkpoint_module
 import common.logging as logging_module
+import common.run_checkpoints as run_checkpoints_module
 import common.trainer as trainer_module
 from common.checkpoint import (
     COMPLETE_FILE,
@@ -121,13 +122,13 @@ def test_interrupted_save_only_model_run_resumes_from_its_step_checkpoint(tmp_pa
 
 def test_pruning_keeps_the_newest_step_checkpoints(tmp_path, cache_dir, monkeypatch):
     seen = []
-    original = trainer_module.prune_checkpoints
+    original = run_checkpoints_module.prune_checkpoints
 
     def recording(run_dir, written, keep_last):
         original(run_dir, written, keep_last)
         seen.append(checkpoint_names(run_dir))
 
-    monkeypatch.setattr(trainer_module, "prune_checkpoints", recording)
+    monkeypatch.setattr(run_checkpoints_module, "prune_checkpoints", recording)
     overrides = (*TINY_RUN, "trainer.max_steps=5", "trainer.save_every=1", "trainer.keep_last_checkpoints=2")
     run(
         compose_train(*overrides, "trainer.keep_step_checkpoints=true", f"paths.cache_dir={cache_dir}"),

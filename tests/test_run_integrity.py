@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-import common.trainer as trainer_module
+import common.evaluation as evaluation_module
 import scripts.train as train_module
 from common.checkpoint import COMPLETE_FILE
 from common.config import ConfigError
@@ -149,7 +149,7 @@ def test_a_run_whose_every_reward_fails_stops_in_one_line(tmp_path, cache_dir, m
 
 def fails_on_held_out_prompts(monkeypatch) -> None:
     """char_share's verifier raising inside held-out evaluation only (training rewards are fine)."""
-    original, original_evaluate = CharShareTask.correctness, trainer_module.evaluate
+    original, original_evaluate = CharShareTask.correctness, evaluation_module.evaluate
     in_eval = {"on": False}
 
     def evaluate(*args, **kwargs):
@@ -164,7 +164,7 @@ def fails_on_held_out_prompts(monkeypatch) -> None:
             raise KeyError("held-out field")
         return original(self, response, example)
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation_module, "evaluate", evaluate)  # held_out_metrics calls it
     monkeypatch.setattr(CharShareTask, "correctness", correctness)
 
 
