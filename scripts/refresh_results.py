@@ -99,10 +99,12 @@ def section_table(markdown: str, section: str) -> str:
 
 
 def prose_text(args: str, kind: str, root: Path = ROOT) -> str:
-    """The generated sentences of a prose block's kind for the archive folders and options of its marker."""
+    """The generated sentences of a prose block's kind for the archive folders and options of its marker.
+    A block may span experiments (PPO's critic across `compare` and `compare_tokens`): each folder's
+    runs are read, and held to one setting per arm, on their own."""
     parsed = compare.parse_args(shlex.split(args))
     with working_directory(root):
-        runs = find_runs(parsed.paths)
+        runs = [run for path in parsed.paths for run in find_runs([path])]
     return prose(kind, runs, reps=parsed.bootstrap_reps, seed=parsed.seed)
 
 
