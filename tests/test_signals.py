@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import common.run_checkpoints as run_checkpoints_module
 import common.trainer as trainer_module
 from common.state import RunInterruptedError, StopRequest
 from hydra_plugins.rl_lab_launchers import resumed_overrides
@@ -64,7 +65,7 @@ def test_a_signal_not_listed_is_left_alone():
 def test_signals_during_the_final_write_let_it_finish(tmp_path, cache_dir, monkeypatch):
     """save_every=0: the final checkpoint is the run's only one; two SIGTERMs while it is written
     (the second would otherwise stop at once) leave it whole and the run ends normally."""
-    original = trainer_module.save_checkpoint
+    original = run_checkpoints_module.save_checkpoint
 
     def signalled_save(path, **kwargs):
         if Path(path).name == "final":
@@ -72,7 +73,7 @@ def test_signals_during_the_final_write_let_it_finish(tmp_path, cache_dir, monke
             signal.raise_signal(signal.SIGTERM)
         return original(path, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", signalled_save)
+    monkeypatch.setattr(run_checkpoints_module, "save_checkpoint", signalled_save)
     overrides = (*TINY_RUN, "trainer.max_steps=2", "trainer.save_every=0", f"paths.cache_dir={cache_dir}")
     run(compose_train(*overrides), tmp_path)
     assert (tmp_path / "checkpoints" / "final" / "complete.json").is_file()
