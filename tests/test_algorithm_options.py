@@ -8,11 +8,9 @@ import json
 import math
 
 import pytest
-import torch
 
-import common.trainer as trainer_module
-from scripts.train import run
 from tests.conftest import TEST_SEED, compose_train
+from tests.test_trainer import run_and_check_parameters_change
 
 
 @pytest.mark.parametrize(
@@ -44,19 +42,7 @@ def test_option_trains_two_steps(tmp_path, cache_dir, monkeypatch, option):
         "trainer.num_threads=1",
         f"paths.cache_dir={cache_dir}",
     )
-    snapshots = {}
-    original = trainer_module.update_policy
-
-    def spy(model, *args, **kwargs):
-        snapshots.setdefault("before", [p.detach().clone() for p in model.parameters()])
-        out = original(model, *args, **kwargs)
-        snapshots["after"] = [p.detach().clone() for p in model.parameters()]
-        return out
-
-    monkeypatch.setattr(trainer_module, "update_policy", spy)
-    run(cfg, tmp_path)
-    changed = sum(not torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"], strict=True))
-    assert changed > 0
+    run_and_check_parameters_change(cfg, tmp_path, monkeypatch)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = [m for m in metrics if "policy/loss" in m]
     assert len(trained) == 2

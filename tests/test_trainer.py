@@ -84,6 +84,26 @@ def test_learns_on_tiny_model(tmp_path, cache_dir, algorithm, margin):
     assert last > first + margin, f"no learning: first 5 steps {first:.3f}, last 5 steps {last:.3f}"
 
 
+def run_and_check_parameters_change(cfg, run_dir, monkeypatch) -> None:
+    """Run `cfg` into `run_dir` and assert that the policy's parameters changed between the first
+    update's start and the last update's end (TRL's end-to-end check)."""
+    import common.trainer as trainer_module
+
+    snapshots = {}
+    original = trainer_module.update_policy
+
+    def spy(model, *args, **kwargs):
+        snapshots.setdefault("before", [p.detach().clone() for p in model.parameters()])
+        out = original(model, *args, **kwargs)
+        snapshots["after"] = [p.detach().clone() for p in model.parameters()]
+        return out
+
+    monkeypatch.setattr(trainer_module, "update_policy", spy)
+    run(cfg, run_dir)
+    changed = sum(not torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"], strict=True))
+    assert changed > 0
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "dapo"])
 def test_two_steps_change_parameters_and_log_finite_losses(tmp_path, cache_dir, algorithm, monkeypatch):
     cfg = compose_train(
@@ -98,22 +118,7 @@ def test_two_steps_change_parameters_and_log_finite_losses(tmp_path, cache_dir, 
         "optim.lr=1e-3",
         f"paths.cache_dir={cache_dir}",
     )
-    snapshots = {}
-
-    import common.trainer as trainer_module
-
-    original = trainer_module.update_policy
-
-    def spy(model, *args, **kwargs):
-        snapshots.setdefault("before", [p.detach().clone() for p in model.parameters()])
-        out = original(model, *args, **kwargs)
-        snapshots["after"] = [p.detach().clone() for p in model.parameters()]
-        return out
-
-    monkeypatch.setattr(trainer_module, "update_policy", spy)
-    run(cfg, tmp_path)
-    changed = sum(not torch.equal(a, b) for a, b in zip(snapshots["before"], snapshots["after"], strict=True))
-    assert changed > 0
+    run_and_check_parameters_change(cfg, tmp_path, monkeypatch)
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert "eval/accuracy" in metrics[0] and "eval/accuracy" in metrics[-1]
