@@ -172,26 +172,7 @@ class TrainerConfig:
             "data-parallel processes (each rank rolls out whole groups of its share of the prompts)",
             self.batch_size,
         )
-        require_option(
-            "trainer.zero_stage",
-            self.zero_stage,
-            ZERO_STAGES,
-            "0 (off), 1 (AdamW state sharded over data-parallel ranks), 2 (+ gradients, FSDP "
-            "SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
-        )
-        require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
-        require(  # not `in (True, False, "auto")`, which would take 1 and 0 for true and false
-            isinstance(self.bf16, bool) or self.bf16 == "auto",
-            "trainer.bf16",
-            "not one of the options: true, false, auto",
-            self.bf16,
-        )
-        require(
-            self.zero_stage < 2 or self.bf16 != "auto",
-            "trainer.bf16",
-            "auto is not measured on FSDP-sharded weights (trainer.zero_stage 2 or 3): use true or false",
-            self.bf16,
-        )
+        self._check_parallel_and_precision()
         for name in self.checkpoint_signals:
             require_option("trainer.checkpoint_signals", name, CHECKPOINT_SIGNALS)
         require(self.max_bad_steps >= 1, "trainer.max_bad_steps", "must be >= 1", self.max_bad_steps)
@@ -211,6 +192,29 @@ class TrainerConfig:
             "trainer.num_threads",
             "must be >= 1 or null",
             self.num_threads,
+        )
+
+    def _check_parallel_and_precision(self) -> None:
+        """Data parallel (zero_stage, ddp_backend) and bf16 (true, false or auto, auto not under FSDP)."""
+        require_option(
+            "trainer.zero_stage",
+            self.zero_stage,
+            ZERO_STAGES,
+            "0 (off), 1 (AdamW state sharded over data-parallel ranks), 2 (+ gradients, FSDP "
+            "SHARD_GRAD_OP), 3 (+ weights, FSDP FULL_SHARD)",
+        )
+        require_option("trainer.ddp_backend", self.ddp_backend, DDP_BACKENDS)
+        require(  # not `in (True, False, "auto")`, which would take 1 and 0 for true and false
+            isinstance(self.bf16, bool) or self.bf16 == "auto",
+            "trainer.bf16",
+            "not one of the options: true, false, auto",
+            self.bf16,
+        )
+        require(
+            self.zero_stage < 2 or self.bf16 != "auto",
+            "trainer.bf16",
+            "auto is not measured on FSDP-sharded weights (trainer.zero_stage 2 or 3): use true or false",
+            self.bf16,
         )
 
     def _check_eval(self) -> None:
